@@ -1,0 +1,1 @@
+"""Where routed experts live: the expert-store interface and its implementations."""

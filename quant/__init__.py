@@ -1,0 +1,1 @@
+"""Quantized weight formats and modules (the quantization issue fills this in)."""

@@ -1,0 +1,95 @@
+"""Gated DeltaNet: the linear-attention layer of three out of four Qwen3-Next layers.
+
+Around the recurrence (gated_delta.py) it does: one fused projection whose output is grouped
+by key head, a causal depthwise conv over q, k and v with a rolling state, l2-normalised q and
+k, per-head decay g = -exp(A_log) * softplus(a + dt_bias) and write strength beta = sigmoid(b),
+then a gated RMSNorm with z and out_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import DeltaNetState
+from .config import Qwen3NextConfig
+from .gated_delta import gated_delta_rule, l2_normalize
+from .layers import GatedRMSNorm
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: Qwen3NextConfig):
+        super().__init__()
+        self.k_heads = config.linear_num_key_heads
+        self.v_heads = config.linear_num_value_heads
+        self.k_dim = config.linear_key_head_dim
+        self.v_dim = config.linear_value_head_dim
+        self.v_per_k = self.v_heads // self.k_heads
+        self.kernel = config.linear_conv_kernel_dim
+        hidden = config.hidden_size
+        key_total, value_total = self.k_heads * self.k_dim, self.v_heads * self.v_dim
+        self.conv_channels = 2 * key_total + value_total
+
+        self.in_proj_qkvz = nn.Linear(hidden, 2 * key_total + 2 * value_total, bias=False)
+        self.in_proj_ba = nn.Linear(hidden, 2 * self.v_heads, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_channels, self.conv_channels, self.kernel, groups=self.conv_channels, bias=False
+        )
+        self.A_log = nn.Parameter(torch.zeros(self.v_heads))
+        self.dt_bias = nn.Parameter(torch.ones(self.v_heads))
+        self.norm = GatedRMSNorm(self.v_dim, config.rms_norm_eps)
+        self.out_proj = nn.Linear(value_total, hidden, bias=False)
+
+    def _project(self, x: torch.Tensor):
+        """Split the fused projections, which the checkpoint groups by key head.
+
+        in_proj_qkvz rows per key head g: [q_g | k_g | v of its value heads | z of its value heads];
+        in_proj_ba rows per key head g: [b of its value heads | a of its value heads].
+        Returns the conv input [B, T, q_all | k_all | v_all], z [B, T, v_heads, v_dim], b, a [B, T, v_heads].
+        """
+        B, T, _ = x.shape
+        grouped = self.in_proj_qkvz(x).view(B, T, self.k_heads, -1)
+        vz = self.v_per_k * self.v_dim
+        q, k, v, z = grouped.split((self.k_dim, self.k_dim, vz, vz), dim=-1)
+        b, a = self.in_proj_ba(x).view(B, T, self.k_heads, 2 * self.v_per_k).split(self.v_per_k, dim=-1)
+        conv_input = torch.cat((q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)), dim=-1)
+        return conv_input, z.reshape(B, T, self.v_heads, self.v_dim), b.reshape(B, T, -1), a.reshape(B, T, -1)
+
+    def _conv(self, x: torch.Tensor, state: DeltaNetState | None) -> torch.Tensor:
+        """Causal depthwise conv + SiLU over [B, T, C]; keeps the last kernel-1 inputs in `state`."""
+        B, T, C = x.shape
+        x = x.transpose(1, 2)  # [B, C, T]
+        previous = None if state is None else state.conv
+        if previous is None:
+            previous = x.new_zeros(B, C, self.kernel - 1)
+        window = torch.cat((previous.to(x.dtype), x), dim=-1)  # [B, C, T + kernel - 1]
+        if state is not None:
+            state.conv = window[:, :, -(self.kernel - 1) :].clone()
+        out = F.conv1d(window, self.conv1d.weight, groups=C)
+        return F.silu(out).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, state: DeltaNetState | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        conv_input, z, b, a = self._project(x)
+        mixed = self._conv(conv_input, state)
+        key_total = self.k_heads * self.k_dim
+        q, k, v = mixed.split((key_total, key_total, self.v_heads * self.v_dim), dim=-1)
+
+        # [B, T, heads, dim] -> [B, v_heads, T, dim] in fp32; key head g serves value heads g*r .. g*r+r-1
+        q = l2_normalize(q.view(B, T, self.k_heads, self.k_dim).float()) * self.k_dim**-0.5
+        k = l2_normalize(k.view(B, T, self.k_heads, self.k_dim).float())
+        q, k = (t.repeat_interleave(self.v_per_k, dim=2).transpose(1, 2) for t in (q, k))
+        v = v.reshape(B, T, self.v_heads, self.v_dim).transpose(1, 2).float()
+        beta = torch.sigmoid(b).float().transpose(1, 2)  # sigmoid in the activation dtype, as the reference
+        g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())).transpose(1, 2)
+
+        recurrent = None if state is None else state.recurrent
+        if recurrent is None:
+            recurrent = q.new_zeros(B, self.v_heads, self.k_dim, self.v_dim)
+        out, recurrent = gated_delta_rule(q, k, v, g, beta, recurrent)
+        if state is not None:
+            state.recurrent = recurrent
+
+        out = out.transpose(1, 2).to(x.dtype)  # [B, T, v_heads, v_dim]
+        return self.out_proj(self.norm(out, z).reshape(B, T, -1))

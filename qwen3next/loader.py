@@ -1,0 +1,94 @@
+"""The one place that turns a checkpoint folder into a runnable model.
+
+config.json -> a model built on the meta device (no memory) -> every expected tensor checked
+by name and shape before anything is read -> always-active weights read one tensor at a time
+from the memory-mapped shards onto the target device -> routed experts into an expert store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qwen3next.offload.store import PROJECTIONS, ResidentExpertStore, expert_tensor_name
+
+from .config import Qwen3NextConfig
+from .errors import UsageError
+from .model import Qwen3NextForCausalLM
+from .weights import CheckpointReader
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise UsageError(f"dtype {dtype} is not supported (use bfloat16, float16 or float32)")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise UsageError(f"--dtype {dtype!r} is not one of bfloat16, float16, float32") from None
+
+
+def expert_layer_prefixes(config: Qwen3NextConfig, with_mtp: bool) -> dict[int, str]:
+    """Expert-store layer id -> checkpoint prefix, for every layer with a sparse MoE block."""
+    prefixes = {i: f"model.layers.{i}" for i in range(config.num_hidden_layers) if config.is_moe_layer(i)}
+    if with_mtp and config.num_experts > 0:
+        for i in range(config.num_nextn_predict_layers):
+            prefixes[config.num_hidden_layers + i] = f"mtp.layers.{i}"
+    return prefixes
+
+
+def expected_shapes(model: Qwen3NextForCausalLM, with_mtp: bool) -> dict[str, tuple[int, ...]]:
+    """Every tensor the checkpoint must hold, with its shape (hub names)."""
+    config = model.config
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    hidden, inter = config.hidden_size, config.moe_intermediate_size
+    projection_shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    for prefix in expert_layer_prefixes(config, with_mtp).values():
+        for e in range(config.num_experts):
+            for p in PROJECTIONS:
+                shapes[expert_tensor_name(prefix, e, p)] = projection_shapes[p]
+    return shapes
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def load_model(
+    folder: str | Path,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[Qwen3NextForCausalLM, ResidentExpertStore]:
+    """Load config and weights from a Hugging Face-layout folder; returns (model, expert store)."""
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    config = Qwen3NextConfig.from_file(folder)
+    with CheckpointReader(folder) as reader:
+        with_mtp = any(name.startswith("mtp.") for name in reader.names())
+        with torch.device("meta"):
+            model = Qwen3NextForCausalLM(config, with_mtp=with_mtp)
+        reader.validate(expected_shapes(model, with_mtp))
+
+        def read(name: str) -> torch.Tensor:
+            # copy=True: the model must own its memory, not pin the shard's memory map
+            return reader.get(name).to(device=device, dtype=dtype, copy=True)
+
+        dense_names = list(model.state_dict())
+        prefixes = expert_layer_prefixes(config, with_mtp)
+        total = len(dense_names) + len(prefixes) * config.num_experts
+        with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False) as bar:
+            for name in dense_names:
+                _assign(model, name, read(name))
+                bar.update(1)
+            store = ResidentExpertStore.from_tensors(prefixes, config.num_experts, read, bar.update)
+    model.set_expert_store(store)
+    return model.eval(), store

@@ -1,0 +1,130 @@
+"""Qwen3-Next as one readable model: decoder layers, the causal LM, and its multi-token-prediction head.
+
+Attribute names equal the checkpoint's tensor names (model.layers.3.self_attn.q_proj.weight,
+mtp.fc.weight, ...), so `state_dict()` keys are hub names. Routed experts are the exception:
+they live in an expert store (see moe.py), keyed by (layer, expert); the MTP layer's experts
+are layer `num_hidden_layers + i`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import GatedAttention
+from .cache import DeltaNetState, KVCache, ModelCache
+from .config import FULL_ATTENTION, Qwen3NextConfig
+from .deltanet import GatedDeltaNet
+from .layers import PartialRotary, SwiGLU, ZeroCenteredRMSNorm
+from .moe import ExpertStore, SparseMoE
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + mixer(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, config: Qwen3NextConfig, layer: int, layer_type: str, moe: bool):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == FULL_ATTENTION:
+            self.self_attn = GatedAttention(config)
+        else:
+            self.linear_attn = GatedDeltaNet(config)
+        self.mlp = SparseMoE(config, layer) if moe else SwiGLU(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def make_cache(self) -> KVCache | DeltaNetState:
+        return KVCache() if self.layer_type == FULL_ATTENTION else DeltaNetState()
+
+    def forward(self, x: torch.Tensor, cos_sin, cache) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.layer_type == FULL_ATTENTION:
+            h = self.self_attn(h, cos_sin, cache)
+        else:
+            h = self.linear_attn(h, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The `model.*` part of the checkpoint: embeddings, decoder layers, final norm."""
+
+    def __init__(self, config: Qwen3NextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, config.layer_types[i], config.is_moe_layer(i))
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MultiTokenPredictor(nn.Module):
+    """The `mtp.*` head: predicts token t+2 from the main model's final hidden state at t and token t+1.
+
+    u = fc([pre_fc_norm_embedding(embed(x_{t+1})) ; pre_fc_norm_hidden(h_t)]), then one
+    full-attention decoder layer with its own MoE and KV cache, then norm; the main lm_head
+    turns it into draft logits.
+    """
+
+    def __init__(self, config: Qwen3NextConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.pre_fc_norm_embedding = ZeroCenteredRMSNorm(hidden, config.rms_norm_eps)
+        self.pre_fc_norm_hidden = ZeroCenteredRMSNorm(hidden, config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, config.num_hidden_layers + i, FULL_ATTENTION, moe=config.num_experts > 0)
+            for i in range(config.num_nextn_predict_layers)
+        )
+        self.norm = ZeroCenteredRMSNorm(hidden, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos_sin, caches) -> torch.Tensor:
+        u = self.fc(torch.cat((self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)), dim=-1))
+        for layer, cache in zip(self.layers, caches):
+            u = layer(u, cos_sin, cache)
+        return self.norm(u)
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    def __init__(self, config: Qwen3NextConfig, with_mtp: bool = False):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = MultiTokenPredictor(config) if with_mtp else None
+        self.rotary = PartialRotary(config.rotary_dim, config.rope_theta)
+
+    def set_expert_store(self, store: ExpertStore) -> None:
+        for module in self.modules():
+            if isinstance(module, SparseMoE):
+                module.store = store
+
+    def make_cache(self) -> ModelCache:
+        return ModelCache([layer.make_cache() for layer in self.model.layers])
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Final normalised hidden states [B, T, hidden] for input_ids [B, T], advancing `cache`."""
+        start = 0 if cache is None else cache.position
+        T = input_ids.shape[1]
+        x = self.model.embed_tokens(input_ids)
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        layer_caches = [None] * len(self.model.layers) if cache is None else cache.layers
+        for layer, layer_cache in zip(self.model.layers, layer_caches):
+            x = layer(x, cos_sin, layer_cache)
+        if cache is not None:
+            cache.position += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only, which skips lm_head on the rest)."""
+        hidden = self.hidden_states(input_ids, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.logits_from_hidden(hidden)

@@ -1,0 +1,346 @@
+"""Reading and writing checkpoints in the Hugging Face safetensors layout.
+
+A model folder holds either one ``model.safetensors`` or shards named by
+``model.safetensors.index.json``. The real model is far larger than RAM, so the reader
+parses only the shard headers up front (struct + json, cheap, and precise about
+truncation) and maps tensor data one tensor at a time through ``safe_open``. The writer
+streams: it holds one shard's worth of tensors and renames every file into place only
+once it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from pathlib import Path, PureWindowsPath
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_LISTED = 5  # names shown per category in a validate() message
+
+# safetensors dtype strings -> torch; the float8 kinds only where this torch has them.
+# Bit-packed F4/F6 are left out: their header shapes count elements, not bytes.
+_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+}
+for _name, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+
+class _Entry(NamedTuple):
+    """Where one tensor lives: enough to validate it, map it, or pread its bytes."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first data byte
+    length: int
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    """Parse one shard's header and check it against the file size, reading no tensor data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: truncated ({size} bytes, shorter than the 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if 8 + header_len > size:
+                raise CheckpointError(f"{path}: truncated (header claims {header_len} bytes, file has {size})")
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    data_start = 8 + header_len
+    entries = {name: _entry(path, name, info, data_start) for name, info in header.items() if name != "__metadata__"}
+    end = max((e.start + e.length for e in entries.values()), default=data_start)
+    if end > size:
+        raise CheckpointError(f"{path}: truncated (tensor data ends at byte {end}, file has {size})")
+    return entries
+
+
+def _entry(path: Path, name: str, info: Any, data_start: int) -> _Entry:
+    """One header record, checked for a known dtype and offsets that match the shape."""
+    try:
+        dtype_str, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        shape = tuple(int(d) for d in shape)
+        begin, end = int(begin), int(end)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from exc
+    dtype = _DTYPES.get(dtype_str)
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype_str!r}")
+    expected = math.prod(shape) * dtype.itemsize
+    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] but {dtype_str}{list(shape)} needs {expected} bytes"
+        )
+    return _Entry(path, dtype, shape, data_start + begin, end - begin)
+
+
+def _confined(folder: Path, name: str, index: Path) -> Path:
+    """The path of a shard the index names, refusing any that could reach outside the model folder.
+
+    Names are checked as text first (absolute, drive, "..") so a hostile index never makes us
+    touch those paths; the resolved path is then checked to catch symlinks. A hub cache
+    snapshot (``<repo>/snapshots/<rev>``) links its files into ``<repo>/blobs``, so that
+    folder is allowed too.
+    """
+    if (
+        not name
+        or name.startswith(("/", "\\"))
+        or PureWindowsPath(name).drive
+        or ".." in re.split(r"[\\/]", name)
+    ):
+        raise CheckpointError(f"{index}: shard name {name!r} is outside the model folder")
+    root = folder.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    resolved = (root / name).resolve()
+    if not any(resolved.is_relative_to(r) for r in roots):
+        raise CheckpointError(f"{index}: shard {name!r} resolves to {resolved}, outside the model folder")
+    return folder / name
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file name)."""
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{index}: cannot read ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{index}: not valid JSON ({exc})") from exc
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no weight_map object")
+    if not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map values must be shard file names")
+    return weight_map
+
+
+def _shorten(items: list[str]) -> str:
+    shown = ", ".join(items[:_LISTED])
+    return shown + (f" ... and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+
+
+class CheckpointReader:
+    """Lazy, tensor-by-tensor access to a folder of safetensors shards."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.exists():
+            raise CheckpointError(f"{self.folder}: model folder not found")
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: not a folder")
+        self._handles: dict[Path, Any] = {}
+        single, index = self.folder / SINGLE_FILE, self.folder / INDEX_FILE
+        if single.is_file():  # the hub's loaders also prefer the single file
+            self._entries = _read_header(single)
+        elif index.is_file():
+            self._entries = self._read_sharded(index)
+        else:
+            raise CheckpointError(f"{self.folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
+
+    def _read_sharded(self, index: Path) -> dict[str, _Entry]:
+        weight_map = _read_index(index)
+        shards = {name: _confined(self.folder, name, index) for name in sorted(set(weight_map.values()))}
+        for name, path in shards.items():
+            if not path.is_file():
+                raise CheckpointError(f"{index}: names shard {name!r}, which does not exist")
+        headers = {name: _read_header(path) for name, path in shards.items()}
+        entries = {}
+        for tensor, shard in weight_map.items():
+            entry = headers[shard].get(tensor)
+            if entry is None:
+                raise CheckpointError(f"{shards[shard]}: has no tensor {tensor!r}, which {index.name} places there")
+            entries[tensor] = entry
+        return entries
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.folder}: checkpoint has no tensor {name!r}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name).dtype
+
+    def file_of(self, name: str) -> Path:
+        return self._entry(name).file
+
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        """(file, absolute offset of the first byte, byte length): what a pread needs."""
+        entry = self._entry(name)
+        return entry.file, entry.start, entry.length
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, memory-mapped from its shard (cast to ``dtype`` if given)."""
+        entry = self._entry(name)
+        try:
+            handle = self._handles.get(entry.file)
+            if handle is None:
+                handle = self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
+            tensor = handle.get_tensor(name)
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"{entry.file}: cannot read tensor {name!r} ({exc})") from exc
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    def validate(self, expected: dict[str, tuple[int, ...]], optional_prefixes: tuple[str, ...] = ()) -> None:
+        """Check the tensor names and shapes against what the model needs, reporting all problems at once.
+
+        Names under an optional prefix (the "mtp." head) may be absent, but if present they must be
+        expected and the right shape.
+        """
+        missing = sorted(n for n in expected if n not in self._entries and not n.startswith(optional_prefixes))
+        unexpected = sorted(n for n in self._entries if n not in expected)
+        wrong = [
+            f"{n}: got {self._entries[n].shape}, expected {tuple(expected[n])}"
+            for n in sorted(expected)
+            if n in self._entries and self._entries[n].shape != tuple(expected[n])
+        ]
+        problems = [
+            f"{label} {len(items)} ({_shorten(items)})"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if items
+        ]
+        if problems:
+            raise CheckpointError(f"{self.folder}: checkpoint does not match the model: {'; '.join(problems)}")
+
+    def total_bytes(self) -> int:
+        return sum(e.length for e in self._entries.values())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _owned_cpu(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """A contiguous CPU tensor with storage of its own: save_file refuses tensors that share memory."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    storage = tensor.untyped_storage()
+    if storage.nbytes() != tensor.nbytes or storage.data_ptr() in seen:
+        tensor = tensor.clone()
+    seen.add(tensor.untyped_storage().data_ptr())
+    return tensor
+
+
+def _shards(tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Group the stream into shards of at most max_shard_bytes (a bigger tensor gets a shard alone)."""
+    shard: dict[str, torch.Tensor] = {}
+    size, seen, given = 0, set(), set()
+    for name, tensor in tensors:
+        if name in given:
+            raise ValueError(f"tensor {name!r} given twice")
+        given.add(name)
+        if shard and size + tensor.nbytes > max_shard_bytes:
+            yield shard
+            shard, size, seen = {}, 0, set()
+        shard[name] = _owned_cpu(tensor, seen)
+        size += tensor.nbytes
+    if shard or not given:
+        yield shard
+
+
+def write_checkpoint(
+    folder: str | Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    max_shard_bytes: int = 5 * 2**30,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write tensors (consumed one at a time: do not hold them all) as shards + index in the HF layout.
+
+    Like the hub: one shard becomes ``model.safetensors`` with no index; several become
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. The shard count
+    is unknown while streaming, so shards go to temporary names and are renamed at the end;
+    checkpoint files of an earlier write that the new one does not replace are removed first,
+    and the index is renamed last, so an interrupted write never looks complete.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    header_meta = {"format": "pt", **(metadata or {})}
+    temps: list[Path] = []
+    shard_names: list[list[str]] = []
+    total = 0
+    try:
+        for shard in _shards(tensors, max_shard_bytes):
+            temp = folder / f".shard-{len(temps) + 1:05d}.{os.getpid()}.tmp"
+            temps.append(temp)
+            save_file(shard, str(temp), metadata=header_meta)
+            shard_names.append(sorted(shard))
+            total += sum(t.nbytes for t in shard.values())
+            shard.clear()  # release this shard's tensors before the next shard is gathered
+    except BaseException:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise
+    return _finish(folder, temps, shard_names, total)
+
+
+def _finish(folder: Path, temps: list[Path], shard_names: list[list[str]], total: int) -> list[Path]:
+    """Move the complete temporary shards (and a new index) into place, dropping stale checkpoint files."""
+    n = len(temps)
+    finals = [folder / SINGLE_FILE] if n == 1 else [folder / f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    keep = {p.name for p in finals} | ({INDEX_FILE} if n > 1 else set())
+    for old in folder.iterdir():
+        stale = old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(old.name)
+        if stale and old.name not in keep:
+            old.unlink()
+    for temp, final in zip(temps, finals):
+        os.replace(temp, final)
+    if n > 1:
+        weight_map = {name: final.name for final, names in zip(finals, shard_names) for name in names}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        temp = folder / f".index.{os.getpid()}.tmp"
+        temp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        os.replace(temp, folder / INDEX_FILE)
+    return finals

@@ -1,0 +1,158 @@
+"""Writes seeded random Qwen3-Next checkpoints in the real Hugging Face layout, at test sizes.
+
+A folder gets config.json (as the hub writes it, or in transformers 5's spelling), sharded
+safetensors + index with the hub's tensor names, generation_config.json, and a small trained
+BPE tokenizer with Qwen's special tokens and chat template. Weight scales are chosen so random
+models give logits that are not all near-ties.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qwen3next.weights import write_checkpoint
+from tokenizer_fixture import QWEN_SPECIAL_TOKENS, write_tokenizer_files
+
+SIZES = {
+    # 3 DeltaNet layers + 1 full-attention layer, 8 experts top-2
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    # two full 3:1 groups, 16 experts top-4, GQA 4:1, DeltaNet value heads 2 per key head
+    "small": dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                  linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
+                  num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=96),
+    # the engine benchmark's configuration: hidden 512, 8 layers, 64 experts top-8
+    "bench": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                  linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+                  num_experts=64, num_experts_per_tok=8, moe_intermediate_size=256, shared_expert_intermediate_size=256),
+}
+
+
+def make_config(size: str, vocab_size: int, first_special_id: int, style: str = "hub", **overrides) -> dict:
+    """A config.json dict. style "hub": flat RoPE keys like the 80B hub file; "v5": rope_parameters + layer_types."""
+    dims = dict(SIZES[size])
+    specials = {name: first_special_id + i for i, name in enumerate(QWEN_SPECIAL_TOKENS)}
+    config = {
+        "architectures": ["Qwen3NextForCausalLM"],
+        "model_type": "qwen3_next",
+        "vocab_size": vocab_size,
+        "intermediate_size": 2 * dims["moe_intermediate_size"],
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "linear_conv_kernel_dim": 4,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "router_aux_loss_coef": 0.001,
+        "output_router_logits": False,
+        "use_cache": True,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": specials["<|endoftext|>"],
+        "eos_token_id": specials["<|im_end|>"],
+        **dims,
+    }
+    if style == "hub":
+        config.update(rope_theta=10000000, partial_rotary_factor=0.25, rope_scaling=None, full_attention_interval=4)
+    else:
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25}
+        config["layer_types"] = [
+            "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(dims["num_hidden_layers"])
+        ]
+    config.update(overrides)
+    return config
+
+
+def random_tensors(config: dict, seed: int = 0, mtp: bool = True):
+    """Yield (hub name, fp32 tensor) for every weight of `config`, deterministically from `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    H, V = config["hidden_size"], config["vocab_size"]
+
+    def normal(*shape, std=1.0, mean=0.0):
+        return torch.randn(*shape, generator=gen) * std + mean
+
+    def linear(out_features, in_features):
+        return normal(out_features, in_features, std=in_features**-0.5)
+
+    def layer(prefix: str, full_attention: bool):
+        yield f"{prefix}.input_layernorm.weight", normal(H, std=0.1)
+        yield f"{prefix}.post_attention_layernorm.weight", normal(H, std=0.1)
+        if full_attention:
+            heads, kv, d = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+            yield f"{prefix}.self_attn.q_proj.weight", linear(2 * heads * d, H)
+            yield f"{prefix}.self_attn.k_proj.weight", linear(kv * d, H)
+            yield f"{prefix}.self_attn.v_proj.weight", linear(kv * d, H)
+            yield f"{prefix}.self_attn.o_proj.weight", linear(H, heads * d)
+            yield f"{prefix}.self_attn.q_norm.weight", normal(d, std=0.1)
+            yield f"{prefix}.self_attn.k_norm.weight", normal(d, std=0.1)
+        else:
+            kh, vh = config["linear_num_key_heads"], config["linear_num_value_heads"]
+            kd, vd = config["linear_key_head_dim"], config["linear_value_head_dim"]
+            channels = 2 * kh * kd + vh * vd
+            yield f"{prefix}.linear_attn.in_proj_qkvz.weight", linear(2 * kh * kd + 2 * vh * vd, H)
+            yield f"{prefix}.linear_attn.in_proj_ba.weight", linear(2 * vh, H)
+            yield f"{prefix}.linear_attn.conv1d.weight", normal(channels, 1, config["linear_conv_kernel_dim"], std=0.5)
+            yield f"{prefix}.linear_attn.A_log", torch.empty(vh).uniform_(0.0, 2.0, generator=gen)
+            yield f"{prefix}.linear_attn.dt_bias", normal(vh, std=0.5, mean=1.0)
+            yield f"{prefix}.linear_attn.norm.weight", normal(vd, std=0.1, mean=1.0)
+            yield f"{prefix}.linear_attn.out_proj.weight", linear(H, vh * vd)
+        E, inter, shared = config["num_experts"], config["moe_intermediate_size"], config["shared_expert_intermediate_size"]
+        yield f"{prefix}.mlp.gate.weight", normal(E, H, std=2 * H**-0.5)
+        for e in range(E):
+            yield f"{prefix}.mlp.experts.{e}.gate_proj.weight", linear(inter, H)
+            yield f"{prefix}.mlp.experts.{e}.up_proj.weight", linear(inter, H)
+            yield f"{prefix}.mlp.experts.{e}.down_proj.weight", linear(H, inter)
+        yield f"{prefix}.mlp.shared_expert.gate_proj.weight", linear(shared, H)
+        yield f"{prefix}.mlp.shared_expert.up_proj.weight", linear(shared, H)
+        yield f"{prefix}.mlp.shared_expert.down_proj.weight", linear(H, shared)
+        yield f"{prefix}.mlp.shared_expert_gate.weight", linear(1, H)
+
+    yield "model.embed_tokens.weight", normal(V, H)
+    layer_types = config.get("layer_types") or [
+        "full_attention" if (i + 1) % config.get("full_attention_interval", 4) == 0 else "linear_attention"
+        for i in range(config["num_hidden_layers"])
+    ]
+    for i, kind in enumerate(layer_types):
+        yield from layer(f"model.layers.{i}", kind == "full_attention")
+    yield "model.norm.weight", normal(H, std=0.1)
+    if not config["tie_word_embeddings"]:
+        yield "lm_head.weight", linear(V, H) * 4
+    if mtp:
+        yield "mtp.fc.weight", linear(H, 2 * H)
+        for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            yield f"mtp.{norm}.weight", normal(H, std=0.1)
+        yield from layer("mtp.layers.0", full_attention=True)
+
+
+def write_model(
+    folder: Path,
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = 2**40,
+    style: str = "hub",
+    mtp: bool = True,
+    **config_overrides,
+) -> Path:
+    """Write a complete random model folder; returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = write_tokenizer_files(folder)
+    vocab_size = -(-(tokens + 64) // 64) * 64  # padded past the tokenizer, as the real vocab is
+    config = make_config(size, vocab_size, tokens - len(QWEN_SPECIAL_TOKENS), style, **config_overrides)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    eos = [config["eos_token_id"], config["bos_token_id"]]
+    generation = {"bos_token_id": config["bos_token_id"], "pad_token_id": config["bos_token_id"], "eos_token_id": eos,
+                  "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    tensors = ((name, t.to(dtype)) for name, t in random_tensors(config, seed, mtp))
+    write_checkpoint(folder, tensors, max_shard_bytes=max_shard_bytes)
+    return folder

@@ -85,7 +85,7 @@ def load_model(
         dense_names = list(model.state_dict())
         prefixes = expert_layer_prefixes(config, with_mtp)
         total = len(dense_names) + len(prefixes) * config.num_experts
-        with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False) as bar:
+        with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False, delay=1.0) as bar:
             for name in dense_names:
                 _assign(model, name, read(name))
                 bar.update(1)

@@ -80,7 +80,7 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def token_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)

@@ -1,0 +1,26 @@
+"""The one-line speed and memory report behind --stats."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from qwen3next.generate import GenerationStats
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: GPU allocations on CUDA, resident set size otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def format_stats(stats: GenerationStats, device: torch.device) -> str:
+    return (
+        f"prompt: {stats.prompt_tokens} tokens, prefill {stats.prefill_tokens_per_second:.1f} tok/s | "
+        f"generated: {stats.generated_tokens} tokens, decode {stats.decode_tokens_per_second:.1f} tok/s | "
+        f"finish: {stats.finish_reason} | peak memory ({device.type}): {peak_memory_bytes(device) / 2**20:.0f} MiB"
+    )

@@ -1,0 +1,158 @@
+"""The library API: `load()` a model folder, then `generate()` tokens or score `logits()`.
+
+The CLI is a thin shell over this; everything a user can do from the command line they can
+do from Python with the same defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import ContextLengthError, UsageError
+from .generate import PREFILL_CHUNK, GenerationStats, StopStrings, generate_ids
+from .loader import load_model
+from .model_path import resolve_model_path
+from .sampling import Sampler, generation_defaults
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Token:
+    """One generated token: its id and the text it completed (may be "" mid-character or mid-stop-string)."""
+
+    token: int
+    text: str
+
+
+class Engine:
+    """A loaded model with its tokenizer and generation defaults."""
+
+    def __init__(self, model, expert_store, tokenizer: Tokenizer, folder: Path):
+        self.model = model
+        self.expert_store = expert_store
+        self.tokenizer = tokenizer
+        self.folder = folder
+        self.config = model.config
+        self.sampling_defaults, eos_ids = generation_defaults(folder)
+        self.eos_ids = eos_ids or self.config.eos_token_ids
+        self.last_stats = GenerationStats()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def prompt_ids(self, prompt: str | Sequence[int] | list[dict], chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids for a text prompt (optionally through the chat template), a message list, or ids."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise UsageError("the prompt is empty")
+            if chat or system is not None:
+                messages = ([{"role": "system", "content": system}] if system is not None else [])
+                return self.prompt_ids(messages + [{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        prompt = list(prompt)
+        if not prompt:
+            raise UsageError("the prompt is empty")
+        if all(isinstance(m, dict) for m in prompt):
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+        if not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):
+            raise UsageError(f"token ids must be ints in [0, {self.config.vocab_size})")
+        return prompt
+
+    def _check_context(self, tokens: int, room: int) -> None:
+        """Refuse inputs that leave fewer than `room` free positions in the context."""
+        if tokens + room > self.context_length:
+            raise ContextLengthError(
+                f"the input is {tokens} tokens; the model's context (max_position_embeddings) is "
+                f"{self.context_length}" + (", leaving no room to generate" if room else "")
+            )
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | list[dict],
+        max_new_tokens: int = 256,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        chat: bool = False,
+        system: str | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> Iterator[Token]:
+        """Yield new tokens as they are produced. Unset sampling options come from generation_config.json.
+
+        Stops at any eos id of generation_config.json, at a stop string (its text is not
+        emitted), after max_new_tokens, or at the end of the context. `self.last_stats` holds
+        the timing of the latest call.
+        """
+        if max_new_tokens < 0:
+            raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 0")
+        if prefill_chunk < 1:
+            raise UsageError(f"--prefill-chunk {prefill_chunk}: must be >= 1")
+        params = self.sampling_defaults.updated(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
+        )
+        ids = self.prompt_ids(prompt, chat, system)
+        self._check_context(len(ids), room=1)
+        return self._stream(ids, Sampler(params, seed), max_new_tokens, stop, prefill_chunk)
+
+    def _stream(self, ids, sampler, max_new_tokens, stop, prefill_chunk) -> Iterator[Token]:
+        stats = self.last_stats = GenerationStats()
+        detokenizer = self.tokenizer.detokenizer(skip_special_tokens=True)
+        stops = StopStrings(stop)
+        tokens = generate_ids(
+            self.model, ids, sampler, max_new_tokens, self.eos_ids, self.context_length, stats, prefill_chunk
+        )
+        for token, last in tokens:
+            piece = detokenizer.add(token) + (detokenizer.flush() if last else "")
+            text, stopped = stops.feed(piece)
+            if last and not stopped:
+                text += stops.flush()
+            yield Token(token, text)
+            if stopped:
+                stats.finish_reason = "stop"
+                tokens.close()
+                return
+
+    def logits(self, token_ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+        """Full-sequence logits [len(token_ids), vocab] in fp32, computed chunk by chunk."""
+        ids = self.prompt_ids(list(token_ids))
+        self._check_context(len(ids), room=0)
+        cache = self.model.make_cache()
+        tensor = torch.tensor([ids], device=self.device)
+        outputs = []
+        for start in range(0, len(ids), chunk):
+            with torch.inference_mode():
+                outputs.append(self.model(tensor[:, start : start + chunk], cache)[0].float())
+        return torch.cat(outputs)
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Engine:
+    """Load a Qwen3-Next model folder (or a hub id already in the local Hugging Face cache).
+
+    dtype: "bfloat16" (default), "float16", "float32" or a torch dtype. device: "cpu", "cuda",
+    ...; None picks CUDA when available.
+    """
+    folder = resolve_model_path(path)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = Tokenizer.from_folder(folder)
+    model, store = load_model(folder, dtype, device, progress=progress)
+    return Engine(model, store, tokenizer, folder)

@@ -1,0 +1,118 @@
+"""The token loop: chunked prefill, then one decode step per new token, with timing.
+
+Prefill runs the prompt through the model in chunks so peak memory follows the chunk size,
+not the prompt length; only the last position's logits are computed (lm_head over a 152k
+vocabulary is costly). Each model call has its own inference_mode block: holding one open
+across `yield` would leak it into the caller's code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .model import Qwen3NextForCausalLM
+from .sampling import Sampler
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str | None = None  # "stop" (eos or stop string), "length" (max tokens or context)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first (which prefill produced) per second of decode steps."""
+        steps = self.generated_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
+
+
+def prefill(model: Qwen3NextForCausalLM, ids: torch.Tensor, cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run ids [1, T] into `cache` chunk by chunk; return the last position's logits [vocab]."""
+    for start in range(0, ids.shape[1], chunk):
+        with torch.inference_mode():
+            logits = model(ids[:, start : start + chunk], cache, last_only=True)
+    return logits[0, -1]
+
+
+def generate_ids(
+    model: Qwen3NextForCausalLM,
+    prompt_ids: Sequence[int],
+    sampler: Sampler,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    context_length: int,
+    stats: GenerationStats,
+    prefill_chunk: int = PREFILL_CHUNK,
+) -> Iterator[tuple[int, bool]]:
+    """Yield (token id, is_last) for each new token; `stats` is filled in as it goes."""
+    device = model.model.embed_tokens.weight.device
+    stats.prompt_tokens = len(prompt_ids)
+    limit = min(max_new_tokens, context_length - len(prompt_ids))
+    if limit <= 0:
+        stats.finish_reason = "length"
+        return
+    eos = set(eos_ids)
+    cache = model.make_cache()
+    history = list(prompt_ids)
+    use_history = sampler.params.repetition_penalty != 1.0
+
+    started = time.perf_counter()
+    logits = prefill(model, torch.tensor([history], device=device), cache, prefill_chunk)
+    for step in range(limit):
+        token = sampler(logits, torch.tensor(history) if use_history else None)
+        history.append(token)
+        now = time.perf_counter()
+        if step == 0:
+            stats.prefill_seconds = now - started
+        else:
+            stats.decode_seconds += now - started
+        stats.generated_tokens += 1
+        last = token in eos or step == limit - 1
+        if last:
+            stats.finish_reason = "stop" if token in eos else "length"
+        yield token, last
+        if last:
+            return
+        started = time.perf_counter()
+        with torch.inference_mode():
+            logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back text that may be the start of one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was found)."""
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.pending = self.pending[: min(found)], ""
+            return out, True
+        hold = max(
+            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
+            default=0,
+        )
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,107 @@
+"""Choosing the next token from logits: greedy, or sampling with the usual filters.
+
+The filters run in Hugging Face's order (repetition penalty, temperature, top-k, top-p, min-p)
+so a user's generation_config.json means here what it means in transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, UsageError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0, top_p 1, min_p 0 and repetition_penalty 1 switch a filter off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_k", self.top_k >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "must be in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: {rule}")
+
+    def updated(self, **overrides) -> "SamplingParams":
+        """A copy with the overrides that are not None."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def generation_defaults(folder: Path) -> tuple[SamplingParams, list[int]]:
+    """Sampling defaults and eos ids from generation_config.json (greedy with no eos if absent)."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return SamplingParams(temperature=0.0), []
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        eos = raw.get("eos_token_id")
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else [int(i) for i in eos]
+        if not raw.get("do_sample", False):
+            return SamplingParams(temperature=0.0, repetition_penalty=raw.get("repetition_penalty", 1.0)), eos_ids
+        known = {f.name for f in fields(SamplingParams)}
+        return SamplingParams(**{k: raw[k] for k in known if raw.get(k) is not None}), eos_ids
+    except (ValueError, TypeError, AttributeError, UsageError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+class Sampler:
+    """Callable: (logits [vocab], ids so far) -> next id. Seeded for reproducible sampling."""
+
+    def __init__(self, params: SamplingParams, seed: int | None = None):
+        self.params = params
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
+        p = self.params
+        logits = logits.float().cpu()
+        if p.repetition_penalty != 1.0 and history is not None and history.numel():
+            logits = _penalize_repeats(logits, history, p.repetition_penalty)
+        if p.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / p.temperature
+        if p.top_k and p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            logits = _top_p(logits, p.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def _penalize_repeats(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make already-seen tokens less likely: positive logits divided by the penalty, negative multiplied."""
+    seen = history.unique()
+    scores = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (at least one)."""
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(0, order, sorted_logits)

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .config import Qwen3NextConfig
 from .errors import ContextLengthError, UsageError
 from .generate import PREFILL_CHUNK, GenerationStats, StopStrings, generate_ids
 from .loader import load_model
@@ -153,6 +154,7 @@ def load(
     folder = resolve_model_path(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = Qwen3NextConfig.from_file(folder)  # the cheap checks first: config, then tokenizer, then weights
     tokenizer = Tokenizer.from_folder(folder)
-    model, store = load_model(folder, dtype, device, progress=progress)
+    model, store = load_model(folder, dtype, device, progress=progress, config=config)
     return Engine(model, store, tokenizer, folder)

@@ -67,11 +67,12 @@ def load_model(
     dtype: str | torch.dtype = "bfloat16",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    config: Qwen3NextConfig | None = None,
 ) -> tuple[Qwen3NextForCausalLM, ResidentExpertStore]:
-    """Load config and weights from a Hugging Face-layout folder; returns (model, expert store)."""
+    """Load weights (and config.json, unless given) from a Hugging Face-layout folder; returns (model, store)."""
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
-    config = Qwen3NextConfig.from_file(folder)
+    config = config or Qwen3NextConfig.from_file(folder)
     with CheckpointReader(folder) as reader:
         with_mtp = any(name.startswith("mtp.") for name in reader.names())
         with torch.device("meta"):

@@ -1,0 +1,157 @@
+"""Generation through the library API: sampling, stopping, streaming text, context limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qwen3next
+from qwen3next.errors import ContextLengthError, UsageError
+from qwen3next.generate import StopStrings
+from qwen3next.sampling import Sampler, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    return qwen3next.load(models("tiny"), dtype="float32")
+
+
+def ids_of(tokens):
+    return [t.token for t in tokens]
+
+
+def test_greedy_follows_the_argmax_of_logits(engine):
+    prompt = engine.tokenizer.encode("Once upon a time")
+    generated = ids_of(engine.generate(prompt, max_new_tokens=6, temperature=0))
+    logits = engine.logits(prompt + generated)
+    assert generated == logits[len(prompt) - 1 : -1].argmax(-1).tolist()
+
+
+def test_seed_makes_sampling_reproducible(engine):
+    run = lambda seed: ids_of(engine.generate("Hello", max_new_tokens=16, temperature=1.5, seed=seed))  # noqa: E731
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+@pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=0.999)])
+def test_filters_that_keep_one_token_equal_greedy(engine, filters):
+    greedy = ids_of(engine.generate("Hello", max_new_tokens=8, temperature=0))
+    assert ids_of(engine.generate("Hello", max_new_tokens=8, temperature=1.0, seed=0, **filters)) == greedy
+
+
+def test_top_k_keeps_only_the_k_best():
+    logits = torch.tensor([0.0, 5.0, 4.0, 1.0, 3.0])
+    sampler = Sampler(SamplingParams(temperature=2.0, top_k=2), seed=0)
+    assert {sampler(logits) for _ in range(200)} == {1, 2}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).log_softmax(-1)  # probs ~ .64 .24 .09 .03
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.8), seed=0)
+    assert {sampler(logits) for _ in range(300)} == {0, 1}
+
+
+def test_repetition_penalty_follows_transformers_semantics():
+    logits = torch.tensor([2.0, -2.0, 1.9, -1.0])
+    penalized = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0))
+    assert penalized(logits, torch.tensor([0])) == 2  # 2.0 / 2 = 1.0 < 1.9
+    assert penalized(torch.tensor([-1.0, -3.0]), torch.tensor([0])) == 0  # -1 * 2 = -2 > -3
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(min_p=1.0),
+                                 dict(repetition_penalty=0)])
+def test_bad_sampling_values_name_the_flag(engine, bad):
+    flag = "--" + next(iter(bad)).replace("_", "-")
+    with pytest.raises(UsageError, match=flag):
+        engine.generate("Hello", **bad)
+
+
+def test_defaults_come_from_generation_config(engine):
+    assert engine.sampling_defaults == SamplingParams(temperature=0.7, top_k=20, top_p=0.8)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_every_eos_id_stops_generation(models, tmp_path, which):
+    """Whichever id of generation_config's eos list comes up, generation ends there."""
+    engine = qwen3next.load(models("tiny"), dtype="float32")
+    greedy = ids_of(engine.generate("Hello", max_new_tokens=8, temperature=0))
+    target = greedy[3]
+    engine.eos_ids = [target, 10**6] if which == 0 else [10**6, target]
+    tokens = list(engine.generate("Hello", max_new_tokens=8, temperature=0))
+    assert ids_of(tokens) == greedy[: greedy.index(target) + 1]
+    assert engine.last_stats.finish_reason == "stop"
+
+
+def test_eos_list_is_read_from_generation_config(engine, models):
+    generation = json.loads((models("tiny") / "generation_config.json").read_text())
+    assert engine.eos_ids == generation["eos_token_id"] and len(engine.eos_ids) == 2
+
+
+def test_streamed_text_equals_decoding_all_tokens(engine):
+    tokens = list(engine.generate("Café ☕ 東京", max_new_tokens=40, temperature=1.0, seed=3))
+    assert "".join(t.text for t in tokens) == engine.tokenizer.decode(ids_of(tokens), skip_special_tokens=True)
+
+
+def test_stop_string_ends_generation_and_is_not_emitted(engine):
+    full = "".join(t.text for t in engine.generate("Hello", max_new_tokens=30, temperature=0))
+    stop = full[5:8]
+    assert stop and stop in full
+    text = "".join(t.text for t in engine.generate("Hello", max_new_tokens=30, temperature=0, stop=[stop]))
+    assert text == full[: full.index(stop)]
+    assert engine.last_stats.finish_reason == "stop"
+
+
+def test_stop_strings_hold_back_possible_prefixes():
+    stops = StopStrings(["</end>"])
+    assert stops.feed("abc</e") == ("abc", False)
+    assert stops.feed("x") == ("</ex", False)
+    assert stops.feed("</en") == ("", False)
+    assert stops.feed("d>tail") == ("", True)
+
+
+def test_max_new_tokens_and_zero(engine):
+    assert len(list(engine.generate("Hello", max_new_tokens=5, temperature=0))) == 5
+    assert engine.last_stats.finish_reason == "length"
+    assert list(engine.generate("Hello", max_new_tokens=0)) == []
+
+
+def test_negative_max_new_tokens(engine):
+    with pytest.raises(UsageError, match="--max-new-tokens"):
+        engine.generate("Hello", max_new_tokens=-1)
+
+
+def test_empty_prompt(engine):
+    for empty in ("", "   ", []):
+        with pytest.raises(UsageError, match="empty"):
+            engine.generate(empty)
+
+
+def test_context_length(models):
+    engine = qwen3next.load(models("short_context"), dtype="float32")
+    with pytest.raises(ContextLengthError, match="context"):
+        engine.generate(list(range(48)))
+    tokens = list(engine.generate(list(range(40)), max_new_tokens=100, temperature=0))
+    assert len(tokens) == 8 and engine.last_stats.finish_reason == "length"  # stops at the context's end
+
+
+def test_chat_template_prompt(engine):
+    ids = engine.prompt_ids("Hi", system="Be brief.")
+    text = engine.tokenizer.decode(ids)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_long_prompt_prefills_in_chunks_with_same_result(engine):
+    prompt = engine.tokenizer.encode("the cat sat on the mat. " * 60)
+    assert len(prompt) > 300
+    one = ids_of(engine.generate(prompt, max_new_tokens=8, temperature=0, prefill_chunk=4096))
+    chunked = ids_of(engine.generate(prompt, max_new_tokens=8, temperature=0, prefill_chunk=50))
+    assert one == chunked
+
+
+def test_stats_are_filled(engine):
+    list(engine.generate("Hello there", max_new_tokens=4, temperature=0))
+    s = engine.last_stats
+    assert s.prompt_tokens == len(engine.tokenizer.encode("Hello there")) and s.generated_tokens == 4
+    assert s.prefill_tokens_per_second > 0 and s.decode_tokens_per_second > 0

@@ -8,11 +8,12 @@ prefetch implements the same call.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import torch
 
-from qwen3next.moe import SwiGLUExpert
+from qwen3next import cpu_kernels
+from qwen3next.moe import StackedExperts
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -23,10 +24,16 @@ def expert_tensor_name(prefix: str, expert: int, projection: str) -> str:
 
 
 class ResidentExpertStore:
-    """All routed experts held in memory on one device, as fused SwiGLU experts."""
+    """All routed experts held in memory on one device, stacked per layer (moe.StackedExperts).
 
-    def __init__(self, layers: dict[int, list[SwiGLUExpert]]):
-        self._layers = layers
+    Decode-sized bf16 batches on the CPU run each token's experts in one kernel call
+    (cpu_kernels.swiglu_experts_bf16) through a per-layer table of weight addresses; larger
+    batches run as grouped matmuls.
+    """
+
+    def __init__(self, layers: dict[int, StackedExperts]):
+        self.layers = layers
+        self._address_tables = {layer: _address_table(experts) for layer, experts in layers.items()}
 
     @classmethod
     def from_tensors(
@@ -43,22 +50,45 @@ class ResidentExpertStore:
         """
         layers = {}
         for layer, prefix in layer_prefixes.items():
-            experts = []
+            gate_up = down = None
             for e in range(num_experts):
-                gate, up, down = (read(expert_tensor_name(prefix, e, p)) for p in PROJECTIONS)
-                experts.append(SwiGLUExpert.from_projections(gate, up, down).requires_grad_(False))
+                gate, up, down_e = (read(expert_tensor_name(prefix, e, p)) for p in PROJECTIONS)
+                if gate_up is None:  # shapes and dtype are known once the first expert is read
+                    gate_up = gate.new_empty(num_experts, 2 * gate.shape[0], gate.shape[1])
+                    down = down_e.new_empty(num_experts, *down_e.shape)
+                torch.cat((gate, up), out=gate_up[e])
+                down[e] = down_e
                 progress(1)
-            layers[layer] = experts
+            layers[layer] = StackedExperts(gate_up, down).requires_grad_(False)
         return cls(layers)
 
-    def experts(self, layer: int, ids: Sequence[int]) -> list[SwiGLUExpert]:
-        experts = self._layers[layer]
-        return [experts[i] for i in ids]
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        experts, table = self.layers[layer], self._address_tables[layer]
+        if table is not None and x.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.usable(x):
+            weights = weights.float()
+            rows = [cpu_kernels.swiglu_experts_bf16(x[n], table, ids[n], weights[n], experts.intermediate_size)
+                    for n in range(x.shape[0])]
+            return torch.stack(rows)
+        return experts(x, ids, weights)
 
     def parameters(self) -> Iterable[torch.Tensor]:
-        for experts in self._layers.values():
-            for expert in experts:
-                yield from expert.parameters()
+        for experts in self.layers.values():
+            yield from experts.parameters()
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def _address_table(experts: StackedExperts) -> torch.Tensor | None:
+    """[experts, 3] int64 addresses of each expert's gate, up and down matrices, for the CPU kernel.
+
+    None unless the weights are contiguous bf16 on the CPU (the only case the kernel handles).
+    """
+    gate_up, down = experts.gate_up, experts.down
+    if any(p.dtype != torch.bfloat16 or p.device.type != "cpu" or not p.is_contiguous() for p in (gate_up, down)):
+        return None
+    E, two_i, H = gate_up.shape
+    starts = gate_up.data_ptr() + torch.arange(E, dtype=torch.int64) * (two_i * H * gate_up.element_size())
+    ups = starts + two_i // 2 * H * gate_up.element_size()
+    downs = down.data_ptr() + torch.arange(E, dtype=torch.int64) * (down[0].numel() * down.element_size())
+    return torch.stack((starts, ups, downs), dim=1).contiguous()

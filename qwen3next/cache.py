@@ -61,7 +61,9 @@ class DeltaNetState:
         )
 
     def restore(self, saved: "DeltaNetState") -> None:
-        self.conv, self.recurrent = saved.conv, saved.recurrent
+        """Copies again, since decode updates the states in place and a snapshot may be restored twice."""
+        copy = saved.snapshot()
+        self.conv, self.recurrent = copy.conv, copy.recurrent
 
 
 class ModelCache:

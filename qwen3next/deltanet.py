@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .cache import DeltaNetState
 from .config import Qwen3NextConfig
 from .gated_delta import gated_delta_rule, l2_normalize
-from .layers import GatedRMSNorm
+from .layers import GatedRMSNorm, Linear
 
 
 class GatedDeltaNet(nn.Module):
@@ -31,15 +32,27 @@ class GatedDeltaNet(nn.Module):
         key_total, value_total = self.k_heads * self.k_dim, self.v_heads * self.v_dim
         self.conv_channels = 2 * key_total + value_total
 
-        self.in_proj_qkvz = nn.Linear(hidden, 2 * key_total + 2 * value_total, bias=False)
-        self.in_proj_ba = nn.Linear(hidden, 2 * self.v_heads, bias=False)
+        self.in_proj_qkvz = Linear(hidden, 2 * key_total + 2 * value_total)
+        self.in_proj_ba = Linear(hidden, 2 * self.v_heads)
         self.conv1d = nn.Conv1d(
             self.conv_channels, self.conv_channels, self.kernel, groups=self.conv_channels, bias=False
         )
         self.A_log = nn.Parameter(torch.zeros(self.v_heads))
         self.dt_bias = nn.Parameter(torch.ones(self.v_heads))
         self.norm = GatedRMSNorm(self.v_dim, config.rms_norm_eps)
-        self.out_proj = nn.Linear(value_total, hidden, bias=False)
+        self.out_proj = Linear(value_total, hidden)
+
+    def _fused_cpu(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
+        """bf16 on the CPU: conv, delta rule (sequential form) and gated norm in one kernel call."""
+        if state.conv is None:
+            state.conv = x.new_zeros(1, self.conv_channels, self.kernel - 1)
+            state.recurrent = x.new_zeros(1, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32)
+        out = x.new_empty(1, x.shape[1], self.v_heads * self.v_dim)
+        cpu_kernels.gated_delta_bf16(
+            self.in_proj_qkvz(x), self.in_proj_ba(x), self.conv1d.weight, state.conv, self.A_log, self.dt_bias,
+            self.norm.weight, state.recurrent, out, self.k_heads, self.v_heads, self.k_dim, self.v_dim, self.norm.eps,
+        )
+        return self.out_proj(out)
 
     def _project(self, x: torch.Tensor):
         """Split the fused projections, which the checkpoint groups by key head.
@@ -65,12 +78,17 @@ class GatedDeltaNet(nn.Module):
             previous = x.new_zeros(B, C, self.kernel - 1)
         window = torch.cat((previous.to(x.dtype), x), dim=-1)  # [B, C, T + kernel - 1]
         if state is not None:
-            state.conv = window[:, :, -(self.kernel - 1) :].clone()
-        out = F.conv1d(window, self.conv1d.weight, groups=C)
+            state.conv = window[:, :, -(self.kernel - 1) :].contiguous()  # the decode kernel updates it in place
+        if T == 1:  # one output: a dot product per channel beats the convolution call
+            out = (window * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
+        else:
+            out = F.conv1d(window, self.conv1d.weight, groups=C)
         return F.silu(out).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, state: DeltaNetState | None) -> torch.Tensor:
         B, T, _ = x.shape
+        if B == 1 and self.out_proj.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
+            return self._fused_cpu(x, DeltaNetState() if state is None else state)
         conv_input, z, b, a = self._project(x)
         mixed = self._conv(conv_input, state)
         key_total = self.k_heads * self.k_dim
@@ -89,7 +107,7 @@ class GatedDeltaNet(nn.Module):
             recurrent = q.new_zeros(B, self.v_heads, self.k_dim, self.v_dim)
         out, recurrent = gated_delta_rule(q, k, v, g, beta, recurrent)
         if state is not None:
-            state.recurrent = recurrent
+            state.recurrent = recurrent.contiguous()
 
         out = out.transpose(1, 2).to(x.dtype)  # [B, T, v_heads, v_dim]
         return self.out_proj(self.norm(out, z).reshape(B, T, -1))

@@ -11,11 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) over the last dim, in fp32 (callers cast back)."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+def rms_normalize(x: torch.Tensor, eps: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim, times an fp32 scale, in fp32 (callers cast back)."""
+    return F.rms_norm(x.float(), x.shape[-1:], scale, eps)
+
+
+_KERNEL_NORM_ELEMENTS = 1 << 16  # decode-sized inputs: the single-threaded C norm beats torch's op overhead
 
 
 class ZeroCenteredRMSNorm(nn.Module):
@@ -27,7 +31,9 @@ class ZeroCenteredRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+        if x.numel() <= _KERNEL_NORM_ELEMENTS and self.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
+            return cpu_kernels.rms_norm_bf16(x, self.weight, self.eps, offset=1.0)
+        return rms_normalize(x, self.eps, 1.0 + self.weight.float()).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -47,17 +53,45 @@ class GatedRMSNorm(nn.Module):
         return (normed * F.silu(z.float())).to(x.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T; decode-sized bf16 calls on the CPU use the bandwidth-bound kernel."""
+    if weight.dtype == torch.bfloat16 and x.numel() <= cpu_kernels.MAX_ROWS * weight.shape[1] and cpu_kernels.usable(x):
+        return cpu_kernels.linear_bf16(x, weight)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (checkpoint-compatible) that computes through `linear`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): the shared expert (and dense MLP layers, if a config has any)."""
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1] and self.down_proj.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
+            return self._fused_decode(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def _fused_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """One token through all three projections in one kernel call (as a single expert of weight 1)."""
+        addresses = tuple(p.weight.data_ptr() for p in (self.gate_proj, self.up_proj, self.down_proj))
+        if getattr(self, "_kernel_args", (None,))[0] != addresses:  # weights are assigned after construction
+            self._kernel_args = (addresses, torch.tensor([addresses]), torch.zeros(1, dtype=torch.int64), torch.ones(1))
+        _, table, ids, weights = self._kernel_args
+        out = cpu_kernels.swiglu_experts_bf16(x.reshape(-1), table, ids, weights, self.gate_proj.out_features)
+        return out.view(x.shape)
 
 
 class PartialRotary:

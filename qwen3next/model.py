@@ -9,14 +9,13 @@ are layer `num_hidden_layers + i`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import GatedAttention
 from .cache import DeltaNetState, KVCache, ModelCache
 from .config import FULL_ATTENTION, Qwen3NextConfig
 from .deltanet import GatedDeltaNet
-from .layers import PartialRotary, SwiGLU, ZeroCenteredRMSNorm
+from .layers import Linear, PartialRotary, SwiGLU, ZeroCenteredRMSNorm, linear
 from .moe import ExpertStore, SparseMoE
 
 
@@ -71,7 +70,7 @@ class MultiTokenPredictor(nn.Module):
     def __init__(self, config: Qwen3NextConfig):
         super().__init__()
         hidden = config.hidden_size
-        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.fc = Linear(2 * hidden, hidden)
         self.pre_fc_norm_embedding = ZeroCenteredRMSNorm(hidden, config.rms_norm_eps)
         self.pre_fc_norm_hidden = ZeroCenteredRMSNorm(hidden, config.rms_norm_eps)
         self.layers = nn.ModuleList(
@@ -92,7 +91,7 @@ class Qwen3NextForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         self.mtp = MultiTokenPredictor(config) if with_mtp else None
         self.rotary = PartialRotary(config.rotary_dim, config.rope_theta)
 
@@ -105,8 +104,7 @@ class Qwen3NextForCausalLM(nn.Module):
         return ModelCache([layer.make_cache() for layer in self.model.layers])
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return linear(hidden, self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """Final normalised hidden states [B, T, hidden] for input_ids [B, T], advancing `cache`."""

@@ -1,52 +1,72 @@
 """The sparse MoE block: a softmax router picks top-k routed experts per token, plus a gated shared expert.
 
-Routed experts are not parameters of this module: they come from an expert store
-(qwen3next.offload.store), asked once per layer and forward for just the experts the router
-picked, so the store can keep them resident, cache them, prefetch them or quantize them
-without this module knowing. Only the selected experts run, each on all the tokens routed to it.
+Routed experts are not parameters of this module: they live in an expert store
+(qwen3next.offload.store), which is asked once per layer and forward to run just the experts
+the router picked, so the store can keep them resident, cache them, prefetch them or quantize
+them without this module knowing. Only the selected experts run, each on all its tokens.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import Qwen3NextConfig
-from .layers import SwiGLU
-
-
-class Expert(Protocol):
-    """One routed expert: [N, hidden] -> [N, hidden]."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+from .layers import Linear, SwiGLU
 
 
 class ExpertStore(Protocol):
-    """Where routed experts live. `layer` is the decoder layer index (MTP layers follow the main ones)."""
+    """Where routed experts live and run. `layer` is the decoder layer index (MTP layers follow the main ones).
 
-    def experts(self, layer: int, ids: Sequence[int]) -> Sequence[Expert]:
-        """The experts `ids` of `layer`, ready to run, in the order asked."""
+    A store decides how to compute what the router chose: a resident store runs fused kernels,
+    an offloading one fetches or prefetches weights first.
+    """
+
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[n, k] * expert_{ids[n, k]}(x[n]) for x [N, hidden], ids and weights [N, k]."""
         ...
 
 
-class SwiGLUExpert(nn.Module):
-    """A routed expert with gate and up fused into one [2 * intermediate, hidden] matrix (one matmul, not two)."""
+class StackedExperts(nn.Module):
+    """All routed experts of one layer as two tensors: gate|up [E, 2I, H] (one matmul, not two) and down [E, H, I].
+
+    Tokens are grouped by expert and each chosen expert runs once on its group, through one
+    grouped matmul where torch has it (a plain loop when autograd is on: its CPU backward fails).
+    """
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
         super().__init__()
         self.gate_up = nn.Parameter(gate_up, requires_grad=gate_up.requires_grad)
         self.down = nn.Parameter(down, requires_grad=down.requires_grad)
 
-    @classmethod
-    def from_projections(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> "SwiGLUExpert":
-        return cls(torch.cat((gate, up), dim=0), down)
+    @property
+    def intermediate_size(self) -> int:
+        return self.down.shape[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        top_k = ids.shape[-1]
+        order = torch.argsort(ids.flatten(), stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(ids.flatten(), minlength=self.gate_up.shape[0])
+        tokens = order // top_k
+        grouped = x[tokens]  # each token once per expert that chose it
+        if _GROUPED_MM and not torch.is_grad_enabled():
+            ends = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(grouped, self.gate_up.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
+            results = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offs=ends)
+        else:
+            results = torch.cat([self._one(e, part) for e, part in enumerate(grouped.split(counts.tolist())) if len(part)])
+        results = results * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, tokens, results)
+
+    def _one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down[expert])
+
+
+_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 class Routing:
@@ -64,19 +84,24 @@ class SparseMoE(nn.Module):
         self.layer = layer
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = Linear(config.hidden_size, config.num_experts)
         self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(config.hidden_size, 1)
         self.store: ExpertStore | None = None
         self.last_routing: Routing | None = None  # kept for router statistics and the training loss
 
     def route(self, x: torch.Tensor) -> Routing:
-        """Softmax over all experts in fp32, top-k, renormalised when norm_topk_prob."""
+        """Softmax over all experts in fp32, top-k, renormalised when norm_topk_prob.
+
+        Renormalised top-k probabilities equal a softmax over just the top-k logits, which is
+        what is computed then (the same numbers to fp32 rounding, in fewer steps).
+        """
         logits = self.gate(x)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            top_logits, ids = torch.topk(logits, self.top_k, dim=-1)
+            weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
+        else:
+            weights, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
         return Routing(ids, weights.to(logits.dtype), logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,20 +110,5 @@ class SparseMoE(nn.Module):
         routing = self.route(x)
         self.last_routing = routing
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return (self._routed(x, routing) + shared).view(shape)
+        return (self.store.run(self.layer, x, routing.ids, routing.weights) + shared).view(shape)
 
-    def _routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Sum of w * expert(x) over each token's chosen experts, each expert run once on its tokens."""
-        flat_ids = routing.ids.flatten()
-        order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert
-        chosen, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
-        experts = self.store.experts(self.layer, chosen.tolist())
-        tokens = order // self.top_k
-        weights = routing.weights.flatten()[order, None]
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in zip(experts, counts.tolist()):
-            rows = slice(start, start + count)
-            out.index_add_(0, tokens[rows], expert(x[tokens[rows]]) * weights[rows])
-            start += count
-        return out

@@ -25,10 +25,11 @@ SIZES = {
     "small": dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
                   linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
                   num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=96),
-    # the engine benchmark's configuration: hidden 512, 8 layers, 64 experts top-8
-    "bench": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                  linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
-                  num_experts=64, num_experts_per_tok=8, moe_intermediate_size=256, shared_expert_intermediate_size=256),
+    # the engine benchmark's configuration: the 80B model's head counts with every width divided by 4
+    # (hidden 2048 -> 512, head dims 256/128 -> 64/32, expert width 512 -> 128), 8 layers, 64 experts top-8
+    "bench": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=2, head_dim=64,
+                  linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=32, linear_value_head_dim=32,
+                  num_experts=64, num_experts_per_tok=8, moe_intermediate_size=128, shared_expert_intermediate_size=128),
 }
 
 

@@ -40,7 +40,8 @@ def test_loads_sharded_checkpoint_with_mtp(models):
     model, store = load_model(folder, "float32", progress=False)
     assert model.mtp is not None
     layers = model.config.num_hidden_layers
-    assert len(store.experts(layers, [0, 1])) == 2  # the MTP layer's experts come after the main layers
+    mtp_experts = store.layers[layers]  # the MTP layer's experts come after the main layers
+    assert mtp_experts.gate_up.shape == (8, 64, 64) and mtp_experts.down.shape == (8, 64, 32)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 

@@ -1,0 +1,188 @@
+"""Bandwidth-bound bf16 decode kernels (csrc/decode_kernels.c), built at first use, with a torch fallback.
+
+Why our own: at decode every linear layer is a matrix-vector product, bound by reading the
+weights. torch's bf16 path on CPU reaches about a third of the read bandwidth there; a plain C
+loop compiled for the host reaches most of it (figures in docs/performance.md). The source is
+compiled once per machine with the system C compiler into a cache folder and loaded with
+ctypes. Without a compiler, or with QWEN3NEXT_NO_KERNELS=1, everything runs through torch:
+same results to bf16 rounding, just slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_kernels.c"
+MAX_ROWS = 8  # activation rows up to which the matrix-vector kernel beats a GEMM
+# Tried in order: vector expf from glibc's libmvec, then without it, then without OpenMP or -march.
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-DQ3N_LIBMVEC", "-lmvec"],
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3"],
+)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QWEN3NEXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen3next")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and its CPU flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        log.info("no C compiler found; decode kernels fall back to torch")
+        return None
+    source = SOURCE.read_bytes()
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
+        library = _cache_dir() / f"decode_kernels-{key}.so"
+        if not library.exists() and not _compile(compiler, flags, library):
+            continue
+        try:
+            return ctypes.CDLL(str(library))
+        except OSError as exc:
+            log.info("could not load %s: %s", library, exc)
+    return None
+
+
+def _compile(compiler: str, flags: list[str], library: Path) -> bool:
+    """Compile into a temporary file and rename it into place, so a half-written library is never loaded."""
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(fd)
+    except OSError as exc:
+        log.info("cannot write the kernel cache %s: %s", library.parent, exc)
+        return False
+    command = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", temporary, "-lm"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        os.unlink(temporary)
+        log.info("kernel build failed with %s: %s", " ".join(flags), done.stderr.strip()[:500])
+        return False
+    os.replace(temporary, library)
+    return True
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.q3n_linear_bf16.argtypes = [p, p, p, i64, i64, i64, c_int]
+    lib.q3n_linear_bf16.restype = None
+    lib.q3n_swiglu_experts_bf16.argtypes = [p, p, p, i64, p, p, i64, i64, c_int]
+    lib.q3n_swiglu_experts_bf16.restype = None
+    lib.q3n_rms_norm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
+    lib.q3n_rms_norm_bf16.restype = None
+    lib.q3n_attend_one_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, c_int]
+    lib.q3n_attend_one_bf16.restype = None
+    lib.q3n_gated_delta_bf16.argtypes = [p] * 9 + [i64] * 6 + [ctypes.c_float, c_int]
+    lib.q3n_gated_delta_bf16.restype = None
+    return lib
+
+
+_lib: ctypes.CDLL | None = None
+_loaded = False
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (no compiler, build failed, or QWEN3NEXT_NO_KERNELS=1)."""
+    global _lib, _loaded
+    if not _loaded:
+        _loaded = True
+        if os.environ.get("QWEN3NEXT_NO_KERNELS", "") not in ("", "0"):
+            _lib = None
+        else:
+            built = _build()
+            _lib = _declare(built) if built is not None else None
+    return _lib
+
+
+def usable(x: torch.Tensor) -> bool:
+    """True where the kernels apply: bf16 on the CPU, no autograd, and a built library.
+
+    Callers add their own size limits: the kernels are for decode, a token or a few at a time.
+    """
+    return (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and library() is not None
+    )
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight[out, in].T for a few rows of x (see `usable`)."""
+    x = x.contiguous()
+    out_features, in_features = weight.shape
+    y = x.new_empty(*x.shape[:-1], out_features)
+    rows = x.numel() // in_features
+    _lib.q3n_linear_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, out_features, in_features,
+                         torch.get_num_threads())
+    return y
+
+
+def swiglu_experts_bf16(
+    x: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, intermediate: int
+) -> torch.Tensor:
+    """One token x [hidden] (or [1, hidden]) through experts `ids` [k] (int64), summed with `weights` [k] (fp32).
+
+    `table` [experts, 3] int64 holds each expert's gate, up and down weight addresses; the caller
+    owns those tensors and keeps them alive.
+    """
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _lib.q3n_swiglu_experts_bf16(table.data_ptr(), ids.data_ptr(), weights.data_ptr(), ids.numel(), x.data_ptr(),
+                                 out.data_ptr(), x.shape[-1], intermediate, torch.get_num_threads())
+    return out
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """RMSNorm over the last dim scaled by (offset + weight); offset 1 for zero-centered norms."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    _lib.q3n_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps, offset)
+    return out
+
+
+def attend_one_bf16(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """query [1, heads, 1, dim] against keys/values [1, kv_heads, length, dim] (rows contiguous, heads strided)."""
+    _, heads, _, dim = query.shape
+    _, kv_heads, length, _ = keys.shape
+    query = query.contiguous()
+    out = torch.empty_like(query)
+    _lib.q3n_attend_one_bf16(query.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), kv_heads,
+                             heads // kv_heads, length, dim, keys.stride(1), dim**-0.5, torch.get_num_threads())
+    return out
+
+
+def gated_delta_bf16(qkvz, ba, conv_weight, conv_state, A_log, dt_bias, norm_weight, state, out,
+                     k_heads: int, v_heads: int, k_dim: int, v_dim: int, eps: float) -> None:
+    """Tokens [1, T, ...] through a Gated DeltaNet core (csrc/decode_kernels.c); updates the states in place."""
+    _lib.q3n_gated_delta_bf16(
+        qkvz.data_ptr(), ba.data_ptr(), conv_weight.data_ptr(), conv_state.data_ptr(), A_log.data_ptr(),
+        dt_bias.data_ptr(), norm_weight.data_ptr(), state.data_ptr(), out.data_ptr(), qkvz.shape[1], k_heads,
+        v_heads, k_dim, v_dim, conv_weight.shape[-1], eps, torch.get_num_threads(),
+    )

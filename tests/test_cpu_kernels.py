@@ -1,0 +1,114 @@
+"""The C decode kernels against plain torch math, and the bf16 decode path against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwen3next
+from qwen3next import cpu_kernels
+from qwen3next.cache import DeltaNetState
+from qwen3next.deltanet import GatedDeltaNet
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: kernels not built")
+
+BF16_EPS = 2**-8  # relative spacing of bf16 numbers
+
+
+def disable_kernels(monkeypatch):
+    """Route everything through torch, as on a machine without a compiler."""
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_loaded", True)
+
+
+def bf16(*shape, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
+
+
+def assert_bf16_close(actual, expected, slack=4.0):
+    """Within a few bf16 roundings of an fp32 result, relative to its magnitude."""
+    error = (actual.float() - expected.float()).abs().max().item()
+    assert error <= slack * BF16_EPS * expected.float().abs().max().item(), error
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_linear(rows):
+    x, w = bf16(rows, 96, seed=1), bf16(40, 96, seed=2)
+    with torch.inference_mode():
+        assert_bf16_close(cpu_kernels.linear_bf16(x, w), x.float() @ w.float().T)
+
+
+def test_swiglu_experts_sum_the_chosen_experts():
+    E, H, I = 6, 64, 24
+    gate_up, down = bf16(E, 2 * I, H, seed=3, scale=0.2), bf16(E, H, I, seed=4, scale=0.2)
+    from qwen3next.offload.store import _address_table
+    from qwen3next.moe import StackedExperts
+
+    table = _address_table(StackedExperts(gate_up, down))
+    x = bf16(H, seed=5)
+    ids, weights = torch.tensor([4, 1, 2]), torch.tensor([0.5, 0.3, 0.2])
+    expected = sum(
+        w * (F.silu(gate_up[e, :I].float() @ x.float()) * (gate_up[e, I:].float() @ x.float())) @ down[e].float().T
+        for e, w in zip(ids.tolist(), weights.tolist())
+    )
+    with torch.inference_mode():
+        assert_bf16_close(cpu_kernels.swiglu_experts_bf16(x, table, ids, weights, I), expected)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm(offset):
+    x, w = bf16(5, 64, seed=6), bf16(64, seed=7, scale=0.1)
+    expected = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + w.float())
+    with torch.inference_mode():
+        assert_bf16_close(cpu_kernels.rms_norm_bf16(x, w, 1e-6, offset), expected, slack=2)
+
+
+def test_attention_over_a_strided_cache():
+    buffer_k, buffer_v = bf16(1, 2, 50, 32, seed=8), bf16(1, 2, 50, 32, seed=9)  # capacity 50, 37 used
+    keys, values = buffer_k[:, :, :37], buffer_v[:, :, :37]
+    query = bf16(1, 8, 1, 32, seed=10)
+    expected = F.scaled_dot_product_attention(query.float(), keys.float(), values.float(), enable_gqa=True)
+    with torch.inference_mode():
+        assert_bf16_close(cpu_kernels.attend_one_bf16(query, keys, values), expected)
+
+
+def test_deltanet_kernel_matches_the_torch_path(models, monkeypatch):
+    """Prefill then token-by-token decode through the fused kernel vs the torch chunked/recurrent code."""
+    model = qwen3next.load(models("small"), dtype="bfloat16").model
+    layer: GatedDeltaNet = model.model.layers[0].linear_attn
+    x = bf16(1, 45, model.config.hidden_size, seed=11)
+
+    def run():
+        state, outs = DeltaNetState(), []
+        with torch.inference_mode():
+            outs.append(layer(x[:, :40], state))
+            outs += [layer(x[:, t : t + 1], state) for t in range(40, 45)]
+        return torch.cat(outs, dim=1), state
+
+    fused, fused_state = run()
+    disable_kernels(monkeypatch)
+    plain, plain_state = run()
+    assert_bf16_close(fused, plain, slack=8)
+    assert_bf16_close(fused_state.recurrent, plain_state.recurrent, slack=8)
+    assert torch.equal(fused_state.conv, plain_state.conv)  # the conv history is copied, not computed
+
+
+def test_bf16_decode_is_as_close_to_fp32_as_the_reference(models):
+    """Teacher-forced decode steps through every kernel, held to transformers' own bf16 error."""
+    transformers = pytest.importorskip("transformers")
+    folder = models("small")
+    ids = torch.randint(0, 500, (1, 60), generator=torch.Generator().manual_seed(12))
+    exact = qwen3next.load(folder, dtype="float32").logits(ids[0].tolist())[40:]
+    model = qwen3next.load(folder, dtype="bfloat16").model
+    cache = model.make_cache()
+    with torch.inference_mode():
+        model(ids[:, :40], cache)
+        ours = torch.cat([model(ids[:, t : t + 1], cache)[0] for t in range(40, 60)]).float()
+        reference = transformers.Qwen3NextForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        theirs = reference(ids).logits[0, 40:].float()
+
+    def mean_error(logits):
+        return ((logits - exact).abs().mean() / exact.abs().mean()).item()
+
+    assert mean_error(ours) < 1.25 * mean_error(theirs)

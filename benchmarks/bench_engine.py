@@ -25,7 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def peak_rss_mib() -> float:
+def peak_memory_mib(device: str) -> float:
+    """Peak GPU allocation on CUDA, peak resident set size otherwise."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -36,10 +39,10 @@ def prompt_ids(count: int, vocab: int) -> list[int]:
 def measure_ours(folder: Path, args) -> dict:
     import qwen3next
 
-    engine = qwen3next.load(folder, dtype=args.dtype)
+    engine = qwen3next.load(folder, dtype=args.dtype, device=args.device)
     engine.eos_ids = []  # always generate the full count, like min_new_tokens on the reference side
     ids = prompt_ids(args.prompt_tokens, engine.tokenizer.vocab_size)
-    list(engine.generate(ids[:16], max_new_tokens=4, temperature=0))  # warm-up
+    list(engine.generate(ids, max_new_tokens=2, temperature=0))  # warm-up, as the reference side does
     runs = []
     for _ in range(args.repeats):
         tokens = list(engine.generate(ids, max_new_tokens=args.new_tokens, temperature=0))
@@ -53,8 +56,8 @@ def measure_transformers(folder: Path, args) -> dict:
     import transformers
 
     dtype = getattr(torch, args.dtype)
-    model = transformers.Qwen3NextForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    ids = torch.tensor([prompt_ids(args.prompt_tokens, model.config.vocab_size - 64)])
+    model = transformers.Qwen3NextForCausalLM.from_pretrained(folder, dtype=dtype).eval().to(args.device)
+    ids = torch.tensor([prompt_ids(args.prompt_tokens, model.config.vocab_size - 64)], device=args.device)
 
     def timed_generate(new_tokens: int) -> float:
         start = time.perf_counter()
@@ -82,7 +85,7 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     measure = measure_ours if args.impl == "qwen3next" else measure_transformers
     result = best_of(measure(Path(args.model), args))
-    result["peak_rss_mib"] = peak_rss_mib()
+    result["peak_memory_mib"] = peak_memory_mib(args.device)
     print(json.dumps(result))
 
 
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2, help="runs per subprocess")
     parser.add_argument("--rounds", type=int, default=2, help="subprocesses per implementation, alternating")
     parser.add_argument("--impl", choices=["qwen3next", "transformers"], help=argparse.SUPPRESS)
@@ -112,23 +116,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else write_checkpoint(args.size, Path(tmp) / args.size)
         print(f"model: {folder if args.model else args.size}, {args.dtype}, prompt {args.prompt_tokens} tokens, "
-              f"{args.new_tokens} new tokens, {args.threads} threads, best of {args.rounds}x{args.repeats}")
+              f"{args.new_tokens} new tokens, {args.device}, {args.threads} threads, best of {args.rounds}x{args.repeats}")
         impls = [args.only] if args.only else ["qwen3next", "transformers"]
         runs: dict[str, list[dict]] = {}
         for _ in range(args.rounds):
             for impl in impls:
                 command = [sys.executable, __file__, "--impl", impl, "--model", str(folder)] + [
                     f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                    if k in ("prompt_tokens", "new_tokens", "dtype", "threads", "repeats")
+                    if k in ("prompt_tokens", "new_tokens", "dtype", "threads", "repeats", "device")
                 ]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"{impl} failed:\n{done.stderr}")
                 runs.setdefault(impl, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
         results = {impl: best_of(r) for impl, r in runs.items()}
-    print(f"{'implementation':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MiB':>13}")
+    memory = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    print(f"{'implementation':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {memory:>13}")
     for impl, r in results.items():
-        print(f"{impl:<14} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['peak_rss_mib']:>13.0f}")
+        print(f"{impl:<14} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['peak_memory_mib']:>13.0f}")
     if len(results) == 2:
         ours, ref = results["qwen3next"], results["transformers"]
         print(f"speed-up: prefill {ours['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x, "

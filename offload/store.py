@@ -71,6 +71,9 @@ class ResidentExpertStore:
             return torch.stack(rows)
         return experts(x, ids, weights)
 
+    def address_table(self, layer: int) -> torch.Tensor | None:
+        return self._address_tables[layer]
+
     def parameters(self) -> Iterable[torch.Tensor]:
         for experts in self.layers.values():
             yield from experts.parameters()

@@ -93,6 +93,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q3n_linear_bf16.restype = None
     lib.q3n_swiglu_experts_bf16.argtypes = [p, p, p, i64, p, p, i64, i64, c_int]
     lib.q3n_swiglu_experts_bf16.restype = None
+    lib.q3n_moe_block_bf16.argtypes = [p, i64, p, i64, i64, c_int, p, i64, p, p, p, i64, p, p, p, p, p, c_int]
+    lib.q3n_moe_block_bf16.restype = None
     lib.q3n_rms_norm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
     lib.q3n_rms_norm_bf16.restype = None
     lib.q3n_attend_one_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, c_int]
@@ -156,6 +158,26 @@ def swiglu_experts_bf16(
     _lib.q3n_swiglu_experts_bf16(table.data_ptr(), ids.data_ptr(), weights.data_ptr(), ids.numel(), x.data_ptr(),
                                  out.data_ptr(), x.shape[-1], intermediate, torch.get_num_threads())
     return out
+
+
+def moe_block_bf16(x, router, top_k: int, norm_topk: bool, table, intermediate: int, shared_gate, shared_up,
+                   shared_down, shared_expert_gate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sparse MoE block for one token x [1, hidden]: router, routed experts (`table` as for
+    swiglu_experts_bf16), gated shared expert. Returns (output [1, hidden], ids [1, k] int64,
+    weights [1, k] fp32, router logits [1, experts] fp32)."""
+    x = x.contiguous()
+    experts, hidden = router.shape
+    out = torch.empty_like(x)
+    ids = torch.empty(1, top_k, dtype=torch.int64)
+    weights = torch.empty(1, top_k)
+    logits = torch.empty(1, experts)
+    _lib.q3n_moe_block_bf16(
+        x.data_ptr(), hidden, router.data_ptr(), experts, top_k, int(norm_topk), table.data_ptr(), intermediate,
+        shared_gate.data_ptr(), shared_up.data_ptr(), shared_down.data_ptr(), shared_gate.shape[0],
+        shared_expert_gate.data_ptr(), out.data_ptr(), ids.data_ptr(), weights.data_ptr(), logits.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out, ids, weights, logits
 
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:

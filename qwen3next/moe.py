@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .config import Qwen3NextConfig
 from .layers import Linear, SwiGLU
 
@@ -27,6 +28,14 @@ class ExpertStore(Protocol):
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[n, k] * expert_{ids[n, k]}(x[n]) for x [N, hidden], ids and weights [N, k]."""
+        ...
+
+    def address_table(self, layer: int) -> torch.Tensor | None:
+        """[experts, 3] addresses of every expert's gate/up/down bf16 CPU weights, when all are resident.
+
+        With it the whole MoE block of a decode step runs as one CPU kernel call; None means
+        "route, then call run()" (experts not all resident, or not bf16 on the CPU).
+        """
         ...
 
 
@@ -70,7 +79,10 @@ _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 class Routing:
-    """The router's decision for N tokens: expert ids and weights [N, k], and the raw logits [N, experts]."""
+    """The router's decision for N tokens: expert ids and weights [N, k], and the raw logits [N, experts].
+
+    (The fused CPU decode path reports weights and logits in fp32, the torch path in the model dtype.)
+    """
 
     __slots__ = ("ids", "weights", "logits")
 
@@ -84,6 +96,7 @@ class SparseMoE(nn.Module):
         self.layer = layer
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.intermediate_size = config.moe_intermediate_size
         self.gate = Linear(config.hidden_size, config.num_experts)
         self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = Linear(config.hidden_size, 1)
@@ -107,8 +120,22 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if x.shape[0] == 1 and self.gate.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
+            table = self.store.address_table(self.layer)
+            if table is not None:
+                return self._fused_decode(x, table).view(shape)
         routing = self.route(x)
         self.last_routing = routing
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return (self.store.run(self.layer, x, routing.ids, routing.weights) + shared).view(shape)
+
+    def _fused_decode(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """One token through router, routed experts and shared expert in one CPU kernel call."""
+        shared = self.shared_expert
+        out, ids, weights, logits = cpu_kernels.moe_block_bf16(
+            x, self.gate.weight, self.top_k, self.norm_topk_prob, table, self.intermediate_size,
+            shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight, self.shared_expert_gate.weight,
+        )
+        self.last_routing = Routing(ids, weights, logits)
+        return out
 

@@ -61,6 +61,10 @@ void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t 
     free(xf);
 }
 
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
 /* One token through k SwiGLU experts, summed with weights:
  *   out = sum_e weights[e] * down_e(silu(gate_e x) * up_e x)
  * table[3 * id + {0, 1, 2}] holds the addresses of expert id's gate [inter, hidden], up [inter, hidden]
@@ -77,7 +81,7 @@ void q3n_swiglu_experts_bf16(const int64_t *table, const int64_t *ids, const flo
             int64_t r = j % inter;
             float g = dot_bf16_f32((const uint16_t *)(intptr_t)e[0] + r * hidden, xf, hidden);
             float u = dot_bf16_f32((const uint16_t *)(intptr_t)e[1] + r * hidden, xf, hidden);
-            act[j] = g / (1.0f + expf(-g)) * u;
+            act[j] = silu(g) * u;
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < hidden; r++) {
@@ -93,11 +97,77 @@ void q3n_swiglu_experts_bf16(const int64_t *table, const int64_t *ids, const flo
     free(xf);
 }
 
+/* Choose the top_k largest logits (the lower id wins a tie) and their routing weights: the softmax
+ * over all experts renormalised over the chosen ones (norm_topk), or not. Weights are rounded to
+ * bf16 as the reference casts them. */
+static void route_top_k(const float *logits, int64_t experts, int64_t top_k, int norm_topk, int64_t *ids,
+                        float *weights) {
+    for (int64_t i = 0; i < top_k; i++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < experts; e++) {
+            int taken = 0;
+            for (int64_t j = 0; j < i; j++) taken |= ids[j] == e;
+            if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+        }
+        ids[i] = best;
+    }
+    float top = logits[ids[0]], total = 0.0f, chosen = 0.0f;
+    for (int64_t e = 0; e < experts; e++) total += expf(logits[e] - top);
+    for (int64_t i = 0; i < top_k; i++) chosen += (weights[i] = expf(logits[ids[i]] - top));
+    for (int64_t i = 0; i < top_k; i++) weights[i] = round_bf16(weights[i] / (norm_topk ? chosen : total));
+}
+
+/* A whole sparse MoE block for one token: router, top-k routed SwiGLU experts (addresses in `table`,
+ * as for q3n_swiglu_experts_bf16) and the shared expert scaled by sigmoid(shared_expert_gate x).
+ * Writes the block output and, for router statistics, the chosen ids, their weights and the logits. */
+void q3n_moe_block_bf16(const uint16_t *x, int64_t hidden, const uint16_t *router, int64_t experts, int64_t top_k,
+                        int norm_topk, const int64_t *table, int64_t inter, const uint16_t *shared_gate,
+                        const uint16_t *shared_up, const uint16_t *shared_down, int64_t shared_inter,
+                        const uint16_t *shared_expert_gate, uint16_t *out, int64_t *ids, float *weights,
+                        float *logits, int threads) {
+    float *xf = widen(x, hidden);
+    float *act = malloc(sizeof(float) * (size_t)(top_k * inter + shared_inter));
+    float *shared_act = act + top_k * inter, gate_logit = 0.0f;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e <= experts; e++) {
+            if (e < experts) logits[e] = round_bf16(dot_bf16_f32(router + e * hidden, xf, hidden));
+            else gate_logit = round_bf16(dot_bf16_f32(shared_expert_gate, xf, hidden));
+        }
+#pragma omp single
+        route_top_k(logits, experts, top_k, norm_topk, ids, weights);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < top_k * inter + shared_inter; j++) {
+            const uint16_t *gate, *up;
+            int64_t r;
+            if (j < top_k * inter) {
+                const int64_t *e = table + 3 * ids[j / inter];
+                r = j % inter;
+                gate = (const uint16_t *)(intptr_t)e[0], up = (const uint16_t *)(intptr_t)e[1];
+            } else {
+                r = j - top_k * inter;
+                gate = shared_gate, up = shared_up;
+            }
+            act[j] = silu(dot_bf16_f32(gate + r * hidden, xf, hidden)) * dot_bf16_f32(up + r * hidden, xf, hidden);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < hidden; r++) {
+            float routed = 0.0f;
+            for (int64_t i = 0; i < top_k; i++) {
+                const uint16_t *down = (const uint16_t *)(intptr_t)table[3 * ids[i] + 2];
+                routed += weights[i] * dot_bf16_f32(down + r * inter, act + i * inter, inter);
+            }
+            float shared = round_bf16(dot_bf16_f32(shared_down + r * shared_inter, shared_act, shared_inter));
+            float scale = round_bf16(1.0f / (1.0f + expf(-gate_logit)));
+            out[r] = f32_to_bf16(round_bf16(routed) + round_bf16(scale * shared));
+        }
+    }
+    free(act);
+    free(xf);
+}
+
 #define Q3N_MAX_CONV_KERNEL 8 /* the Python side routes longer convs to torch */
-
-static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
-
-static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
 /* out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * (offset + w): offset 1 for the zero-centered norms. */
 void q3n_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t dim, float eps,

@@ -1,0 +1,82 @@
+"""Decode kernels vs torch on this CPU: the numbers behind writing csrc/decode_kernels.c.
+
+    python benchmarks/bench_kernels.py
+
+Matrix-vector products over weights that do not fit in cache (each call reads a different
+matrix, as decode does), and one Gated DeltaNet layer over a 256-token prompt.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qwen3next import cpu_kernels
+from qwen3next.cache import DeltaNetState
+from qwen3next.config import Qwen3NextConfig
+from qwen3next.deltanet import GatedDeltaNet
+
+CACHE_BUSTING_BYTES = 256 * 2**20  # cycle through this much weight data so reads come from RAM
+
+
+def seconds_per_call(fn, calls: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def gemv_table() -> None:
+    print(f"{'weight [out, in]':<18} {'torch bf16':>12} {'torch fp32':>12} {'ours bf16':>12}   (GB/s of bf16 weights)")
+    for out_features, in_features in [(256, 512), (512, 512), (3072, 512), (4096, 2048)]:
+        count = max(2, CACHE_BUSTING_BYTES // (out_features * in_features * 2))
+        weights = [torch.randn(out_features, in_features, dtype=torch.bfloat16) for _ in range(count)]
+        x = torch.randn(1, in_features, dtype=torch.bfloat16)
+        figures = []
+        for name in ("torch bf16", "torch fp32", "ours"):
+            ws = [w.float() for w in weights] if name == "torch fp32" else weights
+            xi = x.float() if name == "torch fp32" else x
+            call = cpu_kernels.linear_bf16 if name == "ours" else F.linear
+            state = {"i": 0}
+
+            def step():
+                state["i"] = (state["i"] + 1) % count
+                call(xi, ws[state["i"]])
+
+            figures.append(out_features * in_features * 2 / seconds_per_call(step, 3 * count) / 1e9)
+        print(f"{str([out_features, in_features]):<18} " + " ".join(f"{f:>12.1f}" for f in figures))
+
+
+def deltanet_table() -> None:
+    print(f"\n{'DeltaNet layer, 256 tokens':<30} {'torch (chunked)':>16} {'ours (fused)':>14}   (ms, bf16)")
+    for hidden, heads, dim in [(512, 16, 32), (2048, 16, 128)]:
+        config = Qwen3NextConfig(
+            vocab_size=8, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            linear_num_key_heads=heads, linear_num_value_heads=2 * heads, linear_key_head_dim=dim,
+            linear_value_head_dim=dim, num_experts=1, num_experts_per_tok=1, moe_intermediate_size=1,
+            shared_expert_intermediate_size=1,
+        )
+        layer = GatedDeltaNet(config).bfloat16()
+        x = torch.randn(1, 256, hidden, dtype=torch.bfloat16)
+        figures = []
+        for use_kernels in (False, True):
+            cpu_kernels._lib, cpu_kernels._loaded = None, not use_kernels
+            figures.append(seconds_per_call(lambda: layer(x, DeltaNetState()), 5) * 1e3)
+        print(f"{f'hidden {hidden}, 32 value heads of {dim}':<30} {figures[0]:>16.1f} {figures[1]:>14.1f}")
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    if cpu_kernels.library() is None:
+        raise SystemExit("the decode kernels could not be built here (no C compiler?)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with torch.inference_mode():
+        gemv_table()
+        deltanet_table()
+
+
+if __name__ == "__main__":
+    main()

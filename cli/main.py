@@ -27,9 +27,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register_commands() -> None:
+    from .evaluate import eval_command
     from .run import run
 
     cli.add_command(run)
+    cli.add_command(eval_command)
 
 
 def _fail(message: str, code: int) -> int:

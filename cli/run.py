@@ -19,7 +19,8 @@ _REQUEST_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "re
 
 
 @click.command()
-@click.option("--model", "-m", "model_path", metavar="PATH", help="Model folder, or a hub id already downloaded.")
+@click.option("--model", "-m", "model_path", metavar="PATH",
+              help="Model folder, or a hub id already downloaded [default: the embedded demo model].")
 @click.option("--prompt", "-p", help="The prompt; read from stdin when omitted.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as a user message.")
 @click.option("--system", help="System message (implies --chat).")
@@ -48,7 +49,7 @@ def run(model_path, prompt, chat, system, max_new_tokens, temperature, top_k, to
         prompt = _read_stdin_prompt()
     if not jsonl and not prompt.strip():
         raise UsageError("--prompt is empty")
-    engine = load(model_path, dtype=dtype, device=device, progress=not quiet)
+    engine = load(model_path, dtype=dtype, device=device, progress=not quiet, quiet=quiet)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop=stop, chat=chat, system=system,
                    prefill_chunk=prefill_chunk)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_kernels.c"
 MAX_ROWS = 8  # activation rows up to which the matrix-vector kernel beats a GEMM
+MAX_CONV_KERNEL = 8  # csrc's Q3N_MAX_CONV_KERNEL
 # Tried in order: vector expf from glibc's libmvec, then without it, then without OpenMP or -march.
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-DQ3N_LIBMVEC", "-lmvec"],
@@ -93,8 +94,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q3n_linear_bf16.restype = None
     lib.q3n_swiglu_experts_bf16.argtypes = [p, p, p, i64, p, p, i64, i64, c_int]
     lib.q3n_swiglu_experts_bf16.restype = None
-    lib.q3n_moe_block_bf16.argtypes = [p, i64, p, i64, i64, c_int, p, i64, p, p, p, i64, p, p, p, p, p, c_int]
+    lib.q3n_moe_block_bf16.argtypes = [p, p, ctypes.POINTER(MoeWeights), i64, p, p, p, c_int]
     lib.q3n_moe_block_bf16.restype = None
+    lib.q3n_deltanet_layer_bf16.argtypes = [p, i64, ctypes.c_float, ctypes.POINTER(DeltaNetWeights), p, p,
+                                            ctypes.POINTER(MoeWeights), p, p, p, c_int]
+    lib.q3n_deltanet_layer_bf16.restype = None
     lib.q3n_rms_norm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
     lib.q3n_rms_norm_bf16.restype = None
     lib.q3n_attend_one_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, c_int]
@@ -160,24 +164,48 @@ def swiglu_experts_bf16(
     return out
 
 
-def moe_block_bf16(x, router, top_k: int, norm_topk: bool, table, intermediate: int, shared_gate, shared_up,
-                   shared_down, shared_expert_gate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A sparse MoE block for one token x [1, hidden]: router, routed experts (`table` as for
-    swiglu_experts_bf16), gated shared expert. Returns (output [1, hidden], ids [1, k] int64,
-    weights [1, k] fp32, router logits [1, experts] fp32)."""
+class MoeWeights(ctypes.Structure):
+    """csrc's q3n_moe_weights: addresses of a sparse MoE block's bf16 weights and its sizes."""
+
+    _fields_ = [("router", ctypes.c_void_p), ("experts", ctypes.c_int64), ("top_k", ctypes.c_int64),
+                ("norm_topk", ctypes.c_int64), ("table", ctypes.c_void_p), ("inter", ctypes.c_int64),
+                ("shared_gate", ctypes.c_void_p), ("shared_up", ctypes.c_void_p), ("shared_down", ctypes.c_void_p),
+                ("shared_inter", ctypes.c_int64), ("shared_expert_gate", ctypes.c_void_p)]
+
+
+class DeltaNetWeights(ctypes.Structure):
+    """csrc's q3n_deltanet_weights: a Gated DeltaNet decoder layer's norms, projections and sizes."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "w_qkvz", "w_ba", "w_out",
+                                                      "conv_weight", "A_log", "dt_bias", "norm_weight")] + \
+               [(name, ctypes.c_int64) for name in ("k_heads", "v_heads", "dk", "dv", "kernel")]
+
+
+def _routing_buffers(weights: MoeWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty(1, weights.top_k, dtype=torch.int64), torch.empty(1, weights.top_k),
+            torch.empty(1, weights.experts))
+
+
+def moe_block_bf16(x: torch.Tensor, weights: MoeWeights):
+    """A sparse MoE block for one token x [1, hidden]. Returns (output [1, hidden], ids [1, k] int64,
+    routing weights [1, k] fp32, router logits [1, experts] fp32)."""
     x = x.contiguous()
-    experts, hidden = router.shape
     out = torch.empty_like(x)
-    ids = torch.empty(1, top_k, dtype=torch.int64)
-    weights = torch.empty(1, top_k)
-    logits = torch.empty(1, experts)
-    _lib.q3n_moe_block_bf16(
-        x.data_ptr(), hidden, router.data_ptr(), experts, top_k, int(norm_topk), table.data_ptr(), intermediate,
-        shared_gate.data_ptr(), shared_up.data_ptr(), shared_down.data_ptr(), shared_gate.shape[0],
-        shared_expert_gate.data_ptr(), out.data_ptr(), ids.data_ptr(), weights.data_ptr(), logits.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return out, ids, weights, logits
+    ids, routing, logits = _routing_buffers(weights)
+    _lib.q3n_moe_block_bf16(x.data_ptr(), out.data_ptr(), ctypes.byref(weights), x.shape[-1], ids.data_ptr(),
+                            routing.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+    return out, ids, routing, logits
+
+
+def deltanet_layer_bf16(x: torch.Tensor, eps: float, layer: DeltaNetWeights, conv_state: torch.Tensor,
+                        state: torch.Tensor, moe: MoeWeights):
+    """One token through a whole Gated DeltaNet decoder layer; x [1, 1, hidden] (contiguous) is updated in
+    place, as are the conv and recurrent states. Returns the MoE routing (ids, weights, logits)."""
+    ids, routing, logits = _routing_buffers(moe)
+    _lib.q3n_deltanet_layer_bf16(x.data_ptr(), x.shape[-1], eps, ctypes.byref(layer), conv_state.data_ptr(),
+                                 state.data_ptr(), ctypes.byref(moe), ids.data_ptr(), routing.data_ptr(),
+                                 logits.data_ptr(), torch.get_num_threads())
+    return ids, routing, logits
 
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:

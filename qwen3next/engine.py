@@ -7,6 +7,7 @@ do from Python with the same defaults.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,7 +18,7 @@ from .config import Qwen3NextConfig
 from .errors import ContextLengthError, UsageError
 from .generate import PREFILL_CHUNK, GenerationStats, StopStrings, generate_ids
 from .loader import load_model
-from .model_path import resolve_model_path
+from .model_path import DEMO_NOTICE, resolve_model_path
 from .sampling import Sampler, generation_defaults
 from .tokenizer import Tokenizer
 
@@ -145,13 +146,17 @@ def load(
     dtype: str | torch.dtype = "bfloat16",
     device: str | torch.device | None = None,
     progress: bool = False,
+    quiet: bool = False,
 ) -> Engine:
     """Load a Qwen3-Next model folder (or a hub id already in the local Hugging Face cache).
 
-    dtype: "bfloat16" (default), "float16", "float32" or a torch dtype. device: "cpu", "cuda",
-    ...; None picks CUDA when available.
+    path None: the small demo model shipped in the package (a notice on stderr says so unless
+    quiet). dtype: "bfloat16" (default), "float16", "float32" or a torch dtype. device: "cpu",
+    "cuda", ...; None picks CUDA when available.
     """
     folder = resolve_model_path(path)
+    if path is None and not quiet:
+        print(f"qwen3next: {DEMO_NOTICE}", file=sys.stderr)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     config = Qwen3NextConfig.from_file(folder)  # the cheap checks first: config, then tokenizer, then weights

@@ -8,10 +8,20 @@ from pathlib import Path
 from .errors import ConfigError, UsageError
 
 
+DEMO_MODEL = Path(__file__).parent / "demo_model"
+DEMO_NOTICE = (
+    "using the embedded demo model (a 19M-parameter Qwen3-Next trained on Austen and Shakespeare); "
+    "for the real one: qwen3next download Qwen/Qwen3-Next-80B-A3B-Instruct, then --model Qwen/Qwen3-Next-80B-A3B-Instruct"
+)
+
+
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
-    """A local folder as given, or the cached snapshot of a hub id like "Qwen/Qwen3-Next-80B-A3B-Instruct"."""
+    """A local folder as given, the cached snapshot of a hub id like "Qwen/Qwen3-Next-80B-A3B-Instruct",
+    or (for None) the demo model shipped in the package."""
     if path is None:
-        raise UsageError("no model given: pass --model PATH (a model folder or a downloaded hub id)")
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise UsageError("no model given and no demo model installed: pass --model PATH")
+        return DEMO_MODEL
     folder = Path(path).expanduser()
     if folder.exists():
         if not folder.is_dir():

@@ -68,7 +68,7 @@ class StackedExperts(nn.Module):
         else:
             results = torch.cat([self._one(e, part) for e, part in enumerate(grouped.split(counts.tolist())) if len(part)])
         results = results * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, tokens, results)
+        return torch.zeros_like(x).index_add_(0, tokens, results.to(x.dtype))  # autocast may compute in bf16
 
     def _one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up[expert]).chunk(2, dim=-1)
@@ -120,10 +120,9 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if x.shape[0] == 1 and self.gate.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
-            table = self.store.address_table(self.layer)
-            if table is not None:
-                return self._fused_decode(x, table).view(shape)
+        table = self.fused_decode_table(x)
+        if table is not None:
+            return self._fused_decode(x, table).view(shape)
         routing = self.route(x)
         self.last_routing = routing
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -131,11 +130,22 @@ class SparseMoE(nn.Module):
 
     def _fused_decode(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """One token through router, routed experts and shared expert in one CPU kernel call."""
-        shared = self.shared_expert
-        out, ids, weights, logits = cpu_kernels.moe_block_bf16(
-            x, self.gate.weight, self.top_k, self.norm_topk_prob, table, self.intermediate_size,
-            shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight, self.shared_expert_gate.weight,
-        )
+        out, ids, weights, logits = cpu_kernels.moe_block_bf16(x, self.kernel_weights(table))
         self.last_routing = Routing(ids, weights, logits)
         return out
+
+    def fused_decode_table(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The store's expert address table when this block can run as one CPU kernel call for x, else None."""
+        if x.numel() != x.shape[-1] or self.gate.weight.dtype != torch.bfloat16 or not cpu_kernels.usable(x):
+            return None
+        return self.store.address_table(self.layer)
+
+    def kernel_weights(self, table: torch.Tensor) -> "cpu_kernels.MoeWeights":
+        shared = self.shared_expert
+        return cpu_kernels.MoeWeights(
+            self.gate.weight.data_ptr(), self.gate.out_features, self.top_k, int(self.norm_topk_prob),
+            table.data_ptr(), self.intermediate_size, shared.gate_proj.weight.data_ptr(),
+            shared.up_proj.weight.data_ptr(), shared.down_proj.weight.data_ptr(), shared.gate_proj.out_features,
+            self.shared_expert_gate.weight.data_ptr(),
+        )
 

@@ -316,6 +316,7 @@ def write_checkpoint(
             temp = folder / f".shard-{len(temps) + 1:05d}.{os.getpid()}.tmp"
             temps.append(temp)
             save_file(shard, str(temp), metadata=header_meta)
+            _give_default_permissions(temp)
             shard_names.append(sorted(shard))
             total += sum(t.nbytes for t in shard.values())
             shard.clear()  # release this shard's tensors before the next shard is gathered
@@ -324,6 +325,13 @@ def write_checkpoint(
             temp.unlink(missing_ok=True)
         raise
     return _finish(folder, temps, shard_names, total)
+
+
+def _give_default_permissions(path: Path) -> None:
+    """safetensors writes owner-only files; give the usual rw-r--r-- (what the umask allows)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _finish(folder: Path, temps: list[Path], shard_names: list[list[str]], total: int) -> list[Path]:

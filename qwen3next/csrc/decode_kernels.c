@@ -61,6 +61,8 @@ void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t 
     free(xf);
 }
 
+#define Q3N_MAX_CONV_KERNEL 8 /* the Python side routes longer convs to torch */
+
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
@@ -117,37 +119,46 @@ static void route_top_k(const float *logits, int64_t experts, int64_t top_k, int
     for (int64_t i = 0; i < top_k; i++) weights[i] = round_bf16(weights[i] / (norm_topk ? chosen : total));
 }
 
-/* A whole sparse MoE block for one token: router, top-k routed SwiGLU experts (addresses in `table`,
- * as for q3n_swiglu_experts_bf16) and the shared expert scaled by sigmoid(shared_expert_gate x).
- * Writes the block output and, for router statistics, the chosen ids, their weights and the logits. */
-void q3n_moe_block_bf16(const uint16_t *x, int64_t hidden, const uint16_t *router, int64_t experts, int64_t top_k,
-                        int norm_topk, const int64_t *table, int64_t inter, const uint16_t *shared_gate,
-                        const uint16_t *shared_up, const uint16_t *shared_down, int64_t shared_inter,
-                        const uint16_t *shared_expert_gate, uint16_t *out, int64_t *ids, float *weights,
-                        float *logits, int threads) {
+/* The weights of a sparse MoE block, as the decode kernels read them. */
+typedef struct {
+    const uint16_t *router;     /* [experts, hidden] */
+    int64_t experts, top_k, norm_topk;
+    const int64_t *table;       /* [experts, 3] addresses of each expert's gate, up, down */
+    int64_t inter;
+    const uint16_t *shared_gate, *shared_up, *shared_down; /* [shared_inter, hidden] x2, [hidden, shared_inter] */
+    int64_t shared_inter;
+    const uint16_t *shared_expert_gate; /* [1, hidden] */
+} q3n_moe_weights;
+
+/* A whole sparse MoE block for one token: router, top-k routed SwiGLU experts and the shared expert
+ * scaled by sigmoid(shared_expert_gate x). Writes the block output and, for router statistics, the
+ * chosen ids, their weights and the router logits. */
+void q3n_moe_block_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights *m, int64_t hidden, int64_t *ids,
+                        float *weights, float *logits, int threads) {
+    const int64_t top_k = m->top_k, inter = m->inter, shared_inter = m->shared_inter;
     float *xf = widen(x, hidden);
     float *act = malloc(sizeof(float) * (size_t)(top_k * inter + shared_inter));
     float *shared_act = act + top_k * inter, gate_logit = 0.0f;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t e = 0; e <= experts; e++) {
-            if (e < experts) logits[e] = round_bf16(dot_bf16_f32(router + e * hidden, xf, hidden));
-            else gate_logit = round_bf16(dot_bf16_f32(shared_expert_gate, xf, hidden));
+        for (int64_t e = 0; e <= m->experts; e++) {
+            if (e < m->experts) logits[e] = round_bf16(dot_bf16_f32(m->router + e * hidden, xf, hidden));
+            else gate_logit = round_bf16(dot_bf16_f32(m->shared_expert_gate, xf, hidden));
         }
 #pragma omp single
-        route_top_k(logits, experts, top_k, norm_topk, ids, weights);
+        route_top_k(logits, m->experts, top_k, (int)m->norm_topk, ids, weights);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < top_k * inter + shared_inter; j++) {
             const uint16_t *gate, *up;
             int64_t r;
             if (j < top_k * inter) {
-                const int64_t *e = table + 3 * ids[j / inter];
+                const int64_t *e = m->table + 3 * ids[j / inter];
                 r = j % inter;
                 gate = (const uint16_t *)(intptr_t)e[0], up = (const uint16_t *)(intptr_t)e[1];
             } else {
                 r = j - top_k * inter;
-                gate = shared_gate, up = shared_up;
+                gate = m->shared_gate, up = m->shared_up;
             }
             act[j] = silu(dot_bf16_f32(gate + r * hidden, xf, hidden)) * dot_bf16_f32(up + r * hidden, xf, hidden);
         }
@@ -155,10 +166,10 @@ void q3n_moe_block_bf16(const uint16_t *x, int64_t hidden, const uint16_t *route
         for (int64_t r = 0; r < hidden; r++) {
             float routed = 0.0f;
             for (int64_t i = 0; i < top_k; i++) {
-                const uint16_t *down = (const uint16_t *)(intptr_t)table[3 * ids[i] + 2];
+                const uint16_t *down = (const uint16_t *)(intptr_t)m->table[3 * ids[i] + 2];
                 routed += weights[i] * dot_bf16_f32(down + r * inter, act + i * inter, inter);
             }
-            float shared = round_bf16(dot_bf16_f32(shared_down + r * shared_inter, shared_act, shared_inter));
+            float shared = round_bf16(dot_bf16_f32(m->shared_down + r * shared_inter, shared_act, shared_inter));
             float scale = round_bf16(1.0f / (1.0f + expf(-gate_logit)));
             out[r] = f32_to_bf16(round_bf16(routed) + round_bf16(scale * shared));
         }
@@ -166,8 +177,6 @@ void q3n_moe_block_bf16(const uint16_t *x, int64_t hidden, const uint16_t *route
     free(act);
     free(xf);
 }
-
-#define Q3N_MAX_CONV_KERNEL 8 /* the Python side routes longer convs to torch */
 
 /* out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * (offset + w): offset 1 for the zero-centered norms. */
 void q3n_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t dim, float eps,
@@ -271,7 +280,9 @@ void q3n_gated_delta_bf16(const uint16_t *qkvz, const uint16_t *ba, const uint16
                         float input = bf16_to_f32(in[src[b]]);
                         float acc = weight[b] * x0 + weight[BLOCK + b] * x1 + weight[2 * BLOCK + b] * x2 +
                                     weight[3 * BLOCK + b] * input;
-                        hist[b] = x1, hist[BLOCK + b] = x2, hist[2 * BLOCK + b] = input;
+                        hist[b] = x1;
+                        hist[BLOCK + b] = x2;
+                        hist[2 * BLOCK + b] = input;
                         dst[b] = round_bf16(silu(round_bf16(acc)));
                     }
                 } else {
@@ -349,4 +360,39 @@ void q3n_gated_delta_bf16(const uint16_t *qkvz, const uint16_t *ba, const uint16
         }
     }
     free(mixed);
+}
+
+/* The weights of a Gated DeltaNet decoder layer besides its MoE block. */
+typedef struct {
+    const uint16_t *input_norm, *post_norm;            /* zero-centered RMSNorm weights [hidden] */
+    const uint16_t *w_qkvz, *w_ba, *w_out;             /* in_proj_qkvz, in_proj_ba, out_proj */
+    const uint16_t *conv_weight, *A_log, *dt_bias, *norm_weight;
+    int64_t k_heads, v_heads, dk, dv, kernel;
+} q3n_deltanet_weights;
+
+static void add_into_bf16(uint16_t *x, const uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
+}
+
+/* One token through a whole Gated DeltaNet decoder layer, updating the residual stream x [hidden] in
+ * place: x += out_proj(core(in_proj(norm(x)))); x += moe(norm(x)). One call instead of a dozen keeps
+ * decode bound by reading weights rather than by dispatch. */
+void q3n_deltanet_layer_bf16(uint16_t *x, int64_t hidden, float eps, const q3n_deltanet_weights *d,
+                             uint16_t *conv_state, float *state, const q3n_moe_weights *m, int64_t *ids,
+                             float *weights, float *logits, int threads) {
+    const int64_t r = d->v_heads / d->k_heads, n_qkvz = d->k_heads * (2 * d->dk + 2 * r * d->dv);
+    const int64_t n_ba = 2 * d->v_heads, n_core = d->v_heads * d->dv;
+    uint16_t *normed = malloc(sizeof(uint16_t) * (size_t)(hidden * 2 + n_qkvz + n_ba + n_core));
+    uint16_t *branch = normed + hidden, *qkvz = branch + hidden, *ba = qkvz + n_qkvz, *core = ba + n_ba;
+    q3n_rms_norm_bf16(x, d->input_norm, normed, 1, hidden, eps, 1.0f);
+    q3n_linear_bf16(d->w_qkvz, normed, qkvz, 1, n_qkvz, hidden, threads);
+    q3n_linear_bf16(d->w_ba, normed, ba, 1, n_ba, hidden, threads);
+    q3n_gated_delta_bf16(qkvz, ba, d->conv_weight, conv_state, d->A_log, d->dt_bias, d->norm_weight, state, core, 1,
+                         d->k_heads, d->v_heads, d->dk, d->dv, d->kernel, eps, threads);
+    q3n_linear_bf16(d->w_out, core, branch, 1, hidden, n_core, threads);
+    add_into_bf16(x, branch, hidden);
+    q3n_rms_norm_bf16(x, d->post_norm, normed, 1, hidden, eps, 1.0f);
+    q3n_moe_block_bf16(normed, branch, m, hidden, ids, weights, logits, threads);
+    add_into_bf16(x, branch, hidden);
+    free(normed);
 }

@@ -1,0 +1,42 @@
+"""`qwen3next inspect`: what a model folder holds, as tables or (--json) one JSON object."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import click
+
+from qwen3next.inspection import Report, Section, inspect
+
+_NUMBER = re.compile(r"[\d.,]+ ?[A-Za-z%]*")  # 12, 79,674,391,296, 311.16M, 622.3 MB, 0.4%
+
+
+@click.command("inspect")
+@click.argument("path", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as one JSON object.")
+def inspect_command(path, as_json):
+    """Show PATH's layer layout, parameter counts, bytes per component and dtype, disk size, quantization.
+
+    PATH is a model folder or a hub id already downloaded [default: the demo model].
+    """
+    report = inspect(path)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else render(report))
+
+
+def render(report: Report) -> str:
+    return "\n\n".join(_table(section) for section in report.sections)
+
+
+def _table(section: Section) -> str:
+    """A titled block of aligned columns; columns of numbers are right-aligned."""
+    rows = [section.header, *section.rows] if section.header else section.rows
+    columns = range(len(rows[0]))
+    widths = [max(len(row[i]) for row in rows) for i in columns]
+    numeric = [all(_NUMBER.fullmatch(row[i]) for row in section.rows) for i in columns]
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = [cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(row, widths, numeric)]
+        return "  " + "  ".join(cells).rstrip()
+
+    return "\n".join([section.title, *(line(row) for row in rows)])

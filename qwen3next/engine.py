@@ -141,6 +141,21 @@ class Engine:
         return torch.cat(outputs)
 
 
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device asked for, checked before any weight is read (None: CUDA when available)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device!r}: not a device (use cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def load(
     path: str | os.PathLike | None = None,
     dtype: str | torch.dtype = "bfloat16",
@@ -157,8 +172,7 @@ def load(
     folder = resolve_model_path(path)
     if path is None and not quiet:
         print(f"qwen3next: {DEMO_NOTICE}", file=sys.stderr)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _resolve_device(device)
     config = Qwen3NextConfig.from_file(folder)  # the cheap checks first: config, then tokenizer, then weights
     tokenizer = Tokenizer.from_folder(folder)
     model, store = load_model(folder, dtype, device, progress=progress, config=config)

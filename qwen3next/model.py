@@ -53,7 +53,6 @@ class DecoderLayer(nn.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
-
     def _fused_deltanet_step(self, x: torch.Tensor, state: DeltaNetState, table: torch.Tensor) -> torch.Tensor:
         """One bf16 token on the CPU through the whole layer (norms, DeltaNet, MoE, residuals) in one kernel call."""
         self.linear_attn.start_state(state, x)

@@ -139,3 +139,13 @@ def test_debug_shows_the_traceback(cli, tmp_path):
 def test_jsonl_and_prompt_conflict(cli, models):
     code, _, err = cli(["run", "-m", str(models("tiny")), "--jsonl", "-p", "x"])
     assert_one_line_error(code, err, 2, "--jsonl")
+
+
+def test_unavailable_or_malformed_device(cli, models):
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = cli(["run", "-m", str(models("tiny")), "-p", "x", "--device", "cuda"])
+        assert_one_line_error(code, err, 2, "--device cuda", "no CUDA device")
+    code, _, err = cli(["run", "-m", str(models("tiny")), "-p", "x", "--device", "gpu7"])
+    assert_one_line_error(code, err, 2, "--device", "not a device")

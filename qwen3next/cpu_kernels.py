@@ -99,6 +99,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q3n_deltanet_layer_bf16.argtypes = [p, i64, ctypes.c_float, ctypes.POINTER(DeltaNetWeights), p, p,
                                             ctypes.POINTER(MoeWeights), p, p, p, c_int]
     lib.q3n_deltanet_layer_bf16.restype = None
+    lib.q3n_linear_q8.argtypes = [p, p, p, p, i64, i64, i64, c_int]
+    lib.q3n_linear_q8.restype = None
+    lib.q3n_linear_q4.argtypes = [p, p, p, i64, p, p, i64, i64, i64, c_int]
+    lib.q3n_linear_q4.restype = None
     lib.q3n_rms_norm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
     lib.q3n_rms_norm_bf16.restype = None
     lib.q3n_attend_one_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, c_int]
@@ -146,6 +150,27 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // in_features
     _lib.q3n_linear_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, out_features, in_features,
                          torch.get_num_threads())
+    return y
+
+
+def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., in] (bf16, a few rows) times int8 weights q [out, in] with fp32 row scales (quant/int8.py)."""
+    x = x.contiguous()
+    out_features, in_features = q.shape
+    y = x.new_empty(*x.shape[:-1], out_features)
+    _lib.q3n_linear_q8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), x.numel() // in_features,
+                       out_features, in_features, torch.get_num_threads())
+    return y
+
+
+def linear_q4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """x [..., in] (bf16, a few rows) times 4-bit group-quantized weights (quant/int4.py)."""
+    x = x.contiguous()
+    out_features, in_features = packed.shape[0], packed.shape[1] * 2
+    y = x.new_empty(*x.shape[:-1], out_features)
+    _lib.q3n_linear_q4(packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), in_features // scale.shape[1],
+                       x.data_ptr(), y.data_ptr(), x.numel() // in_features, out_features, in_features,
+                       torch.get_num_threads())
     return y
 
 

@@ -396,3 +396,76 @@ void q3n_deltanet_layer_bf16(uint16_t *x, int64_t hidden, float eps, const q3n_d
     add_into_bf16(x, branch, hidden);
     free(normed);
 }
+
+/* ---- quantized weights (formats: qwen3next/quant/int8.py, int4.py; docs/format.md) ---- */
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        float f = (float)mantissa * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    if (exponent == 31) bits = sign | 0x7F800000u | (mantissa << 13);
+    else bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* y[m, r] = scale[r] * sum_k q[r, k] x[m, k]: int8 weights with one fp32 scale per row. */
+void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out,
+                   int64_t in, int threads) {
+    float *xf = widen(x, rows_x * in);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < out; r++) {
+        const int8_t *row = q + r * in;
+        for (int64_t m = 0; m < rows_x; m++) {
+            const float *xm = xf + m * in;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t k = 0; k < in; k++) acc += (float)row[k] * xm[k];
+            y[m * out + r] = f32_to_bf16(acc * scale[r]);
+        }
+    }
+    free(xf);
+}
+
+/* y[m, r] = sum_g scale[r, g] * sum_i q[r, g, i] x[m, g, i] + minimum[r, g] * sum_i x[m, g, i]:
+ * 4-bit codes two per byte (even index in the low nibble), fp16 scale and minimum per group.
+ * x is split into its even and odd elements once per call so the inner loop reads both nibbles
+ * of a byte against contiguous activations, and each group's activation sum is computed once. */
+void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t *minimum, int64_t group,
+                   const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out, int64_t in, int threads) {
+    const int64_t half = in / 2, groups = in / group, half_group = group / 2;
+    float *even = malloc(sizeof(float) * (size_t)(rows_x * (in + groups)));
+    float *odd = even + rows_x * half, *sums = odd + rows_x * half;
+    for (int64_t m = 0; m < rows_x; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            float total = 0.0f;
+            for (int64_t j = g * half_group; j < (g + 1) * half_group; j++) {
+                float a = bf16_to_f32(x[m * in + 2 * j]), b = bf16_to_f32(x[m * in + 2 * j + 1]);
+                even[m * half + j] = a;
+                odd[m * half + j] = b;
+                total += a + b;
+            }
+            sums[m * groups + g] = total;
+        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < out; r++) {
+        const uint8_t *row = packed + r * half;
+        for (int64_t m = 0; m < rows_x; m++) {
+            const float *xe = even + m * half, *xo = odd + m * half;
+            float acc = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                float dot = 0.0f;
+                const int64_t start = g * half_group;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t j = start; j < start + half_group; j++)
+                    dot += (float)(row[j] & 0xF) * xe[j] + (float)(row[j] >> 4) * xo[j];
+                acc += f16_to_f32(scale[r * groups + g]) * dot + f16_to_f32(minimum[r * groups + g]) * sums[m * groups + g];
+            }
+            y[m * out + r] = f32_to_bf16(acc);
+        }
+    }
+    free(even);
+}

@@ -3,7 +3,8 @@
     python benchmarks/bench_kernels.py
 
 Matrix-vector products over weights that do not fit in cache (each call reads a different
-matrix, as decode does), and one Gated DeltaNet layer over a 256-token prompt.
+matrix, as decode does) for bf16, int8 and int4 weights, and one Gated DeltaNet layer over a
+256-token prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from qwen3next import cpu_kernels
 from qwen3next.cache import DeltaNetState
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.deltanet import GatedDeltaNet
+from qwen3next.quant import int4, int8
 
 CACHE_BUSTING_BYTES = 256 * 2**20  # cycle through this much weight data so reads come from RAM
 
@@ -30,24 +32,30 @@ def seconds_per_call(fn, calls: int) -> float:
 
 
 def gemv_table() -> None:
-    print(f"{'weight [out, in]':<18} {'torch bf16':>12} {'torch fp32':>12} {'ours bf16':>12}   (GB/s of bf16 weights)")
+    """Weights per second, in billions (G weights/s), for one activation row."""
+    variants = {
+        "torch bf16": (lambda w: (w,), F.linear, torch.bfloat16),
+        "torch fp32": (lambda w: (w.float(),), F.linear, torch.float32),
+        "ours bf16": (lambda w: (w,), cpu_kernels.linear_bf16, torch.bfloat16),
+        "ours int8": (int8.quantize, cpu_kernels.linear_q8, torch.bfloat16),
+        "ours int4": (lambda w: int4.quantize(w, 64), cpu_kernels.linear_q4, torch.bfloat16),
+    }
+    print(f"{'weight [out, in]':<18}" + "".join(f"{name:>12}" for name in variants) + "   (G weights/s)")
     for out_features, in_features in [(256, 512), (512, 512), (3072, 512), (4096, 2048)]:
         count = max(2, CACHE_BUSTING_BYTES // (out_features * in_features * 2))
-        weights = [torch.randn(out_features, in_features, dtype=torch.bfloat16) for _ in range(count)]
-        x = torch.randn(1, in_features, dtype=torch.bfloat16)
+        weights = [torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.05 for _ in range(count)]
         figures = []
-        for name in ("torch bf16", "torch fp32", "ours"):
-            ws = [w.float() for w in weights] if name == "torch fp32" else weights
-            xi = x.float() if name == "torch fp32" else x
-            call = cpu_kernels.linear_bf16 if name == "ours" else F.linear
+        for prepare, call, dtype in variants.values():
+            stored = [prepare(w) for w in weights]
+            x = torch.randn(1, in_features, dtype=dtype)
             state = {"i": 0}
 
             def step():
                 state["i"] = (state["i"] + 1) % count
-                call(xi, ws[state["i"]])
+                call(x, *stored[state["i"]])
 
-            figures.append(out_features * in_features * 2 / seconds_per_call(step, 3 * count) / 1e9)
-        print(f"{str([out_features, in_features]):<18} " + " ".join(f"{f:>12.1f}" for f in figures))
+            figures.append(out_features * in_features / seconds_per_call(step, 3 * count) / 1e9)
+        print(f"{str([out_features, in_features]):<18}" + "".join(f"{f:>12.2f}" for f in figures))
 
 
 def deltanet_table() -> None:

@@ -74,3 +74,37 @@ def test_cpu_kernels_multiply_by_the_dequantized_weights(rows):
         ]:
             expected = x.float() @ dense.T
             assert ((got.float() - expected).abs().max() / expected.abs().max()).item() < 2**-7
+
+
+def test_default_policy():
+    from qwen3next.quant.policy import default_bits
+
+    assert default_bits("model.layers.3.mlp.experts.17.down_proj.weight", 4) == 4
+    assert default_bits("mtp.layers.0.mlp.experts.0.gate_proj.weight", 4) == 4
+    for kept in ("model.layers.0.mlp.gate.weight", "model.layers.0.mlp.shared_expert_gate.weight",
+                 "model.layers.0.input_layernorm.weight", "model.layers.0.linear_attn.conv1d.weight",
+                 "model.layers.0.linear_attn.A_log", "model.layers.0.linear_attn.dt_bias",
+                 "model.layers.0.linear_attn.norm.weight", "model.norm.weight", "mtp.pre_fc_norm_hidden.weight"):
+        assert default_bits(kept, 4) is None, kept
+    for eight in ("model.layers.0.linear_attn.in_proj_qkvz.weight", "model.layers.3.self_attn.q_proj.weight",
+                  "model.layers.0.mlp.shared_expert.down_proj.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        assert default_bits(eight, 4) == 8, eight
+
+
+def test_fake_quantization_moves_logits_a_little(models):
+    import qwen3next
+    from qwen3next.quant.policy import default_bits
+    from qwen3next.quant.simulate import fake_quantize_
+
+    engine = qwen3next.load(models("small"), dtype="float32")
+    ids = list(range(5, 105))
+    exact = engine.logits(ids)
+    fake_quantize_(engine.model, engine.expert_store, lambda name: default_bits(name, 8))
+    eight = engine.logits(ids)
+    fake_quantize_(engine.model, engine.expert_store, lambda name: default_bits(name, 4))
+    four = engine.logits(ids)
+
+    def error(logits):
+        return ((logits - exact).abs().mean() / exact.abs().mean()).item()
+
+    assert 0 < error(eight) < error(four) < 0.5

@@ -96,9 +96,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q3n_swiglu_experts_bf16.restype = None
     lib.q3n_moe_block_bf16.argtypes = [p, p, ctypes.POINTER(MoeWeights), i64, p, p, p, c_int]
     lib.q3n_moe_block_bf16.restype = None
-    lib.q3n_deltanet_layer_bf16.argtypes = [p, i64, ctypes.c_float, ctypes.POINTER(DeltaNetWeights), p, p,
-                                            ctypes.POINTER(MoeWeights), p, p, p, c_int]
-    lib.q3n_deltanet_layer_bf16.restype = None
     lib.q3n_linear_q8.argtypes = [p, p, p, p, i64, i64, i64, c_int]
     lib.q3n_linear_q8.restype = None
     lib.q3n_linear_q4.argtypes = [p, p, p, i64, p, p, i64, i64, i64, c_int]
@@ -198,14 +195,6 @@ class MoeWeights(ctypes.Structure):
                 ("shared_inter", ctypes.c_int64), ("shared_expert_gate", ctypes.c_void_p)]
 
 
-class DeltaNetWeights(ctypes.Structure):
-    """csrc's q3n_deltanet_weights: a Gated DeltaNet decoder layer's norms, projections and sizes."""
-
-    _fields_ = [(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "w_qkvz", "w_ba", "w_out",
-                                                      "conv_weight", "A_log", "dt_bias", "norm_weight")] + \
-               [(name, ctypes.c_int64) for name in ("k_heads", "v_heads", "dk", "dv", "kernel")]
-
-
 def _routing_buffers(weights: MoeWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.empty(1, weights.top_k, dtype=torch.int64), torch.empty(1, weights.top_k),
             torch.empty(1, weights.experts))
@@ -222,15 +211,6 @@ def moe_block_bf16(x: torch.Tensor, weights: MoeWeights):
     return out, ids, routing, logits
 
 
-def deltanet_layer_bf16(x: torch.Tensor, eps: float, layer: DeltaNetWeights, conv_state: torch.Tensor,
-                        state: torch.Tensor, moe: MoeWeights):
-    """One token through a whole Gated DeltaNet decoder layer; x [1, 1, hidden] (contiguous) is updated in
-    place, as are the conv and recurrent states. Returns the MoE routing (ids, weights, logits)."""
-    ids, routing, logits = _routing_buffers(moe)
-    _lib.q3n_deltanet_layer_bf16(x.data_ptr(), x.shape[-1], eps, ctypes.byref(layer), conv_state.data_ptr(),
-                                 state.data_ptr(), ctypes.byref(moe), ids.data_ptr(), routing.data_ptr(),
-                                 logits.data_ptr(), torch.get_num_threads())
-    return ids, routing, logits
 
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:

@@ -42,28 +42,11 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.v_dim, config.rms_norm_eps)
         self.out_proj = Linear(value_total, hidden)
 
-    def fused_cpu_applies(self, x: torch.Tensor) -> bool:
-        return (self.out_proj.weight.dtype == torch.bfloat16 and self.kernel <= cpu_kernels.MAX_CONV_KERNEL
-                and cpu_kernels.usable(x))
-
-    def start_state(self, state: DeltaNetState, like: torch.Tensor) -> None:
-        """Zero conv history and recurrent state for a sequence that starts now (the kernels update them in place)."""
-        if state.conv is None:
-            state.conv = like.new_zeros(1, self.conv_channels, self.kernel - 1)
-            state.recurrent = like.new_zeros(1, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32)
-
-    def kernel_weights(self, input_norm: torch.Tensor, post_norm: torch.Tensor) -> "cpu_kernels.DeltaNetWeights":
-        """This layer's weights for the whole-decoder-layer CPU kernel (the norms are the decoder layer's)."""
-        return cpu_kernels.DeltaNetWeights(
-            input_norm.data_ptr(), post_norm.data_ptr(), self.in_proj_qkvz.weight.data_ptr(),
-            self.in_proj_ba.weight.data_ptr(), self.out_proj.weight.data_ptr(), self.conv1d.weight.data_ptr(),
-            self.A_log.data_ptr(), self.dt_bias.data_ptr(), self.norm.weight.data_ptr(),
-            self.k_heads, self.v_heads, self.k_dim, self.v_dim, self.kernel,
-        )
-
     def _fused_cpu(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
         """bf16 on the CPU: conv, delta rule (sequential form) and gated norm in one kernel call."""
-        self.start_state(state, x)
+        if state.conv is None:  # a sequence starts: zero history (the kernel updates both states in place)
+            state.conv = x.new_zeros(1, self.conv_channels, self.kernel - 1)
+            state.recurrent = x.new_zeros(1, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32)
         out = x.new_empty(1, x.shape[1], self.v_heads * self.v_dim)
         cpu_kernels.gated_delta_bf16(
             self.in_proj_qkvz(x), self.in_proj_ba(x), self.conv1d.weight, state.conv, self.A_log, self.dt_bias,
@@ -104,7 +87,8 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, state: DeltaNetState | None) -> torch.Tensor:
         B, T, _ = x.shape
-        if B == 1 and self.fused_cpu_applies(x):
+        if B == 1 and self.out_proj.weight.dtype == torch.bfloat16 and self.kernel <= cpu_kernels.MAX_CONV_KERNEL \
+                and cpu_kernels.usable(x):
             return self._fused_cpu(x, DeltaNetState() if state is None else state)
         conv_input, z, b, a = self._project(x)
         mixed = self._conv(conv_input, state)

@@ -11,19 +11,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu_kernels
 from .attention import GatedAttention
 from .cache import DeltaNetState, KVCache, ModelCache
 from .config import FULL_ATTENTION, Qwen3NextConfig
 from .deltanet import GatedDeltaNet
 from .layers import Linear, PartialRotary, SwiGLU, ZeroCenteredRMSNorm, linear
-from .moe import ExpertStore, Routing, SparseMoE
+from .moe import ExpertStore, SparseMoE
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: h = x + mixer(norm(x)); out = h + mlp(norm(h))."""
-
-    fuse_whole_layer = True  # one-token bf16 CPU steps of DeltaNet layers run as one kernel call (tests switch it off)
 
     def __init__(self, config: Qwen3NextConfig, layer: int, layer_type: str, moe: bool):
         super().__init__()
@@ -40,11 +37,6 @@ class DecoderLayer(nn.Module):
         return KVCache() if self.layer_type == FULL_ATTENTION else DeltaNetState()
 
     def forward(self, x: torch.Tensor, cos_sin, cache) -> torch.Tensor:
-        if self.fuse_whole_layer and self.layer_type != FULL_ATTENTION and cache is not None \
-                and isinstance(self.mlp, SparseMoE) and self.linear_attn.fused_cpu_applies(x):
-            table = self.mlp.fused_decode_table(x)
-            if table is not None:
-                return self._fused_deltanet_step(x, cache, table)
         h = self.input_layernorm(x)
         if self.layer_type == FULL_ATTENTION:
             h = self.self_attn(h, cos_sin, cache)
@@ -52,18 +44,6 @@ class DecoderLayer(nn.Module):
             h = self.linear_attn(h, cache)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
-
-    def _fused_deltanet_step(self, x: torch.Tensor, state: DeltaNetState, table: torch.Tensor) -> torch.Tensor:
-        """One bf16 token on the CPU through the whole layer (norms, DeltaNet, MoE, residuals) in one kernel call."""
-        self.linear_attn.start_state(state, x)
-        x = x.contiguous().clone()  # the kernel updates the residual stream in place
-        ids, weights, logits = cpu_kernels.deltanet_layer_bf16(
-            x, self.input_layernorm.eps,
-            self.linear_attn.kernel_weights(self.input_layernorm.weight, self.post_attention_layernorm.weight),
-            state.conv, state.recurrent, self.mlp.kernel_weights(table),
-        )
-        self.mlp.last_routing = Routing(ids, weights, logits)
-        return x
 
 
 class Backbone(nn.Module):

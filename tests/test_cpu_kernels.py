@@ -10,7 +10,6 @@ import qwen3next
 from qwen3next import cpu_kernels
 from qwen3next.cache import DeltaNetState
 from qwen3next.deltanet import GatedDeltaNet
-from qwen3next.model import DecoderLayer
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: kernels not built")
 
@@ -114,19 +113,3 @@ def test_bf16_decode_is_as_close_to_fp32_as_the_reference(models):
 
     assert mean_error(ours) < 1.25 * mean_error(theirs)
 
-
-def test_whole_layer_kernel_matches_the_per_block_kernels(models, monkeypatch):
-    """The one-call DeltaNet decoder layer against the same layers run block by block."""
-    model = qwen3next.load(models("small"), dtype="bfloat16").model
-    ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(13))
-
-    def decode():
-        cache = model.make_cache()
-        with torch.inference_mode():
-            model(ids[:, :20], cache)
-            return torch.cat([model(ids[:, t : t + 1], cache)[0] for t in range(20, 30)]).float()
-
-    fused = decode()
-    monkeypatch.setattr(DecoderLayer, "fuse_whole_layer", False)
-    block_by_block = decode()
-    assert ((fused - block_by_block).abs().max() / block_by_block.abs().max()).item() < 1e-3

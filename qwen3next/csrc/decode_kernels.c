@@ -362,41 +362,6 @@ void q3n_gated_delta_bf16(const uint16_t *qkvz, const uint16_t *ba, const uint16
     free(mixed);
 }
 
-/* The weights of a Gated DeltaNet decoder layer besides its MoE block. */
-typedef struct {
-    const uint16_t *input_norm, *post_norm;            /* zero-centered RMSNorm weights [hidden] */
-    const uint16_t *w_qkvz, *w_ba, *w_out;             /* in_proj_qkvz, in_proj_ba, out_proj */
-    const uint16_t *conv_weight, *A_log, *dt_bias, *norm_weight;
-    int64_t k_heads, v_heads, dk, dv, kernel;
-} q3n_deltanet_weights;
-
-static void add_into_bf16(uint16_t *x, const uint16_t *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
-}
-
-/* One token through a whole Gated DeltaNet decoder layer, updating the residual stream x [hidden] in
- * place: x += out_proj(core(in_proj(norm(x)))); x += moe(norm(x)). One call instead of a dozen keeps
- * decode bound by reading weights rather than by dispatch. */
-void q3n_deltanet_layer_bf16(uint16_t *x, int64_t hidden, float eps, const q3n_deltanet_weights *d,
-                             uint16_t *conv_state, float *state, const q3n_moe_weights *m, int64_t *ids,
-                             float *weights, float *logits, int threads) {
-    const int64_t r = d->v_heads / d->k_heads, n_qkvz = d->k_heads * (2 * d->dk + 2 * r * d->dv);
-    const int64_t n_ba = 2 * d->v_heads, n_core = d->v_heads * d->dv;
-    uint16_t *normed = malloc(sizeof(uint16_t) * (size_t)(hidden * 2 + n_qkvz + n_ba + n_core));
-    uint16_t *branch = normed + hidden, *qkvz = branch + hidden, *ba = qkvz + n_qkvz, *core = ba + n_ba;
-    q3n_rms_norm_bf16(x, d->input_norm, normed, 1, hidden, eps, 1.0f);
-    q3n_linear_bf16(d->w_qkvz, normed, qkvz, 1, n_qkvz, hidden, threads);
-    q3n_linear_bf16(d->w_ba, normed, ba, 1, n_ba, hidden, threads);
-    q3n_gated_delta_bf16(qkvz, ba, d->conv_weight, conv_state, d->A_log, d->dt_bias, d->norm_weight, state, core, 1,
-                         d->k_heads, d->v_heads, d->dk, d->dv, d->kernel, eps, threads);
-    q3n_linear_bf16(d->w_out, core, branch, 1, hidden, n_core, threads);
-    add_into_bf16(x, branch, hidden);
-    q3n_rms_norm_bf16(x, d->post_norm, normed, 1, hidden, eps, 1.0f);
-    q3n_moe_block_bf16(normed, branch, m, hidden, ids, weights, logits, threads);
-    add_into_bf16(x, branch, hidden);
-    free(normed);
-}
-
 /* ---- quantized weights (formats: qwen3next/quant/int8.py, int4.py; docs/format.md) ---- */
 
 static inline float f16_to_f32(uint16_t h) {

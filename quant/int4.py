@@ -13,6 +13,12 @@ import torch
 DEFAULT_GROUP = 64
 
 
+def group_for(in_features: int, group: int = DEFAULT_GROUP) -> int:
+    """The largest even group size <= `group` that divides a row of `in_features` (narrow rows, like the
+    demo model's 56-wide expert down projections, get one smaller group per row)."""
+    return next(g for g in range(min(group, in_features), 1, -1) if in_features % g == 0 and g % 2 == 0)
+
+
 def quantize(weight: torch.Tensor, group: int = DEFAULT_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [out, in] -> (packed uint8 [out, in/2], scale fp16 [out, in/group], minimum fp16 [out, in/group])."""
     out_features, in_features = weight.shape

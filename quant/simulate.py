@@ -23,7 +23,7 @@ def round_trip(weight: torch.Tensor, bits: int, group: int = int4.DEFAULT_GROUP)
     if bits == 8:
         return int8.dequantize(*int8.quantize(weight), dtype=weight.dtype)
     if bits == 4:
-        return int4.dequantize(*int4.quantize(weight, group), dtype=weight.dtype)
+        return int4.dequantize(*int4.quantize(weight, int4.group_for(weight.shape[1], group)), dtype=weight.dtype)
     raise ValueError(f"bits must be 4 or 8, not {bits}")
 
 

@@ -52,6 +52,10 @@ def test_int4_nibble_order_is_low_then_high():
     assert (packed == 0xF0).all()
 
 
+def test_group_size_shrinks_to_fit_narrow_rows():
+    assert int4.group_for(2048, 64) == 64 and int4.group_for(56, 64) == 56 and int4.group_for(96, 64) == 48
+
+
 def test_int4_refuses_a_ragged_group():
     with pytest.raises(ValueError, match="multiple of the group size"):
         int4.quantize(weights(4, 100), 64)

@@ -8,6 +8,7 @@ import re
 import click
 
 from qwen3next.inspection import Report, Section, inspect
+from qwen3next.model_path import DEMO_NOTICE
 
 _NUMBER = re.compile(r"[\d.,]+ ?[A-Za-z%]*")  # 12, 79,674,391,296, 311.16M, 622.3 MB, 0.4%
 
@@ -15,11 +16,14 @@ _NUMBER = re.compile(r"[\d.,]+ ?[A-Za-z%]*")  # 12, 79,674,391,296, 311.16M, 622
 @click.command("inspect")
 @click.argument("path", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as one JSON object.")
-def inspect_command(path, as_json):
+@click.option("--quiet", "-q", is_flag=True, help="No notices on stderr.")
+def inspect_command(path, as_json, quiet):
     """Show PATH's layer layout, parameter counts, bytes per component and dtype, disk size, quantization.
 
     PATH is a model folder or a hub id already downloaded [default: the demo model].
     """
+    if path is None and not quiet:
+        click.echo(f"qwen3next: {DEMO_NOTICE}", err=True)
     report = inspect(path)
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else render(report))
 

@@ -140,7 +140,9 @@ def test_the_80b_model_counts():
     assert counts.active_without_embeddings == 3_252_599_552
 
 
-@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="no demo model in this checkout")
-def test_no_path_inspects_the_demo_model(cli):
-    code, out, _ = cli("inspect")
+def test_no_path_inspects_the_demo_model_and_says_so(cli):
+    code, out, err = cli("inspect")
     assert code == 0 and str(DEMO_MODEL) in out
+    assert "demo model" in err and "qwen3next download" in err
+    code, out, err = cli("inspect", "--quiet")
+    assert code == 0 and err == ""

@@ -10,7 +10,7 @@ from .errors import ConfigError, UsageError
 
 DEMO_MODEL = Path(__file__).parent / "demo_model"
 DEMO_NOTICE = (
-    "using the embedded demo model (a 19M-parameter Qwen3-Next trained on Austen and Shakespeare); "
+    "using the embedded demo model (a 19M-parameter Qwen3-Next trained on Austen, Shakespeare and Milton); "
     "for the real one: qwen3next download Qwen/Qwen3-Next-80B-A3B-Instruct, then --model Qwen/Qwen3-Next-80B-A3B-Instruct"
 )
 

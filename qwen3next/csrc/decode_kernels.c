@@ -395,6 +395,45 @@ void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, uint1
     free(xf);
 }
 
+/* sum_g scale[g] * sum_i q[g, i] x[g, i] over one packed row (the minimum's share is added by the
+ * caller), split into even (low nibble) and odd (high nibble) activations. */
+static float q4_row_dot_portable(const uint8_t *row, const uint16_t *scale, const float *xe, const float *xo,
+                                 int64_t groups, int64_t half_group) {
+    float total = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        float dot = 0.0f;
+        for (int64_t j = g * half_group; j < (g + 1) * half_group; j++)
+            dot += (float)(row[j] & 0xF) * xe[j] + (float)(row[j] >> 4) * xo[j];
+        total += f16_to_f32(scale[g]) * dot;
+    }
+    return total;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* The same with AVX-512: each group's products stay in a vector and are scaled and accumulated there,
+ * so a row costs one horizontal sum instead of one per group (the compiler's version of the loop
+ * above pays a reduction per group and runs ~10x slower). */
+static float q4_row_dot(const uint8_t *row, const uint16_t *scale, const float *xe, const float *xo, int64_t groups,
+                        int64_t half_group) {
+    if (half_group % 16) return q4_row_dot_portable(row, scale, xe, xo, groups, half_group);
+    const __m512i low_nibble = _mm512_set1_epi32(0xF);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t j = g * half_group; j < (g + 1) * half_group; j += 16) {
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
+            dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_nibble)), _mm512_loadu_ps(xe + j), dot);
+            dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), _mm512_loadu_ps(xo + j), dot);
+        }
+        acc = _mm512_fmadd_ps(dot, _mm512_set1_ps(f16_to_f32(scale[g])), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#else
+#define q4_row_dot q4_row_dot_portable
+#endif
+
 /* y[m, r] = sum_g scale[r, g] * sum_i q[r, g, i] x[m, g, i] + minimum[r, g] * sum_i x[m, g, i]:
  * 4-bit codes two per byte (even index in the low nibble), fp16 scale and minimum per group.
  * x is split into its even and odd elements once per call so the inner loop reads both nibbles
@@ -420,15 +459,8 @@ void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t 
         const uint8_t *row = packed + r * half;
         for (int64_t m = 0; m < rows_x; m++) {
             const float *xe = even + m * half, *xo = odd + m * half;
-            float acc = 0.0f;
-            for (int64_t g = 0; g < groups; g++) {
-                float dot = 0.0f;
-                const int64_t start = g * half_group;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t j = start; j < start + half_group; j++)
-                    dot += (float)(row[j] & 0xF) * xe[j] + (float)(row[j] >> 4) * xo[j];
-                acc += f16_to_f32(scale[r * groups + g]) * dot + f16_to_f32(minimum[r * groups + g]) * sums[m * groups + g];
-            }
+            float acc = q4_row_dot(row, scale + r * groups, xe, xo, groups, half_group);
+            for (int64_t g = 0; g < groups; g++) acc += f16_to_f32(minimum[r * groups + g]) * sums[m * groups + g];
             y[m * out + r] = f32_to_bf16(acc);
         }
     }

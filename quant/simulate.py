@@ -29,8 +29,12 @@ def round_trip(weight: torch.Tensor, bits: int, group: int = int4.DEFAULT_GROUP)
 
 @torch.no_grad()
 def fake_quantize_(model: Qwen3NextForCausalLM, store: ResidentExpertStore,
-                   bits_for: Callable[[str], int | None], group: int = int4.DEFAULT_GROUP) -> None:
-    """Round-trip every matrix `bits_for(hub name)` gives bits to; routed experts are asked by their hub names."""
+                   bits_for: Callable[[str], int | None], group: int = int4.DEFAULT_GROUP,
+                   round_trip: Callable[[torch.Tensor, int, int], torch.Tensor] = round_trip) -> None:
+    """Round-trip every matrix `bits_for(hub name)` gives bits to; routed experts are asked by their hub names.
+
+    `round_trip(weight, bits, group)` defaults to this project's formats; benchmarks pass others.
+    """
     for name, parameter in model.named_parameters():
         bits = bits_for(name)
         if bits is not None and parameter.dim() == 2:

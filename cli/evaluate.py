@@ -37,7 +37,7 @@ def eval_command(model_path, text_path, window, max_tokens, dtype, device, as_js
 
 def report(result: Evaluation) -> str:
     lines = [
-        f"tokens scored:        {result.tokens}",
+        f"tokens read:          {result.tokens} ({result.predictions} next-token predictions scored)",
         f"perplexity:           {result.perplexity:.3f}",
         "MTP next-next top-1:  " + ("n/a (no MTP head)" if result.mtp_accuracy is None else f"{result.mtp_accuracy:.4f}"),
         f"unigram baseline:     {result.unigram_accuracy:.4f}",

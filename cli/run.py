@@ -115,6 +115,6 @@ def _parse_request(line: str, number: int) -> tuple[object, dict]:
     if unknown:
         raise UsageError(f"stdin line {number}: unknown key(s) {sorted(unknown)}")
     overrides = {k: v for k, v in request.items() if k in _REQUEST_KEYS}
-    if "stop" in overrides and isinstance(overrides["stop"], str):
-        overrides["stop"] = [overrides["stop"]]
+    if overrides.get("max_new_tokens", 0) is None:
+        raise UsageError(f'stdin line {number}: "max_new_tokens" must be an integer')
     return prompt, overrides

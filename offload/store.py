@@ -1,9 +1,11 @@
 """Expert stores: where the MoE blocks get their routed experts from.
 
-The protocol (qwen3next.moe.ExpertStore) is one call, `experts(layer, ids)`, made once per
-layer and forward with just the experts the router chose. This module has the simplest store,
-everything resident on one device; the tiered GPU / RAM / disk cache with router-statistics
-prefetch implements the same call.
+The protocol (qwen3next.moe.ExpertStore) is `run(layer, x, ids, weights)`, called once per layer
+and forward with just the experts the router chose, plus `address_table(layer)`, which lets a
+store whose experts are all resident in bf16 on the CPU hand the whole MoE block of a decode
+step to one kernel (then `run` is not called). This module has the simplest store, everything
+resident on one device; the tiered GPU / RAM / disk cache with router-statistics prefetch
+implements the same calls (returning no address table).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class ResidentExpertStore:
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         experts, table = self.layers[layer], self._address_tables[layer]
         if table is not None and x.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.usable(x):
-            weights = weights.float()
+            ids, weights = ids.to(torch.int64).contiguous(), weights.float().contiguous()  # the C side reads raw memory
             rows = [cpu_kernels.swiglu_experts_bf16(x[n], table, ids[n], weights[n], experts.intermediate_size)
                     for n in range(x.shape[0])]
             return torch.stack(rows)

@@ -16,7 +16,10 @@ DEFAULT_GROUP = 64
 def group_for(in_features: int, group: int = DEFAULT_GROUP) -> int:
     """The largest even group size <= `group` that divides a row of `in_features` (narrow rows, like the
     demo model's 56-wide expert down projections, get one smaller group per row)."""
-    return next(g for g in range(min(group, in_features), 1, -1) if in_features % g == 0 and g % 2 == 0)
+    fitting = [g for g in range(min(group, in_features), 1, -1) if in_features % g == 0 and g % 2 == 0]
+    if not fitting:
+        raise ValueError(f"a row of {in_features} weights cannot be split into even-sized groups")
+    return fitting[0]
 
 
 def quantize(weight: torch.Tensor, group: int = DEFAULT_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-_KV_GROWTH = 256  # tokens added per reallocation, so decode does not copy the cache every step
+_KV_MIN_CAPACITY = 256  # tokens; capacity then doubles, so decode and chunked prefill copy O(T) in all
 
 
 class KVCache:
@@ -26,7 +26,8 @@ class KVCache:
         """Add new positions; return views of all cached keys and values."""
         new_length = self.length + k.shape[2]
         if self.keys is None or new_length > self.keys.shape[2]:
-            self._grow(k, v, new_length + _KV_GROWTH)
+            capacity = 0 if self.keys is None else self.keys.shape[2]
+            self._grow(k, v, max(new_length, 2 * capacity, _KV_MIN_CAPACITY))
         self.keys[:, :, self.length : new_length] = k
         self.values[:, :, self.length : new_length] = v
         self.length = new_length

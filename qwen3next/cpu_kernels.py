@@ -79,7 +79,12 @@ def _compile(compiler: str, flags: list[str], library: Path) -> bool:
         log.info("cannot write the kernel cache %s: %s", library.parent, exc)
         return False
     command = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", temporary, "-lm"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        os.unlink(temporary)
+        log.info("kernel build could not run: %s", exc)
+        return False
     if done.returncode != 0:
         os.unlink(temporary)
         log.info("kernel build failed with %s: %s", " ".join(flags), done.stderr.strip()[:500])
@@ -226,6 +231,8 @@ def attend_one_bf16(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     """query [1, heads, 1, dim] against keys/values [1, kv_heads, length, dim] (rows contiguous, heads strided)."""
     _, heads, _, dim = query.shape
     _, kv_heads, length, _ = keys.shape
+    if keys.stride() != values.stride() or keys.stride(2) != dim or keys.stride(3) != 1:
+        raise ValueError("attend_one_bf16: keys and values must share a layout with contiguous rows")
     query = query.contiguous()
     out = torch.empty_like(query)
     _lib.q3n_attend_one_bf16(query.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), kv_heads,

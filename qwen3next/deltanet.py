@@ -79,8 +79,8 @@ class GatedDeltaNet(nn.Module):
         window = torch.cat((previous.to(x.dtype), x), dim=-1)  # [B, C, T + kernel - 1]
         if state is not None:
             state.conv = window[:, :, -(self.kernel - 1) :].contiguous()  # the decode kernel updates it in place
-        if T == 1:  # one output: a dot product per channel beats the convolution call
-            out = (window * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
+        if T == 1:  # one output: a dot product per channel (in fp32, as the conv accumulates) beats the conv call
+            out = (window.float() * self.conv1d.weight[:, 0].float()).sum(-1, keepdim=True).to(x.dtype)
         else:
             out = F.conv1d(window, self.conv1d.weight, groups=C)
         return F.silu(out).transpose(1, 2)

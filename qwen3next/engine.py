@@ -53,22 +53,27 @@ class Engine:
         return self.config.max_position_embeddings
 
     def prompt_ids(self, prompt: str | Sequence[int] | list[dict], chat: bool = False, system: str | None = None) -> list[int]:
-        """Token ids for a text prompt (optionally through the chat template), a message list, or ids."""
+        """Token ids for a text prompt (through the chat template with `chat` or `system`), a message
+        list (always through the template; `system` is put first), or token ids (used as they are)."""
+        if system is not None and not isinstance(system, str):
+            raise UsageError("the system message must be text")
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise UsageError("the prompt is empty")
             if chat or system is not None:
-                messages = ([{"role": "system", "content": system}] if system is not None else [])
-                return self.prompt_ids(messages + [{"role": "user", "content": prompt}])
+                return self.prompt_ids([{"role": "user", "content": prompt}], system=system)
             return self.tokenizer.encode(prompt)
-        prompt = list(prompt)
-        if not prompt:
-            raise UsageError("the prompt is empty")
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise UsageError("the prompt is empty" if isinstance(prompt, (list, tuple)) else
+                             "the prompt must be text, a list of token ids or a list of chat messages")
         if all(isinstance(m, dict) for m in prompt):
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
-        if not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):
+            messages = ([{"role": "system", "content": system}] if system is not None else []) + list(prompt)
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if chat or system is not None:
+            raise UsageError("chat and system apply to text prompts and message lists, not to token ids")
+        if not all(type(t) is int and 0 <= t < self.config.vocab_size for t in prompt):
             raise UsageError(f"token ids must be ints in [0, {self.config.vocab_size})")
-        return prompt
+        return list(prompt)
 
     def _check_context(self, tokens: int, room: int) -> None:
         """Refuse inputs that leave fewer than `room` free positions in the context."""
@@ -99,10 +104,15 @@ class Engine:
         emitted), after max_new_tokens, or at the end of the context. `self.last_stats` holds
         the timing of the latest call.
         """
+        _check_types(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repetition_penalty=repetition_penalty, seed=seed, prefill_chunk=prefill_chunk)
         if max_new_tokens < 0:
             raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 0")
         if prefill_chunk < 1:
             raise UsageError(f"--prefill-chunk {prefill_chunk}: must be >= 1")
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) for s in stop):
+            raise UsageError("--stop: stop strings must be text")
         params = self.sampling_defaults.updated(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
         )
@@ -130,6 +140,8 @@ class Engine:
 
     def logits(self, token_ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
         """Full-sequence logits [len(token_ids), vocab] in fp32, computed chunk by chunk."""
+        if type(chunk) is not int or chunk < 1:
+            raise UsageError(f"chunk {chunk!r}: must be an int >= 1")
         ids = self.prompt_ids(list(token_ids))
         self._check_context(len(ids), room=0)
         cache = self.model.make_cache()
@@ -139,6 +151,20 @@ class Engine:
             with torch.inference_mode():
                 outputs.append(self.model(tensor[:, start : start + chunk], cache)[0].float())
         return torch.cat(outputs)
+
+
+_INTEGER_OPTIONS = ("max_new_tokens", "top_k", "seed", "prefill_chunk")
+
+
+def _check_types(**options) -> None:
+    """Options arrive from Python and from JSON requests: a wrong type is a usage error, not a crash."""
+    for name, value in options.items():
+        if value is None:
+            continue
+        integer = name in _INTEGER_OPTIONS
+        if type(value) is bool or not isinstance(value, int if integer else (int, float)):
+            kind = "an integer" if integer else "a number"
+            raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be {kind}")
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -32,7 +32,8 @@ class LayerRouting:
 
 @dataclass
 class Evaluation:
-    tokens: int
+    tokens: int  # tokens of the text read (after --max-tokens)
+    predictions: int  # next-token predictions scored (each window's first token has none)
     perplexity: float
     mtp_accuracy: float | None  # next-next-token top-1 accuracy of the MTP head
     unigram_accuracy: float  # always guessing the text's most frequent token
@@ -48,8 +49,8 @@ def windows(ids: Sequence[int], size: int) -> Iterator[list[int]]:
 
 def evaluate(engine: Engine, text: str, window: int = 256, max_tokens: int | None = None) -> Evaluation:
     """Score `text` with the engine's model (see the module docstring)."""
-    if window < 3:
-        raise UsageError(f"--window {window}: must be at least 3 tokens")
+    if not 3 <= window <= engine.context_length:
+        raise UsageError(f"--window {window}: must be between 3 and the model's context ({engine.context_length})")
     ids = engine.tokenizer.encode(text)[:max_tokens]
     if len(ids) < 3:
         raise UsageError("the text is shorter than 3 tokens")
@@ -73,6 +74,7 @@ def evaluate(engine: Engine, text: str, window: int = 256, max_tokens: int | Non
     counts = torch.bincount(torch.tensor(ids))
     return Evaluation(
         tokens=len(ids),
+        predictions=predicted,
         perplexity=math.exp(nll / predicted),
         mtp_accuracy=mtp_hits / mtp_count if mtp_count else None,
         unigram_accuracy=counts.max().item() / len(ids),

@@ -55,7 +55,8 @@ class GatedRMSNorm(nn.Module):
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T; decode-sized bf16 calls on the CPU use the bandwidth-bound kernel."""
-    if weight.dtype == torch.bfloat16 and x.numel() <= cpu_kernels.MAX_ROWS * weight.shape[1] and cpu_kernels.usable(x):
+    if weight.dtype == torch.bfloat16 and x.numel() <= cpu_kernels.MAX_ROWS * weight.shape[1] \
+            and weight.is_contiguous() and cpu_kernels.usable(x):
         return cpu_kernels.linear_bf16(x, weight)
     return F.linear(x, weight)
 

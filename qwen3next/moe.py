@@ -23,7 +23,9 @@ class ExpertStore(Protocol):
     """Where routed experts live and run. `layer` is the decoder layer index (MTP layers follow the main ones).
 
     A store decides how to compute what the router chose: a resident store runs fused kernels,
-    an offloading one fetches or prefetches weights first.
+    an offloading one fetches or prefetches weights first. A store that returns an address table
+    takes the fast path for one-token bf16 CPU steps and is not called through `run` for them
+    (the router's choices are still in SparseMoE.last_routing).
     """
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -54,9 +54,14 @@ def generation_defaults(folder: Path) -> tuple[SamplingParams, list[int]]:
         if not raw.get("do_sample", False):
             return SamplingParams(temperature=0.0, repetition_penalty=raw.get("repetition_penalty", 1.0)), eos_ids
         known = {f.name for f in fields(SamplingParams)}
-        return SamplingParams(**{k: raw[k] for k in known if raw.get(k) is not None}), eos_ids
+        given = {k: raw[k] for k in known if raw.get(k) is not None}
+        return SamplingParams(**{**_TRANSFORMERS_SAMPLING_DEFAULTS, **given}), eos_ids
     except (ValueError, TypeError, AttributeError, UsageError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+# What transformers' GenerationConfig assumes for keys a sampling generation_config.json leaves out.
+_TRANSFORMERS_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
 class Sampler:

@@ -149,3 +149,13 @@ def test_unavailable_or_malformed_device(cli, models):
         assert_one_line_error(code, err, 2, "--device cuda", "no CUDA device")
     code, _, err = cli(["run", "-m", str(models("tiny")), "-p", "x", "--device", "gpu7"])
     assert_one_line_error(code, err, 2, "--device", "not a device")
+
+
+def test_jsonl_wrong_types_are_answered_not_fatal(cli, models):
+    stdin = b'{"prompt": "Hello", "max_new_tokens": "3"}\n{"prompt": "Hello", "max_new_tokens": null}\n' \
+            b'{"prompt": "Hello", "max_new_tokens": 2, "temperature": 0}\n'
+    code, out, _ = cli(["run", "-m", str(models("tiny")), "--jsonl", "-q"], stdin)
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and len(answers) == 3
+    assert "max-new-tokens" in answers[0]["error"] and "max_new_tokens" in answers[1]["error"]
+    assert len(answers[2]["tokens"]) == 2

@@ -155,3 +155,29 @@ def test_stats_are_filled(engine):
     s = engine.last_stats
     assert s.prompt_tokens == len(engine.tokenizer.encode("Hello there")) and s.generated_tokens == 4
     assert s.prefill_tokens_per_second > 0 and s.decode_tokens_per_second > 0
+
+
+def test_a_single_stop_string_is_not_split_into_characters(engine):
+    full = "".join(t.text for t in engine.generate("Hello", max_new_tokens=30, temperature=0))
+    stop = full[5:8]
+    text = "".join(t.text for t in engine.generate("Hello", max_new_tokens=30, temperature=0, stop=stop))
+    assert text == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens="3"), dict(max_new_tokens=2.5), dict(temperature="hot"),
+                                 dict(top_k=True), dict(seed=1.5), dict(stop=[1]), dict(prompt=5),
+                                 dict(prompt=[True, 2]), dict(prompt=[1, 2], chat=True)])
+def test_wrong_types_are_usage_errors(engine, bad):
+    prompt = bad.pop("prompt", "Hello")
+    with pytest.raises(UsageError):
+        engine.generate(prompt, **bad)
+
+
+def test_system_message_goes_first_in_a_message_list(engine):
+    ids = engine.prompt_ids([{"role": "user", "content": "Hi"}], system="Be brief.")
+    assert engine.tokenizer.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_logits_refuses_an_empty_chunk(engine):
+    with pytest.raises(UsageError, match="chunk"):
+        engine.logits([1, 2, 3], chunk=0)

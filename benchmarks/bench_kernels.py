@@ -3,8 +3,8 @@
     python benchmarks/bench_kernels.py
 
 Matrix-vector products over weights that do not fit in cache (each call reads a different
-matrix, as decode does) for bf16, int8 and int4 weights, and one Gated DeltaNet layer over a
-256-token prompt.
+matrix, as decode does) for bf16, int8 and int4 weights, the one-call MoE decode block, and one
+Gated DeltaNet layer over a 256-token prompt.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from qwen3next import cpu_kernels
 from qwen3next.cache import DeltaNetState
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.deltanet import GatedDeltaNet
+from qwen3next.moe import SparseMoE, StackedExperts
+from qwen3next.offload.store import ResidentExpertStore
 from qwen3next.quant import int4, int8
 
 CACHE_BUSTING_BYTES = 256 * 2**20  # cycle through this much weight data so reads come from RAM
@@ -58,6 +60,36 @@ def gemv_table() -> None:
         print(f"{str([out_features, in_features]):<18}" + "".join(f"{f:>12.2f}" for f in figures))
 
 
+def moe_block_table() -> None:
+    """The one-call MoE decode block on the benchmark model's shapes, layers cycled so weights come from RAM."""
+    hidden, experts, inter, top_k, layers = 512, 64, 128, 8, 32
+    config = Qwen3NextConfig(
+        vocab_size=8, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        linear_num_key_heads=1, linear_num_value_heads=1, linear_key_head_dim=8, linear_value_head_dim=8,
+        num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=inter,
+        shared_expert_intermediate_size=inter,
+    )
+    blocks = []
+    for layer in range(layers):
+        block = SparseMoE(config, layer).bfloat16()
+        stacked = StackedExperts(torch.randn(experts, 2 * inter, hidden, dtype=torch.bfloat16) * 0.05,
+                                 torch.randn(experts, hidden, inter, dtype=torch.bfloat16) * 0.05)
+        block.store = ResidentExpertStore({layer: stacked})
+        blocks.append((block, stacked))
+    weights = [block.kernel_weights(block.store.address_table(block.layer)) for block, _ in blocks]
+    x = torch.randn(1, hidden, dtype=torch.bfloat16)
+    state = {"i": 0}
+
+    def step():
+        state["i"] = (state["i"] + 1) % layers
+        cpu_kernels.moe_block_bf16(x, weights[state["i"]])
+
+    seconds = seconds_per_call(step, 10 * layers)
+    read = (experts * hidden + (top_k + 1) * 3 * inter * hidden + hidden) * 2  # router, chosen + shared experts
+    print(f"\nMoE block, one token (64 experts of 128, top-8, shared 128, hidden 512): "
+          f"{seconds * 1e6:.0f} us, {read / seconds / 1e9:.1f} GB/s of weights read")
+
+
 def deltanet_table() -> None:
     print(f"\n{'DeltaNet layer, 256 tokens':<30} {'torch (chunked)':>16} {'ours (fused)':>14}   (ms, bf16)")
     for hidden, heads, dim in [(512, 16, 32), (2048, 16, 128)]:
@@ -83,6 +115,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with torch.inference_mode():
         gemv_table()
+        moe_block_table()
         deltanet_table()
 
 

@@ -1,4 +1,4 @@
-"""Bandwidth-bound bf16 decode kernels (csrc/decode_kernels.c), built at first use, with a torch fallback.
+"""Bandwidth-bound decode kernels (csrc/*.c), built at first use, with a torch fallback.
 
 Why our own: at decode every linear layer is a matrix-vector product, bound by reading the
 weights. torch's bf16 path on CPU reaches about a third of the read bandwidth there; a plain C
@@ -24,7 +24,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_kernels.c"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "decode_kernels.c", CSRC / "quant_kernels.c")  # both include csrc/common.h
 MAX_ROWS = 8  # activation rows up to which the matrix-vector kernel beats a GEMM
 MAX_CONV_KERNEL = 8  # csrc's Q3N_MAX_CONV_KERNEL
 # Tried in order: vector expf from glibc's libmvec, then without it, then without OpenMP or -march.
@@ -56,7 +57,7 @@ def _build() -> ctypes.CDLL | None:
     if compiler is None:
         log.info("no C compiler found; decode kernels fall back to torch")
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (*SOURCES, CSRC / "common.h"))
     for flags in _FLAG_SETS:
         key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
         library = _cache_dir() / f"decode_kernels-{key}.so"
@@ -78,7 +79,7 @@ def _compile(compiler: str, flags: list[str], library: Path) -> bool:
     except OSError as exc:
         log.info("cannot write the kernel cache %s: %s", library.parent, exc)
         return False
-    command = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", temporary, "-lm"]
+    command = [compiler, *flags, "-shared", "-fPIC", *map(str, SOURCES), "-o", temporary, "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -10,44 +10,7 @@
  * Built at first use with the system C compiler (qwen3next/cpu_kernels.py) and called through
  * ctypes with raw pointers; the Python side checks dtypes, shapes and contiguity.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#ifdef Q3N_LIBMVEC
-/* glibc's libmvec has vector versions of expf; declaring them lets loops that call silu vectorise
- * (glibc itself declares them only under -ffast-math, which would also change our rounding). */
-#pragma omp declare simd notinbranch
-float expf(float);
-#endif
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    uint32_t rounded = bits + 0x7FFF + ((bits >> 16) & 1);
-    return (uint16_t)((f != f ? 0x7FC00000u : rounded) >> 16); /* NaN stays a quiet NaN */
-}
-
-static inline float dot_bf16_f32(const uint16_t *w, const float *x, int64_t n) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; i++) acc += bf16_to_f32(w[i]) * x[i];
-    return acc;
-}
-
-static float *widen(const uint16_t *x, int64_t n) {
-    float *out = malloc(sizeof(float) * (size_t)n);
-    for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(x[i]);
-    return out;
-}
+#include "common.h"
 
 /* y[m, r] = sum_c w[r, c] * x[m, c] for m < rows_x: w [out, in], x [rows_x, in], y [rows_x, out]. */
 void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out, int64_t in,
@@ -62,10 +25,6 @@ void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t 
 }
 
 #define Q3N_MAX_CONV_KERNEL 8 /* the Python side routes longer convs to torch */
-
-static inline float silu(float x) { return x / (1.0f + expf(-x)); }
-
-static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* One token through k SwiGLU experts, summed with weights:
  *   out = sum_e weights[e] * down_e(silu(gate_e x) * up_e x)
@@ -362,107 +321,3 @@ void q3n_gated_delta_bf16(const uint16_t *qkvz, const uint16_t *ba, const uint16
     free(mixed);
 }
 
-/* ---- quantized weights (formats: qwen3next/quant/int8.py, int4.py; docs/format.md) ---- */
-
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
-    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
-        float f = (float)mantissa * 5.9604644775390625e-8f;
-        return sign ? -f : f;
-    }
-    if (exponent == 31) bits = sign | 0x7F800000u | (mantissa << 13);
-    else bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* y[m, r] = scale[r] * sum_k q[r, k] x[m, k]: int8 weights with one fp32 scale per row. */
-void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out,
-                   int64_t in, int threads) {
-    float *xf = widen(x, rows_x * in);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < out; r++) {
-        const int8_t *row = q + r * in;
-        for (int64_t m = 0; m < rows_x; m++) {
-            const float *xm = xf + m * in;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t k = 0; k < in; k++) acc += (float)row[k] * xm[k];
-            y[m * out + r] = f32_to_bf16(acc * scale[r]);
-        }
-    }
-    free(xf);
-}
-
-/* sum_g scale[g] * sum_i q[g, i] x[g, i] over one packed row (the minimum's share is added by the
- * caller), split into even (low nibble) and odd (high nibble) activations. */
-static float q4_row_dot_portable(const uint8_t *row, const uint16_t *scale, const float *xe, const float *xo,
-                                 int64_t groups, int64_t half_group) {
-    float total = 0.0f;
-    for (int64_t g = 0; g < groups; g++) {
-        float dot = 0.0f;
-        for (int64_t j = g * half_group; j < (g + 1) * half_group; j++)
-            dot += (float)(row[j] & 0xF) * xe[j] + (float)(row[j] >> 4) * xo[j];
-        total += f16_to_f32(scale[g]) * dot;
-    }
-    return total;
-}
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-/* The same with AVX-512: each group's products stay in a vector and are scaled and accumulated there,
- * so a row costs one horizontal sum instead of one per group (the compiler's version of the loop
- * above pays a reduction per group and runs ~10x slower). */
-static float q4_row_dot(const uint8_t *row, const uint16_t *scale, const float *xe, const float *xo, int64_t groups,
-                        int64_t half_group) {
-    if (half_group % 16) return q4_row_dot_portable(row, scale, xe, xo, groups, half_group);
-    const __m512i low_nibble = _mm512_set1_epi32(0xF);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t j = g * half_group; j < (g + 1) * half_group; j += 16) {
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
-            dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_nibble)), _mm512_loadu_ps(xe + j), dot);
-            dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), _mm512_loadu_ps(xo + j), dot);
-        }
-        acc = _mm512_fmadd_ps(dot, _mm512_set1_ps(f16_to_f32(scale[g])), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-#else
-#define q4_row_dot q4_row_dot_portable
-#endif
-
-/* y[m, r] = sum_g scale[r, g] * sum_i q[r, g, i] x[m, g, i] + minimum[r, g] * sum_i x[m, g, i]:
- * 4-bit codes two per byte (even index in the low nibble), fp16 scale and minimum per group.
- * x is split into its even and odd elements once per call so the inner loop reads both nibbles
- * of a byte against contiguous activations, and each group's activation sum is computed once. */
-void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t *minimum, int64_t group,
-                   const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out, int64_t in, int threads) {
-    const int64_t half = in / 2, groups = in / group, half_group = group / 2;
-    float *even = malloc(sizeof(float) * (size_t)(rows_x * (in + groups)));
-    float *odd = even + rows_x * half, *sums = odd + rows_x * half;
-    for (int64_t m = 0; m < rows_x; m++)
-        for (int64_t g = 0; g < groups; g++) {
-            float total = 0.0f;
-            for (int64_t j = g * half_group; j < (g + 1) * half_group; j++) {
-                float a = bf16_to_f32(x[m * in + 2 * j]), b = bf16_to_f32(x[m * in + 2 * j + 1]);
-                even[m * half + j] = a;
-                odd[m * half + j] = b;
-                total += a + b;
-            }
-            sums[m * groups + g] = total;
-        }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < out; r++) {
-        const uint8_t *row = packed + r * half;
-        for (int64_t m = 0; m < rows_x; m++) {
-            const float *xe = even + m * half, *xo = odd + m * half;
-            float acc = q4_row_dot(row, scale + r * groups, xe, xo, groups, half_group);
-            for (int64_t g = 0; g < groups; g++) acc += f16_to_f32(minimum[r * groups + g]) * sums[m * groups + g];
-            y[m * out + r] = f32_to_bf16(acc);
-        }
-    }
-    free(even);
-}

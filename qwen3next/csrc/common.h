@@ -1,0 +1,61 @@
+/* Helpers shared by the CPU kernel sources (decode_kernels.c, quant_kernels.c): number conversions
+ * and the fp32-accumulating bf16 dot product. Everything is static inline: each source gets its own copy. */
+#ifndef Q3N_COMMON_H
+#define Q3N_COMMON_H
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef Q3N_LIBMVEC
+/* glibc's libmvec has vector versions of expf; declaring them lets loops that call silu vectorise
+ * (glibc itself declares them only under -ffast-math, which would also change our rounding). */
+#pragma omp declare simd notinbranch
+float expf(float);
+#endif
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    uint32_t rounded = bits + 0x7FFF + ((bits >> 16) & 1);
+    return (uint16_t)((f != f ? 0x7FC00000u : rounded) >> 16); /* NaN stays a quiet NaN */
+}
+
+static inline float dot_bf16_f32(const uint16_t *w, const float *x, int64_t n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; i++) acc += bf16_to_f32(w[i]) * x[i];
+    return acc;
+}
+
+static inline float *widen(const uint16_t *x, int64_t n) {
+    float *out = malloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(x[i]);
+    return out;
+}
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        float f = (float)mantissa * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    if (exponent == 31) bits = sign | 0x7F800000u | (mantissa << 13);
+    else bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#endif

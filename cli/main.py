@@ -30,12 +30,14 @@ def _register_commands() -> None:
     from .download import download_command
     from .evaluate import eval_command
     from .inspect_cmd import inspect_command
+    from .quantize import quantize_command
     from .run import run
 
     cli.add_command(run)
     cli.add_command(eval_command)
     cli.add_command(download_command)
     cli.add_command(inspect_command)
+    cli.add_command(quantize_command)
 
 
 def _fail(message: str, code: int) -> int:

@@ -72,6 +72,7 @@ class Qwen3NextConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     model_type: str = MODEL_TYPE
+    quantization: dict | None = None  # written by `qwen3next quantize` (docs/format.md)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -100,6 +101,8 @@ class Qwen3NextConfig:
             raise bad(f"num_experts_per_tok {self.num_experts_per_tok} is not in 1..num_experts ({self.num_experts})")
         if self.rope_scaling not in (None, {}) and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in (None, "default"):
             raise bad(f"rope_scaling {self.rope_scaling} is not supported (only default RoPE)")
+        if self.quantization is not None and not isinstance(self.quantization, dict):
+            raise bad("quantization must be an object")
         if self.hidden_act != "silu":
             raise bad(f"hidden_act {self.hidden_act!r} is not supported (Qwen3-Next uses silu)")
 

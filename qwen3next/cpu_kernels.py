@@ -106,6 +106,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q3n_linear_q8.restype = None
     lib.q3n_linear_q4.argtypes = [p, p, p, i64, p, p, i64, i64, i64, c_int]
     lib.q3n_linear_q4.restype = None
+    lib.q3n_experts_quant.argtypes = [p, ctypes.POINTER(ExpertLayout), p, p, i64, p, p, c_int]
+    lib.q3n_experts_quant.restype = None
     lib.q3n_rms_norm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
     lib.q3n_rms_norm_bf16.restype = None
     lib.q3n_attend_one_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, c_int]
@@ -217,6 +219,31 @@ def moe_block_bf16(x: torch.Tensor, weights: MoeWeights):
     return out, ids, routing, logits
 
 
+
+
+class Projection(ctypes.Structure):
+    """csrc's q3n_projection: one projection's format and its arrays' byte offsets inside an expert blob."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("bits", "rows", "cols", "group", "codes", "scale", "minimum")]
+
+
+class ExpertLayout(ctypes.Structure):
+    """csrc's q3n_expert_layout: where gate, up and down live in every expert blob of a layer."""
+
+    _fields_ = [("gate", Projection), ("up", Projection), ("down", Projection)]
+
+
+def experts_quant(x: torch.Tensor, blobs: torch.Tensor, layout: ExpertLayout, ids: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """One token x [hidden] (bf16) through quantized experts `ids` [k] (int64) summed with `weights` [k] (fp32).
+
+    `blobs` [experts] int64 holds each expert blob's address (quant/layout.py); the caller keeps them alive.
+    """
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _lib.q3n_experts_quant(blobs.data_ptr(), ctypes.byref(layout), ids.data_ptr(), weights.data_ptr(), ids.numel(),
+                           x.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:

@@ -46,7 +46,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.model.embed_tokens.weight.device
+        return self.model.model.norm.weight.device
 
     @property
     def context_length(self) -> int:

@@ -58,7 +58,7 @@ def generate_ids(
     prefill_chunk: int = PREFILL_CHUNK,
 ) -> Iterator[tuple[int, bool]]:
     """Yield (token id, is_last) for each new token; `stats` is filled in as it goes."""
-    device = model.model.embed_tokens.weight.device
+    device = model.model.norm.weight.device
     stats.prompt_tokens = len(prompt_ids)
     limit = min(max_new_tokens, context_length - len(prompt_ids))
     if limit <= 0:

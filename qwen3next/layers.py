@@ -81,9 +81,14 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and self.down_proj.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
+        if x.numel() == x.shape[-1] and self._all_bf16_linear() and cpu_kernels.usable(x):
             return self._fused_decode(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def _all_bf16_linear(self) -> bool:
+        """The fused kernel reads bf16 weights; a quantized checkpoint swaps in other modules."""
+        return all(isinstance(p, Linear) and p.weight.dtype == torch.bfloat16
+                   for p in (self.gate_proj, self.up_proj, self.down_proj))
 
     def _fused_decode(self, x: torch.Tensor) -> torch.Tensor:
         """One token through all three projections in one kernel call (as a single expert of weight 1)."""

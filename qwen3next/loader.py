@@ -13,11 +13,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from qwen3next.offload.quantized_store import QuantizedExpertStore
 from qwen3next.offload.store import PROJECTIONS, ResidentExpertStore, expert_tensor_name
+from qwen3next.quant import checkpoint as quantized
+from qwen3next.quant.layout import packed_expert_name, quantized_names
+from qwen3next.quant.modules import QuantizedEmbedding, QuantizedLinear
 
 from .config import Qwen3NextConfig
-from .errors import UsageError
+from .errors import CheckpointError, UsageError
 from .model import Qwen3NextForCausalLM
+from .moe import ExpertStore
 from .weights import CheckpointReader
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
@@ -68,8 +73,12 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     config: Qwen3NextConfig | None = None,
-) -> tuple[Qwen3NextForCausalLM, ResidentExpertStore]:
-    """Load weights (and config.json, unless given) from a Hugging Face-layout folder; returns (model, store)."""
+) -> tuple[Qwen3NextForCausalLM, ExpertStore]:
+    """Load weights (and config.json, unless given) from a Hugging Face-layout folder; returns (model, store).
+
+    A folder written by `qwen3next quantize` loads the same way: its quantized matrices become
+    QuantizedLinear / QuantizedEmbedding modules and its expert blobs a QuantizedExpertStore.
+    """
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
     config = config or Qwen3NextConfig.from_file(folder)
@@ -77,19 +86,49 @@ def load_model(
         with_mtp = any(name.startswith("mtp.") for name in reader.names())
         with torch.device("meta"):
             model = Qwen3NextForCausalLM(config, with_mtp=with_mtp)
-        reader.validate(expected_shapes(model, with_mtp))
+        prefixes = expert_layer_prefixes(config, with_mtp)
+        layouts = None
+        if config.quantization is not None:
+            layouts = quantized.expert_layouts(config, list(prefixes.values()))
+            dense, parameters = expected_shapes(model, with_mtp), set(model.state_dict())
+            experts = {n for n in dense if n not in parameters}
+            reader.validate(quantized.expected_shapes(dense, experts, reader, reader.shape, layouts, config.num_experts))
+        else:
+            reader.validate(expected_shapes(model, with_mtp))
 
         def read(name: str) -> torch.Tensor:
             # copy=True: the model must own its memory, not pin the shard's memory map
             return reader.get(name).to(device=device, dtype=dtype, copy=True)
 
         dense_names = list(model.state_dict())
-        prefixes = expert_layer_prefixes(config, with_mtp)
         total = len(dense_names) + len(prefixes) * config.num_experts
         with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False, delay=1.0) as bar:
             for name in dense_names:
-                _assign(model, name, read(name))
+                bits = quantized.stored_bits(reader, name) if layouts is not None else None
+                if bits is None:
+                    _assign(model, name, read(name))
+                else:
+                    arrays = [reader.get(n).to(device=device, copy=True) for n in quantized_names(name, bits)]
+                    _swap_in_quantized(model, name, bits, arrays, dtype)
                 bar.update(1)
-            store = ResidentExpertStore.from_tensors(prefixes, config.num_experts, read, bar.update)
+            if layouts is None:
+                store = ResidentExpertStore.from_tensors(prefixes, config.num_experts, read, bar.update)
+            else:
+                ranges = {layer: (layouts[prefix], [reader.byte_range(packed_expert_name(prefix, e))
+                                                    for e in range(config.num_experts)])
+                          for layer, prefix in prefixes.items()}
+                store = QuantizedExpertStore.from_files(ranges, device, bar.update)
     model.set_expert_store(store)
     return model.eval(), store
+
+
+def _swap_in_quantized(model: nn.Module, name: str, bits: int, arrays: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """Replace the module owning matrix `name` ("...q_proj.weight") by its quantized stand-in."""
+    module_name, _, attr = name.rpartition(".")
+    parent_name, _, child = module_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr != "weight" or not isinstance(module, (nn.Linear, nn.Embedding)):
+        raise CheckpointError(f"{name}: stored quantized, but it is not the weight of a linear or embedding layer")
+    quantized_module = QuantizedEmbedding(bits, arrays, dtype) if isinstance(module, nn.Embedding) \
+        else QuantizedLinear(bits, arrays)
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized_module)

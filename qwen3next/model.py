@@ -104,7 +104,10 @@ class Qwen3NextForCausalLM(nn.Module):
         return ModelCache([layer.make_cache() for layer in self.model.layers])
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        embedding = self.model.embed_tokens  # tied: a quantized table projects itself
+        return embedding.project(hidden) if hasattr(embedding, "project") else linear(hidden, embedding.weight)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """Final normalised hidden states [B, T, hidden] for input_ids [B, T], advancing `cache`."""

@@ -138,9 +138,14 @@ class SparseMoE(nn.Module):
 
     def fused_decode_table(self, x: torch.Tensor) -> torch.Tensor | None:
         """The store's expert address table when this block can run as one CPU kernel call for x, else None."""
-        if x.numel() != x.shape[-1] or self.gate.weight.dtype != torch.bfloat16 or not cpu_kernels.usable(x):
+        if x.numel() != x.shape[-1] or not cpu_kernels.usable(x):
             return None
-        return self.store.address_table(self.layer)
+        table = self.store.address_table(self.layer)
+        shared = self.shared_expert
+        linears = (self.gate, self.shared_expert_gate, shared.gate_proj, shared.up_proj, shared.down_proj)
+        if table is None or not all(isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 for m in linears):
+            return None  # the kernel reads bf16 router and shared-expert weights
+        return table
 
     def kernel_weights(self, table: torch.Tensor) -> "cpu_kernels.MoeWeights":
         shared = self.shared_expert

@@ -30,6 +30,12 @@ SIZES = {
     "bench": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=2, head_dim=64,
                   linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=32, linear_value_head_dim=32,
                   num_experts=64, num_experts_per_tok=8, moe_intermediate_size=128, shared_expert_intermediate_size=128),
+    # the real model's widths (hidden 2048, 512 experts of 512 top-10, 16/2 heads of 256, 16/32 linear heads
+    # of 128) with 4 layers: the quantization benchmark's checkpoint (~14 GB in bf16 with the real vocabulary)
+    "real": dict(hidden_size=2048, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+                 linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                 linear_value_head_dim=128, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+                 shared_expert_intermediate_size=512),
 }
 
 
@@ -141,13 +147,14 @@ def write_model(
     max_shard_bytes: int = 2**40,
     style: str = "hub",
     mtp: bool = True,
+    vocab_size: int | None = None,
     **config_overrides,
 ) -> Path:
-    """Write a complete random model folder; returns it."""
+    """Write a complete random model folder; returns it. vocab_size defaults to the tokenizer's, padded."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokens = write_tokenizer_files(folder)
-    vocab_size = -(-(tokens + 64) // 64) * 64  # padded past the tokenizer, as the real vocab is
+    vocab_size = vocab_size or -(-(tokens + 64) // 64) * 64  # padded past the tokenizer, as the real vocab is
     config = make_config(size, vocab_size, tokens - len(QWEN_SPECIAL_TOKENS), style, **config_overrides)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     eos = [config["eos_token_id"], config["bos_token_id"]]

@@ -96,3 +96,94 @@ void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t 
     }
     free(even);
 }
+
+/* ---- routed experts packed one blob each (quant/layout.py): one token through k of them ---- */
+
+/* Where one projection lives inside an expert blob, and its format. */
+typedef struct {
+    int64_t bits, rows, cols, group; /* group: input weights per scale (4 bits) */
+    int64_t codes, scale, minimum;   /* byte offsets in the blob (minimum: 4 bits only) */
+} q3n_projection;
+
+typedef struct {
+    q3n_projection gate, up, down;
+} q3n_expert_layout;
+
+/* An activation vector made ready for either format: fp32 values, their even/odd split and per-group
+ * sums (4 bits). Preparing once per vector keeps the per-row work to streaming the codes. */
+typedef struct {
+    float *full, *even, *odd, *sums;
+} prepared;
+
+static void prepare(prepared *p, const float *x, int64_t n, int64_t group) {
+    p->full = (float *)x;
+    const int64_t groups = n / group, half_group = group / 2;
+    for (int64_t g = 0; g < groups; g++) {
+        float total = 0.0f;
+        for (int64_t j = g * half_group; j < (g + 1) * half_group; j++) {
+            p->even[j] = x[2 * j];
+            p->odd[j] = x[2 * j + 1];
+            total += x[2 * j] + x[2 * j + 1];
+        }
+        p->sums[g] = total;
+    }
+}
+
+/* Row r of a projection times a prepared vector. */
+static inline float projection_row_dot(const uint8_t *blob, const q3n_projection *p, int64_t r, const prepared *x) {
+    if (p->bits == 8) {
+        const int8_t *row = (const int8_t *)(blob + p->codes) + r * p->cols;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < p->cols; k++) acc += (float)row[k] * x->full[k];
+        return acc * ((const float *)(blob + p->scale))[r];
+    }
+    const int64_t groups = p->cols / p->group;
+    const uint16_t *scale = (const uint16_t *)(blob + p->scale) + r * groups;
+    const uint16_t *minimum = (const uint16_t *)(blob + p->minimum) + r * groups;
+    float acc = q4_row_dot(blob + p->codes + r * (p->cols / 2), scale, x->even, x->odd, groups, p->group / 2);
+    for (int64_t g = 0; g < groups; g++) acc += f16_to_f32(minimum[g]) * x->sums[g];
+    return acc;
+}
+
+/* out = sum_i weights[i] * down_i(silu(gate_i x) * up_i x) over the k experts ids[i], whose blobs start at
+ * blobs[ids[i]]. Phase 1 computes every chosen expert's activations (k * inter rows of gate and up),
+ * phase 2 every output row of the k down projections. */
+void q3n_experts_quant(const int64_t *blobs, const q3n_expert_layout *layout, const int64_t *ids,
+                       const float *weights, int64_t k, const uint16_t *x, uint16_t *out, int threads) {
+    const q3n_projection *gate = &layout->gate, *up = &layout->up, *down = &layout->down;
+    const int64_t hidden = gate->cols, inter = gate->rows;
+    const int64_t x_group = gate->bits == 4 ? gate->group : (up->bits == 4 ? up->group : 2);
+    const int64_t act_group = down->bits == 4 ? down->group : 2;
+    /* one allocation: x (widened, split, sums), activations, and their split and sums per expert */
+    float *buffer = malloc(sizeof(float) * (size_t)(2 * hidden + hidden / x_group + k * (2 * inter + inter / act_group)));
+    float *xf = buffer, *x_split = xf + hidden, *acts = x_split + hidden + hidden / x_group;
+    float *act_split = acts + k * inter;
+    for (int64_t i = 0; i < hidden; i++) xf[i] = bf16_to_f32(x[i]);
+    prepared px = {0}, pa[k];
+    px.even = x_split, px.odd = x_split + hidden / 2, px.sums = x_split + hidden;
+    prepare(&px, xf, hidden, x_group);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < k * inter; j++) {
+            const uint8_t *blob = (const uint8_t *)(intptr_t)blobs[ids[j / inter]];
+            const int64_t r = j % inter;
+            acts[j] = silu(projection_row_dot(blob, gate, r, &px)) * projection_row_dot(blob, up, r, &px);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < k; i++) {
+            float *split = act_split + i * (inter + inter / act_group);
+            pa[i].even = split, pa[i].odd = split + inter / 2, pa[i].sums = split + inter;
+            prepare(&pa[i], acts + i * inter, inter, act_group);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < hidden; r++) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < k; i++)
+                acc += weights[i] * projection_row_dot((const uint8_t *)(intptr_t)blobs[ids[i]], down, r, &pa[i]);
+            out[r] = f32_to_bf16(acc);
+        }
+    }
+    free(buffer);
+}

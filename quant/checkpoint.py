@@ -1,0 +1,70 @@
+"""Reading a quantized folder's description: the format check, expert layouts and the expected tensors.
+
+The loader asks this module what a quantized checkpoint must hold (so missing, stray and mis-shaped
+tensors are all reported in one error, as for bf16 folders) and which matrices are stored at how
+many bits; config.json's `quantization` section says how every layer's expert blobs are laid out.
+"""
+
+from __future__ import annotations
+
+from qwen3next.config import Qwen3NextConfig
+from qwen3next.errors import ConfigError
+
+from .layout import FORMAT_VERSION, ExpertLayout, array_specs, packed_expert_name, quantized_names
+
+
+def expert_layouts(config: Qwen3NextConfig, prefixes: list[str]) -> dict[str, ExpertLayout]:
+    """Each MoE layer's blob layout, from config.json's quantization section (checked to be one we read)."""
+    section = config.quantization or {}
+    if section.get("format") != "qwen3next":
+        raise ConfigError(f"config.json: quantization format {section.get('format')!r} is not supported "
+                          "(this folder was not made by `qwen3next quantize`)")
+    version = section.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ConfigError(f"config.json: quantization format_version {version!r} is newer than this qwen3next "
+                          f"reads ({FORMAT_VERSION}); upgrade qwen3next")
+    experts = section.get("experts") or {}
+    layouts = {}
+    for prefix in prefixes:
+        try:
+            layouts[prefix] = ExpertLayout.build(config.hidden_size, config.moe_intermediate_size, experts[prefix])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"config.json: quantization.experts has no valid layout for {prefix} ({exc})") from None
+    return layouts
+
+
+def stored_bits(names: set[str] | object, name: str) -> int | None:
+    """8 or 4 when matrix `name` is stored quantized (its codes tensor is present), else None."""
+    for bits in (8, 4):
+        if quantized_names(name, bits)[0] in names:
+            return bits
+    return None
+
+
+def expected_shapes(dense: dict[str, tuple[int, ...]], expert_names: set[str], present, shape_of,
+                    layouts: dict[str, ExpertLayout], num_experts: int) -> dict[str, tuple[int, ...]]:
+    """What a quantized checkpoint must hold, given the bf16 model's expected tensors `dense`.
+
+    `present` answers `name in checkpoint`, `shape_of(name)` gives a stored shape (for the 4-bit
+    group size, read from the scale's shape). Routed expert projections become one blob per expert.
+    """
+    shapes = {}
+    for name, shape in dense.items():
+        if name in expert_names:
+            continue
+        bits = stored_bits(present, name) if len(shape) == 2 else None
+        if bits is None:
+            shapes[name] = shape
+            continue
+        rows, cols = shape
+        group = cols
+        if bits == 4:
+            scale = quantized_names(name, 4)[1]
+            groups = shape_of(scale)[-1] if scale in present else 1
+            group = cols // groups if groups and cols % groups == 0 else cols
+        for stored, (_, stored_shape, _) in zip(quantized_names(name, bits), array_specs(rows, cols, bits, group)):
+            shapes[stored] = stored_shape
+    for prefix, layout in layouts.items():
+        for e in range(num_experts):
+            shapes[packed_expert_name(prefix, e)] = (layout.nbytes,)
+    return shapes

@@ -1,0 +1,276 @@
+"""`qwen3next quantize`: stream a bf16/fp16/fp32 checkpoint into the quantized format, shard by shard.
+
+Memory stays bounded by the chunk size, not the model: source rows are read with pread in chunks of
+CHUNK_BYTES (no memory map, whose touched pages would count against the process), quantized, and
+written with pwrite straight to their planned offsets (quant/plan.py knows every offset before the
+first byte is read). Everything is assembled in a hidden staging folder beside OUT; each shard is
+written under a temporary name and renamed when complete, so a killed run resumes at the first
+unfinished shard, and the staging folder becomes OUT only when config.json, the index and the
+carried tokenizer files are in place. The computation is deterministic, so a resumed result is
+byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from qwen3next.config import Qwen3NextConfig
+from qwen3next.errors import CheckpointError, Qwen3NextError, UsageError
+from qwen3next.hub import free_bytes
+from qwen3next.inspection import format_bytes
+from qwen3next.weights import INDEX_FILE, CheckpointReader
+
+from . import int4, int8
+from .plan import Expert, Kept, Matrix, QuantizationPlan, ShardPlan, build_plan
+from .policy import Policy
+
+CHUNK_BYTES = 16 << 20  # source bytes quantized at a time
+_JOB_FILE = "job.json"
+_NOT_CARRIED = {"config.json", INDEX_FILE}
+
+
+@dataclass
+class TensorError:
+    """Relative RMS error of one stored matrix against its source: sqrt(sum (w - w_q)^2 / sum w^2)."""
+
+    name: str
+    bits: int
+    relative_error: float
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, policy: Policy, group: int = int4.DEFAULT_GROUP,
+                        force: bool = False, progress: bool = True, measure: bool = False,
+                        say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[TensorError]:
+    """Quantize SRC into OUT. Returns per-matrix errors when `measure` (for --verify), else []."""
+    src, out = Path(src), Path(out)
+    _check_paths(src, out, force)
+    config = Qwen3NextConfig.from_file(src)
+    with CheckpointReader(src) as reader:
+        plan = build_plan(src, reader, config, policy, group)
+        staging = out.parent / f".{out.name}.partial"
+        job = {"format_version": 1, "group": group, **policy.describe(),
+               "source": [[shard.name, shard.source.stat().st_size] for shard in plan.shards]}
+        _prepare_staging(staging, job, say)
+        todo = [s for s in plan.shards if not _is_finished(staging / s.name, s)]
+        _check_space(staging, sum(s.size for s in todo))
+        total = sum(s.source_bytes() for s in plan.shards)
+        done = total - sum(s.source_bytes() for s in todo)
+        if done:
+            say(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already done")
+        errors: list[TensorError] = []
+        with tqdm(total=total, initial=done, unit="B", unit_scale=True, desc="quantizing", disable=not progress,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            for shard in plan.shards:
+                if shard in todo:
+                    errors += ShardWriter(reader, shard, staging, measure, bar.update).write()
+                elif measure:
+                    errors += _read_errors(staging / shard.name)
+    _finish(src, out, staging, plan, policy, group, force)
+    return errors
+
+
+def _check_paths(src: Path, out: Path, force: bool) -> None:
+    src_real, out_real = src.resolve(), out.resolve()
+    if not src.is_dir():
+        raise UsageError(f"{src}: SRC is not a model folder" if src.exists() else f"{src}: SRC not found")
+    if out_real == src_real or src_real in out_real.parents:
+        raise UsageError(f"{out}: OUT is inside SRC; choose a folder outside the source checkpoint")
+    if out_real in src_real.parents:
+        raise UsageError(f"{out}: OUT contains SRC; choose a folder that does not hold the source checkpoint")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: OUT exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out}: OUT exists and is not empty (use --force to replace it)")
+
+
+def _prepare_staging(staging: Path, job: dict, say: Callable[[str], None]) -> None:
+    """Reuse a staging folder left by the same job (resume); clear one left by different settings."""
+    job_file = staging / _JOB_FILE
+    if staging.is_dir():
+        try:
+            same = json.loads(job_file.read_text(encoding="utf-8")) == job
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return
+        say(f"{staging}: left by a run with other settings or another source; starting over")
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    job_file.write_text(json.dumps(job, indent=1) + "\n", encoding="utf-8")
+
+
+def _is_finished(path: Path, shard: ShardPlan) -> bool:
+    """Shards are renamed into place only once complete, at exactly their planned size."""
+    return path.is_file() and path.stat().st_size == shard.size
+
+
+def _check_space(staging: Path, needed: int) -> None:
+    free = free_bytes(staging)
+    if needed > free:
+        raise Qwen3NextError(f"{staging.parent}: not enough disk space: the quantized shards need "
+                             f"{format_bytes(needed)}, {format_bytes(free)} free")
+
+
+class ShardWriter:
+    """Writes one planned shard: header first, then every tensor at its offset, then rename."""
+
+    def __init__(self, reader: CheckpointReader, shard: ShardPlan, staging: Path, measure: bool,
+                 advance: Callable[[int], None]):
+        self.reader, self.shard, self.measure, self.advance = reader, shard, measure, advance
+        self.final = staging / shard.name
+        self.temp = staging / f".{shard.name}.tmp"
+        self.errors: list[TensorError] = []
+        self._sources: dict[Path, int] = {}
+
+    def write(self) -> list[TensorError]:
+        self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            os.ftruncate(self.fd, self.shard.size)  # padding inside blobs stays zero
+            self._pwrite(self.shard.header, 0)
+            for item in self.shard.items:
+                self._write_item(item)
+            os.fsync(self.fd)
+        except OSError as exc:
+            self._abandon()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise Qwen3NextError(f"{self.temp.parent}: disk full while writing {self.shard.name}; free "
+                                     "space and run the same command again to resume") from None
+            raise Qwen3NextError(f"{self.temp}: cannot write ({exc.strerror or exc})") from None
+        except BaseException:
+            self._abandon()
+            raise
+        finally:
+            for fd in self._sources.values():
+                os.close(fd)
+        os.close(self.fd)
+        if self.measure:
+            _write_errors(self.final, self.errors)
+        os.replace(self.temp, self.final)
+        return self.errors
+
+    def _abandon(self) -> None:
+        os.close(self.fd)
+        self.temp.unlink(missing_ok=True)
+
+    def _write_item(self, item) -> None:
+        if isinstance(item, Kept):
+            self._copy(item)
+        elif isinstance(item, Matrix):
+            self._quantize(item.name, item.bits, item.group, [t.offset for t in item.outputs])
+        else:
+            assert isinstance(item, Expert)
+            blob = item.outputs[0].offset
+            for projection, source in item.sources.items():
+                p = item.layout.projections[projection]
+                self._quantize(source, p.bits, p.group, [blob + o for o in p.offsets])
+        self.advance(item.source_bytes)
+
+    def _quantize(self, name: str, bits: int, group: int, offsets: list[int]) -> None:
+        """Quantize `name` in row chunks; array i of the format goes to offsets[i] (row-major, so chunks append)."""
+        rows, cols = self.reader.shape(name)
+        dtype = self.reader.dtype(name)
+        chunk_rows = max(1, CHUNK_BYTES // (cols * dtype.itemsize))
+        squared_error = squared = 0.0
+        for start in range(0, rows, chunk_rows):
+            stop = min(rows, start + chunk_rows)
+            w = self._read(name, start * cols, stop * cols).view(stop - start, cols).float()
+            arrays = int8.quantize(w) if bits == 8 else int4.quantize(w, group)
+            for offset, array in zip(offsets, arrays):
+                row_bytes = array.nbytes // (stop - start)
+                self._pwrite(array.contiguous().view(torch.uint8).numpy().tobytes(), offset + start * row_bytes)
+            if self.measure:
+                back = int8.dequantize(*arrays, torch.float32) if bits == 8 else int4.dequantize(*arrays, torch.float32)
+                squared_error += (back - w).double().pow(2).sum().item()
+                squared += w.double().pow(2).sum().item()
+        if self.measure:
+            self.errors.append(TensorError(name, bits, (squared_error / squared) ** 0.5 if squared else 0.0))
+
+    def _copy(self, item: Kept) -> None:
+        dtype = self.reader.dtype(item.name)
+        count = item.source_bytes // dtype.itemsize
+        step = max(1, CHUNK_BYTES // dtype.itemsize)
+        target = item.outputs[0].offset
+        for start in range(0, count, step):
+            values = self._read(item.name, start, min(count, start + step))
+            self._pwrite(values.view(torch.uint8).numpy().tobytes(), target + start * dtype.itemsize)
+
+    def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of tensor `name` (flattened), checked to be finite."""
+        path, offset, _ = self.reader.byte_range(name)
+        dtype = self.reader.dtype(name)
+        fd = self._sources.get(path)
+        if fd is None:
+            fd = self._sources[path] = os.open(path, os.O_RDONLY)
+        length = (stop - start) * dtype.itemsize
+        data = os.pread(fd, length, offset + start * dtype.itemsize)
+        if len(data) != length:
+            raise CheckpointError(f"{path}: truncated while reading tensor {name}")
+        values = torch.frombuffer(bytearray(data), dtype=dtype)
+        if dtype.is_floating_point and not torch.isfinite(values).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values; nothing was written for it")
+        return values
+
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+
+
+def _write_errors(shard: Path, errors: list[TensorError]) -> None:
+    sidecar = shard.with_name(f".{shard.name}.errors.json")
+    sidecar.write_text(json.dumps([e.__dict__ for e in errors]), encoding="utf-8")
+
+
+def _read_errors(shard: Path) -> list[TensorError]:
+    """Errors measured when a shard was written by an earlier (interrupted) run, if it measured them."""
+    try:
+        return [TensorError(**e) for e in json.loads(shard.with_name(f".{shard.name}.errors.json").read_text())]
+    except (OSError, ValueError):
+        return []
+
+
+def _finish(src: Path, out: Path, staging: Path, plan: QuantizationPlan, policy: Policy, group: int,
+            force: bool) -> None:
+    """Index, config.json and carried files into the staging folder, then the staging folder becomes OUT."""
+    if plan.sharded:
+        weight_map = {t.name: shard.name for shard in plan.shards for t in shard.tensors()}
+        total = sum(t.nbytes for shard in plan.shards for t in shard.tensors())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_text(staging / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    config["quantization"] = plan.config_section(policy, group)
+    _write_text(staging / "config.json", json.dumps(config, indent=2) + "\n")
+    for path in sorted(src.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".safetensors") \
+                and path.name not in _NOT_CARRIED:
+            shutil.copyfile(path, staging / path.name)
+    for leftover in staging.glob(".*"):  # the job file and measured errors
+        leftover.unlink()
+    (staging / _JOB_FILE).unlink(missing_ok=True)
+    if out.exists():
+        if force and any(out.iterdir()):
+            trash = out.parent / f".{out.name}.replaced"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(out, trash)
+            os.replace(staging, out)
+            shutil.rmtree(trash)
+            return
+        out.rmdir()  # empty: nothing to lose
+    os.replace(staging, out)
+
+
+def _write_text(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)

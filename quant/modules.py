@@ -1,0 +1,70 @@
+"""Weight-only quantized stand-ins for the model's Linear and Embedding modules (gpt-fast style swap-in).
+
+The loader replaces a module whose matrix the checkpoint stores quantized; the model code does not
+change. Decode-sized CPU calls run the 8/4-bit kernels on the stored codes; everything else (prefill
+chunks, other devices, no C compiler) dequantizes the matrix for the call and uses a dense matmul,
+which at many rows costs little next to the matmul itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3next import cpu_kernels
+
+from . import int4, int8
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ W.T with W [out, in] stored as int8 rows (codes, scale) or int4 groups (codes, scale, minimum)."""
+
+    def __init__(self, bits: int, arrays: list[torch.Tensor]):
+        super().__init__()
+        if bits not in (4, 8) or len(arrays) != (2 if bits == 8 else 3):
+            raise ValueError(f"a {bits}-bit matrix is not stored as {len(arrays)} arrays")
+        self.bits = bits
+        self.register_buffer("codes", arrays[0])
+        self.register_buffer("scale", arrays[1])
+        self.register_buffer("minimum", arrays[2] if bits == 4 else None)
+        self.out_features = arrays[0].shape[0]
+        self.in_features = arrays[0].shape[1] * (2 if bits == 4 else 1)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.bits == 8:
+            return int8.dequantize(self.codes, self.scale, dtype)
+        return int4.dequantize(self.codes, self.scale, self.minimum, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= cpu_kernels.MAX_ROWS * self.in_features and self.codes.device.type == "cpu" \
+                and cpu_kernels.usable(x):
+            if self.bits == 8:
+                return cpu_kernels.linear_q8(x, self.codes, self.scale)
+            return cpu_kernels.linear_q4(x, self.codes, self.scale, self.minimum)
+        return F.linear(x, self.dequantized(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+class QuantizedEmbedding(QuantizedLinear):
+    """An embedding table stored like a quantized matrix: rows are looked up and dequantized per call.
+
+    `project` uses the same table as an output projection, for models with tied embeddings.
+    """
+
+    def __init__(self, bits: int, arrays: list[torch.Tensor], dtype: torch.dtype):
+        super().__init__(bits, arrays)
+        self.dtype = dtype  # what a lookup returns: the model's activation dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if self.bits == 8:
+            rows = int8.dequantize(self.codes[flat], self.scale[flat], self.dtype)
+        else:
+            rows = int4.dequantize(self.codes[flat], self.scale[flat], self.minimum[flat], self.dtype)
+        return rows.view(*ids.shape, self.in_features)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden)

@@ -3,8 +3,10 @@
 Each layer's blobs sit in one [experts, blob bytes] uint8 tensor, read from the shards with pread
 (a memory map would count every page twice: page cache and process). One token on the CPU runs
 all its chosen experts in one kernel call that reads the 4- or 8-bit codes directly
-(cpu_kernels.experts_quant); larger batches, other devices and machines without the kernels
-dequantize each chosen expert once per call and run it on all its tokens.
+(cpu_kernels.experts_quant); larger batches run each chosen expert once on all the tokens that chose
+it, through the matrix-vector kernels while an expert has few tokens (the usual case in a prefill
+chunk: 64 tokens spread over hundreds of experts) and as dequantized matmuls otherwise, which is also
+what other devices and machines without the kernels do.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from qwen3next import cpu_kernels
-from qwen3next.quant import int4, int8
 from qwen3next.quant.layout import ExpertLayout, ProjectionLayout
+from qwen3next.quant.modules import quantized_matmul
 
 _STORED = {8: (torch.int8, torch.float32), 4: (torch.uint8, torch.float16, torch.float16)}
 
@@ -47,18 +49,19 @@ class QuantizedExpertStore:
             ids, weights = ids.to(torch.int64).contiguous(), weights.float().contiguous()
             return torch.stack([cpu_kernels.experts_quant(x[n], addresses, layout, ids[n], weights[n])
                                 for n in range(x.shape[0])])
-        return self._run_dequantized(layer, x, ids, weights)
+        return self._run_per_expert(layer, x, ids, weights)
 
-    def _run_dequantized(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each chosen expert dequantized once, then run on all the tokens that chose it."""
+    def _run_per_expert(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each chosen expert once, on all the tokens that chose it (quantized_matmul picks kernel or dequantize)."""
         out = torch.zeros_like(x)
         blobs, layout = self.blobs[layer], self.layouts[layer]
         for expert in torch.unique(ids).tolist():
             tokens, slots = torch.nonzero(ids == expert, as_tuple=True)
-            gate, up, down = (dequantize_projection(blobs[expert], layout.projections[p], x.dtype)
-                              for p in ("gate_proj", "up_proj", "down_proj"))
+            gate, up, down = ((p.bits, stored_arrays(blobs[expert], p))
+                              for p in (layout.projections[name] for name in ("gate_proj", "up_proj", "down_proj")))
             part = x[tokens]
-            y = F.linear(F.silu(F.linear(part, gate)) * F.linear(part, up), down)
+            hidden = F.silu(quantized_matmul(part, *gate)) * quantized_matmul(part, *up)
+            y = quantized_matmul(hidden, *down)
             out.index_add_(0, tokens, (y * weights[tokens, slots, None]).to(x.dtype))
         return out
 
@@ -81,11 +84,6 @@ def stored_arrays(blob: torch.Tensor, p: ProjectionLayout) -> list[torch.Tensor]
         count = int(torch.Size(shape).numel()) * dtype.itemsize
         arrays.append(blob[offset:offset + count].view(dtype).view(shape))
     return arrays
-
-
-def dequantize_projection(blob: torch.Tensor, p: ProjectionLayout, dtype: torch.dtype) -> torch.Tensor:
-    arrays = stored_arrays(blob, p)
-    return int8.dequantize(*arrays, dtype=dtype) if p.bits == 8 else int4.dequantize(*arrays, dtype=dtype)
 
 
 def _pread_into(path: str, offset: int, target) -> None:

@@ -17,6 +17,21 @@ from qwen3next import cpu_kernels
 from . import int4, int8
 
 
+def dequantize(bits: int, arrays: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] matrix stored as `arrays` (codes, scale[, minimum]) at `bits`."""
+    return int8.dequantize(*arrays, dtype=dtype) if bits == 8 else int4.dequantize(*arrays, dtype=dtype)
+
+
+def quantized_matmul(x: torch.Tensor, bits: int, arrays: list[torch.Tensor]) -> torch.Tensor:
+    """x [..., in] @ W.T for a matrix stored as `arrays`: the 8/4-bit CPU kernel for a few bf16 rows,
+    else a dense matmul on the dequantized matrix (many rows reuse it; other devices have no kernel)."""
+    codes = arrays[0]
+    in_features = codes.shape[1] * (2 if bits == 4 else 1)
+    if x.numel() <= cpu_kernels.MAX_ROWS * in_features and codes.device.type == "cpu" and cpu_kernels.usable(x):
+        return cpu_kernels.linear_q8(x, *arrays) if bits == 8 else cpu_kernels.linear_q4(x, *arrays)
+    return F.linear(x, dequantize(bits, arrays, x.dtype))
+
+
 class QuantizedLinear(nn.Module):
     """y = x @ W.T with W [out, in] stored as int8 rows (codes, scale) or int4 groups (codes, scale, minimum)."""
 
@@ -32,17 +47,11 @@ class QuantizedLinear(nn.Module):
         self.in_features = arrays[0].shape[1] * (2 if bits == 4 else 1)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.bits == 8:
-            return int8.dequantize(self.codes, self.scale, dtype)
-        return int4.dequantize(self.codes, self.scale, self.minimum, dtype)
+        return dequantize(self.bits, [self.codes, self.scale, self.minimum][:2 if self.bits == 8 else 3], dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= cpu_kernels.MAX_ROWS * self.in_features and self.codes.device.type == "cpu" \
-                and cpu_kernels.usable(x):
-            if self.bits == 8:
-                return cpu_kernels.linear_q8(x, self.codes, self.scale)
-            return cpu_kernels.linear_q4(x, self.codes, self.scale, self.minimum)
-        return F.linear(x, self.dequantized(x.dtype))
+        arrays = [self.codes, self.scale] if self.bits == 8 else [self.codes, self.scale, self.minimum]
+        return quantized_matmul(x, self.bits, arrays)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"

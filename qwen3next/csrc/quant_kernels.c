@@ -1,100 +1,164 @@
 /* Decode-time CPU kernels for quantized weights (formats: qwen3next/quant/int8.py, int4.py; docs/format.md).
  *
- * Same approach as decode_kernels.c: matrix-vector products that stream the weights once, with
- * activations widened to fp32 and fp32 accumulation. Fewer bytes per weight is the point: decode is
- * bound by reading weights, so 8-bit weights halve and 4-bit weights (4.5 bits with their scales)
- * nearly quarter the bytes a bf16 step reads.
+ * Matrix-vector products that stream the weights once. Fewer bytes per weight is the point: decode
+ * is bound by reading weights, so 8-bit weights halve and 4-bit weights (4.5 bits with their scales)
+ * nearly quarter what a bf16 step reads, provided the arithmetic keeps up with the memory. Widening
+ * every code to fp32 does not (it runs at ~16 G weights/s here, under DRAM speed), so on CPUs with
+ * AVX-512 VNNI the activation vector is turned into int16 codes, one fp32 scale per block of 64
+ * (a 2^-16 step relative to the block's largest value, far finer than bf16's own 2^-8), and rows are
+ * multiplied with integer dot-product instructions (vpdpwssd: 32 products per instruction), each
+ * block's int32 sum scaled once. Other CPUs take plain fp32 loops.
+ *
+ * An activation vector is prepared once (codes, even/odd split for the 4-bit nibbles, per-group
+ * sums for the 4-bit minimum) and reused by every row of every matrix that reads it.
  */
 #include "common.h"
 
-/* y[m, r] = scale[r] * sum_k q[r, k] x[m, k]: int8 weights with one fp32 scale per row. */
-void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out,
-                   int64_t in, int threads) {
-    float *xf = widen(x, rows_x * in);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < out; r++) {
-        const int8_t *row = q + r * in;
-        for (int64_t m = 0; m < rows_x; m++) {
-            const float *xm = xf + m * in;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t k = 0; k < in; k++) acc += (float)row[k] * xm[k];
-            y[m * out + r] = f32_to_bf16(acc * scale[r]);
-        }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define Q3N_VNNI 1
+#else
+#define Q3N_VNNI 0
+#endif
+
+#define XBLOCK 64 /* activation values sharing one int16 scale */
+
+/* An activation vector x [n] in the forms the row dots read. */
+typedef struct {
+    int64_t n, group;      /* group: the 4-bit group `sums` is for */
+    float *f;              /* fp32 values */
+    float *even, *odd;     /* fp32 x[2j], x[2j+1] (the low and high nibbles' partners) */
+    float *sums;           /* [n / group]: sum of x over each 4-bit group */
+    int16_t *q, *even_q, *odd_q; /* int16 codes of x, whole and split */
+    float *block_scale;    /* [n / XBLOCK]: x ~ q * block_scale */
+} prepared;
+
+static void prepare(prepared *p, const float *x, int64_t n, int64_t group) {
+    const int64_t groups = group ? n / group : 0, blocks = n / XBLOCK;
+    p->n = n, p->group = group;
+    p->f = malloc(sizeof(float) * (size_t)(2 * n + groups + blocks) + sizeof(int16_t) * (size_t)(2 * n));
+    p->even = p->f + n, p->odd = p->even + n / 2, p->sums = p->odd + n / 2, p->block_scale = p->sums + groups;
+    p->q = (int16_t *)(p->block_scale + blocks), p->even_q = p->q + n, p->odd_q = p->even_q + n / 2;
+    memcpy(p->f, x, sizeof(float) * (size_t)n);
+    for (int64_t j = 0; j < n / 2; j++) p->even[j] = x[2 * j], p->odd[j] = x[2 * j + 1];
+    for (int64_t g = 0; g < groups; g++) {
+        float total = 0.0f;
+        for (int64_t i = g * group; i < (g + 1) * group; i++) total += x[i];
+        p->sums[g] = total;
     }
+    for (int64_t b = 0; b < blocks; b++) {
+        float largest = 0.0f;
+        for (int64_t i = b * XBLOCK; i < (b + 1) * XBLOCK; i++) largest = fmaxf(largest, fabsf(x[i]));
+        float inverse = largest > 0.0f ? 32767.0f / largest : 0.0f;
+        p->block_scale[b] = largest / 32767.0f;
+        for (int64_t i = b * XBLOCK; i < (b + 1) * XBLOCK; i++) p->q[i] = (int16_t)lrintf(x[i] * inverse);
+    }
+    for (int64_t j = 0; j < blocks * XBLOCK / 2; j++) p->even_q[j] = p->q[2 * j], p->odd_q[j] = p->q[2 * j + 1];
+}
+
+static void prepare_bf16(prepared *p, const uint16_t *x, int64_t n, int64_t group) {
+    float *xf = widen(x, n);
+    prepare(p, xf, n, group);
     free(xf);
 }
 
-/* sum_g scale[g] * sum_i q[g, i] x[g, i] over one packed row (the minimum's share is added by the
- * caller), split into even (low nibble) and odd (high nibble) activations. */
-static float q4_row_dot_portable(const uint8_t *row, const uint16_t *scale, const float *xe, const float *xo,
-                                 int64_t groups, int64_t half_group) {
+static void release(prepared *p) { free(p->f); }
+
+/* ---- one row of an int8 matrix (one fp32 scale per row, applied by the caller) ---- */
+
+static inline float q8_row_dot(const int8_t *row, const prepared *x) {
+#if Q3N_VNNI
+    if (x->n % XBLOCK == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < x->n / XBLOCK; b++) {
+            const int8_t *w = row + b * XBLOCK;
+            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w));
+            __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 32)));
+            __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x->q + b * XBLOCK));
+            dot = _mm512_dpwssd_epi32(dot, w1, _mm512_loadu_si512(x->q + b * XBLOCK + 32));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x->block_scale[b]), acc);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < x->n; k++) acc += (float)row[k] * x->f[k];
+    return acc;
+}
+
+/* ---- one row of a 4-bit matrix: codes two per byte (even index in the low nibble), fp16 scale and
+ * minimum per group: sum_g scale[g] * sum_i q[g, i] x[g, i] + minimum[g] * sum_i x[g, i] ---- */
+
+static inline float q4_minimum_share(const uint16_t *minimum, const prepared *x, int64_t groups) {
+#if Q3N_VNNI
+    if (groups % 16 == 0) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; g += 16)
+            sum = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(minimum + g))),
+                                  _mm512_loadu_ps(x->sums + g), sum);
+        return _mm512_reduce_add_ps(sum);
+    }
+#endif
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; g++) acc += f16_to_f32(minimum[g]) * x->sums[g];
+    return acc;
+}
+
+static inline float q4_row_dot(const uint8_t *row, const uint16_t *scale, const uint16_t *minimum, const prepared *x) {
+    const int64_t group = x->group, groups = x->n / group, half_group = group / 2;
+#if Q3N_VNNI
+    if (group % XBLOCK == 0) { /* integer dot per block of 64 weights (32 bytes), scaled by weight and x scales */
+        const __m512i nibble = _mm512_set1_epi16(0xF);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            const float weight_scale = f16_to_f32(scale[g]);
+            for (int64_t b = g * (group / XBLOCK); b < (g + 1) * (group / XBLOCK); b++) {
+                __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(row + b * 32)));
+                __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(bytes, nibble),
+                                                  _mm512_loadu_si512(x->even_q + b * 32));
+                dot = _mm512_dpwssd_epi32(dot, _mm512_srli_epi16(bytes, 4), _mm512_loadu_si512(x->odd_q + b * 32));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(weight_scale * x->block_scale[b]), acc);
+            }
+        }
+        return _mm512_reduce_add_ps(acc) + q4_minimum_share(minimum, x, groups);
+    }
+#endif
     float total = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
         float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
         for (int64_t j = g * half_group; j < (g + 1) * half_group; j++)
-            dot += (float)(row[j] & 0xF) * xe[j] + (float)(row[j] >> 4) * xo[j];
+            dot += (float)(row[j] & 0xF) * x->even[j] + (float)(row[j] >> 4) * x->odd[j];
         total += f16_to_f32(scale[g]) * dot;
     }
-    return total;
+    return total + q4_minimum_share(minimum, x, groups);
 }
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-/* The same with AVX-512: each group's products stay in a vector and are scaled and accumulated there,
- * so a row costs one horizontal sum instead of one per group (the compiler's version of the loop
- * above pays a reduction per group and runs ~10x slower). */
-static float q4_row_dot(const uint8_t *row, const uint16_t *scale, const float *xe, const float *xo, int64_t groups,
-                        int64_t half_group) {
-    if (half_group % 16) return q4_row_dot_portable(row, scale, xe, xo, groups, half_group);
-    const __m512i low_nibble = _mm512_set1_epi32(0xF);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t j = g * half_group; j < (g + 1) * half_group; j += 16) {
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
-            dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_nibble)), _mm512_loadu_ps(xe + j), dot);
-            dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), _mm512_loadu_ps(xo + j), dot);
-        }
-        acc = _mm512_fmadd_ps(dot, _mm512_set1_ps(f16_to_f32(scale[g])), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-#else
-#define q4_row_dot q4_row_dot_portable
-#endif
+/* ---- dense matrices: y [rows_x, out] = x [rows_x, in] @ W.T ---- */
 
-/* y[m, r] = sum_g scale[r, g] * sum_i q[r, g, i] x[m, g, i] + minimum[r, g] * sum_i x[m, g, i]:
- * 4-bit codes two per byte (even index in the low nibble), fp16 scale and minimum per group.
- * x is split into its even and odd elements once per call so the inner loop reads both nibbles
- * of a byte against contiguous activations, and each group's activation sum is computed once. */
+/* int8 weights q [out, in] with one fp32 scale per row. */
+void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out,
+                   int64_t in, int threads) {
+    prepared xs[rows_x];
+    for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, 0);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < out; r++)
+        for (int64_t m = 0; m < rows_x; m++) y[m * out + r] = f32_to_bf16(q8_row_dot(q + r * in, &xs[m]) * scale[r]);
+    for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
+}
+
+/* 4-bit weights: packed [out, in / 2], scale and minimum [out, in / group] (fp16). */
 void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t *minimum, int64_t group,
                    const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out, int64_t in, int threads) {
-    const int64_t half = in / 2, groups = in / group, half_group = group / 2;
-    float *even = malloc(sizeof(float) * (size_t)(rows_x * (in + groups)));
-    float *odd = even + rows_x * half, *sums = odd + rows_x * half;
-    for (int64_t m = 0; m < rows_x; m++)
-        for (int64_t g = 0; g < groups; g++) {
-            float total = 0.0f;
-            for (int64_t j = g * half_group; j < (g + 1) * half_group; j++) {
-                float a = bf16_to_f32(x[m * in + 2 * j]), b = bf16_to_f32(x[m * in + 2 * j + 1]);
-                even[m * half + j] = a;
-                odd[m * half + j] = b;
-                total += a + b;
-            }
-            sums[m * groups + g] = total;
-        }
+    const int64_t groups = in / group;
+    prepared xs[rows_x];
+    for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, group);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < out; r++) {
-        const uint8_t *row = packed + r * half;
-        for (int64_t m = 0; m < rows_x; m++) {
-            const float *xe = even + m * half, *xo = odd + m * half;
-            float acc = q4_row_dot(row, scale + r * groups, xe, xo, groups, half_group);
-            for (int64_t g = 0; g < groups; g++) acc += f16_to_f32(minimum[r * groups + g]) * sums[m * groups + g];
-            y[m * out + r] = f32_to_bf16(acc);
-        }
-    }
-    free(even);
+    for (int64_t r = 0; r < out; r++)
+        for (int64_t m = 0; m < rows_x; m++)
+            y[m * out + r] = f32_to_bf16(q4_row_dot(packed + r * in / 2, scale + r * groups, minimum + r * groups, &xs[m]));
+    for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
 }
 
 /* ---- routed experts packed one blob each (quant/layout.py): one token through k of them ---- */
@@ -109,74 +173,39 @@ typedef struct {
     q3n_projection gate, up, down;
 } q3n_expert_layout;
 
-/* An activation vector made ready for either format: fp32 values, their even/odd split and per-group
- * sums (4 bits). Preparing once per vector keeps the per-row work to streaming the codes. */
-typedef struct {
-    float *full, *even, *odd, *sums;
-} prepared;
-
-static void prepare(prepared *p, const float *x, int64_t n, int64_t group) {
-    p->full = (float *)x;
-    const int64_t groups = n / group, half_group = group / 2;
-    for (int64_t g = 0; g < groups; g++) {
-        float total = 0.0f;
-        for (int64_t j = g * half_group; j < (g + 1) * half_group; j++) {
-            p->even[j] = x[2 * j];
-            p->odd[j] = x[2 * j + 1];
-            total += x[2 * j] + x[2 * j + 1];
-        }
-        p->sums[g] = total;
-    }
-}
-
-/* Row r of a projection times a prepared vector. */
+/* Row r of a projection inside `blob` times a vector prepared for that projection's format. */
 static inline float projection_row_dot(const uint8_t *blob, const q3n_projection *p, int64_t r, const prepared *x) {
-    if (p->bits == 8) {
-        const int8_t *row = (const int8_t *)(blob + p->codes) + r * p->cols;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < p->cols; k++) acc += (float)row[k] * x->full[k];
-        return acc * ((const float *)(blob + p->scale))[r];
-    }
+    if (p->bits == 8) return q8_row_dot((const int8_t *)(blob + p->codes) + r * p->cols, x) * ((const float *)(blob + p->scale))[r];
     const int64_t groups = p->cols / p->group;
-    const uint16_t *scale = (const uint16_t *)(blob + p->scale) + r * groups;
-    const uint16_t *minimum = (const uint16_t *)(blob + p->minimum) + r * groups;
-    float acc = q4_row_dot(blob + p->codes + r * (p->cols / 2), scale, x->even, x->odd, groups, p->group / 2);
-    for (int64_t g = 0; g < groups; g++) acc += f16_to_f32(minimum[g]) * x->sums[g];
-    return acc;
+    return q4_row_dot(blob + p->codes + r * (p->cols / 2), (const uint16_t *)(blob + p->scale) + r * groups,
+                      (const uint16_t *)(blob + p->minimum) + r * groups, x);
 }
 
-/* out = sum_i weights[i] * down_i(silu(gate_i x) * up_i x) over the k experts ids[i], whose blobs start at
- * blobs[ids[i]]. Phase 1 computes every chosen expert's activations (k * inter rows of gate and up),
- * phase 2 every output row of the k down projections. */
+static inline int64_t sums_group(const q3n_projection *p) { return p->bits == 4 ? p->group : 0; }
+
+/* out = sum_i weights[i] * down_i(silu(gate_i x) * up_i x) over the k experts ids[i], whose blobs start
+ * at blobs[ids[i]]. Phase 1 computes every chosen expert's activations (k * inter rows of gate and
+ * up), rounded to bf16 as the reference's bf16 matmuls round them; phase 2 every output row of the k
+ * down projections. gate and up must share a 4-bit group size when both are 4-bit (the caller checks). */
 void q3n_experts_quant(const int64_t *blobs, const q3n_expert_layout *layout, const int64_t *ids,
                        const float *weights, int64_t k, const uint16_t *x, uint16_t *out, int threads) {
     const q3n_projection *gate = &layout->gate, *up = &layout->up, *down = &layout->down;
     const int64_t hidden = gate->cols, inter = gate->rows;
-    const int64_t x_group = gate->bits == 4 ? gate->group : (up->bits == 4 ? up->group : 2);
-    const int64_t act_group = down->bits == 4 ? down->group : 2;
-    /* one allocation: x (widened, split, sums), activations, and their split and sums per expert */
-    float *buffer = malloc(sizeof(float) * (size_t)(2 * hidden + hidden / x_group + k * (2 * inter + inter / act_group)));
-    float *xf = buffer, *x_split = xf + hidden, *acts = x_split + hidden + hidden / x_group;
-    float *act_split = acts + k * inter;
-    for (int64_t i = 0; i < hidden; i++) xf[i] = bf16_to_f32(x[i]);
-    prepared px = {0}, pa[k];
-    px.even = x_split, px.odd = x_split + hidden / 2, px.sums = x_split + hidden;
-    prepare(&px, xf, hidden, x_group);
+    prepared px, pa[k];
+    prepare_bf16(&px, x, hidden, sums_group(gate) ? sums_group(gate) : sums_group(up));
+    float *acts = malloc(sizeof(float) * (size_t)(k * inter));
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < k * inter; j++) {
             const uint8_t *blob = (const uint8_t *)(intptr_t)blobs[ids[j / inter]];
             const int64_t r = j % inter;
-            acts[j] = silu(projection_row_dot(blob, gate, r, &px)) * projection_row_dot(blob, up, r, &px);
+            float g = round_bf16(projection_row_dot(blob, gate, r, &px));
+            float u = round_bf16(projection_row_dot(blob, up, r, &px));
+            acts[j] = round_bf16(round_bf16(silu(g)) * u);
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < k; i++) {
-            float *split = act_split + i * (inter + inter / act_group);
-            pa[i].even = split, pa[i].odd = split + inter / 2, pa[i].sums = split + inter;
-            prepare(&pa[i], acts + i * inter, inter, act_group);
-        }
+        for (int64_t i = 0; i < k; i++) prepare(&pa[i], acts + i * inter, inter, sums_group(down));
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < hidden; r++) {
             float acc = 0.0f;
@@ -185,5 +214,7 @@ void q3n_experts_quant(const int64_t *blobs, const q3n_expert_layout *layout, co
             out[r] = f32_to_bf16(acc);
         }
     }
-    free(buffer);
+    for (int64_t i = 0; i < k; i++) release(&pa[i]);
+    release(&px);
+    free(acts);
 }

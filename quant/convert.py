@@ -53,33 +53,58 @@ def quantize_checkpoint(src: str | Path, out: str | Path, policy: Policy, group:
                         say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[TensorError]:
     """Quantize SRC into OUT. Returns per-matrix errors when `measure` (for --verify), else []."""
     src, out = Path(src), Path(out)
-    _check_paths(src, out, force)
+    check_paths(src, out, force)
     config = Qwen3NextConfig.from_file(src)
     with CheckpointReader(src) as reader:
-        plan = build_plan(src, reader, config, policy, group)
-        staging = out.parent / f".{out.name}.partial"
+        job = Conversion(src, out, reader, config, policy, group, measure, say)
+        with job.progress_bar(progress) as bar:
+            for shard in job.plan.shards:
+                job.convert(shard, bar.update)
+    job.finish(force)
+    return job.errors
+
+
+class Conversion:
+    """One quantization job: its plan, the staging folder it resumes from, and the errors it measured.
+
+    `source_sizes` (shard name -> bytes) identifies the source for resuming; it defaults to the
+    shard files' sizes, and `download --quantize` passes the hub's before the files arrive.
+    """
+
+    def __init__(self, src: Path, out: Path, reader: CheckpointReader, config: Qwen3NextConfig, policy: Policy,
+                 group: int, measure: bool, say: Callable[[str], None], source_sizes: dict[str, int] | None = None):
+        self.src, self.out, self.reader, self.policy, self.group, self.measure = src, out, reader, policy, group, measure
+        self.plan = build_plan(src, reader, config, policy, group)
+        self.staging = out.parent / f".{out.name}.partial"
+        sizes = source_sizes or {shard.name: shard.source.stat().st_size for shard in self.plan.shards}
         job = {"format_version": 1, "group": group, **policy.describe(),
-               "source": [[shard.name, shard.source.stat().st_size] for shard in plan.shards]}
-        _prepare_staging(staging, job, say)
-        todo = [s for s in plan.shards if not _is_finished(staging / s.name, s)]
-        _check_space(staging, sum(s.size for s in todo))
-        total = sum(s.source_bytes() for s in plan.shards)
-        done = total - sum(s.source_bytes() for s in todo)
-        if done:
-            say(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already done")
-        errors: list[TensorError] = []
-        with tqdm(total=total, initial=done, unit="B", unit_scale=True, desc="quantizing", disable=not progress,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
-            for shard in plan.shards:
-                if shard in todo:
-                    errors += ShardWriter(reader, shard, staging, measure, bar.update).write()
-                elif measure:
-                    errors += _read_errors(staging / shard.name)
-    _finish(src, out, staging, plan, policy, group, force)
-    return errors
+               "source": [[shard.name, sizes[shard.name]] for shard in self.plan.shards]}
+        _prepare_staging(self.staging, job, say)
+        self.todo = [s for s in self.plan.shards if not _is_finished(self.staging / s.name, s)]
+        _check_space(self.staging, sum(s.size for s in self.todo))
+        if len(self.todo) < len(self.plan.shards):
+            say(f"resuming: {len(self.plan.shards) - len(self.todo)} of {len(self.plan.shards)} shards already done")
+        self.errors: list[TensorError] = []
+
+    def progress_bar(self, enabled: bool) -> tqdm:
+        total = sum(s.source_bytes() for s in self.plan.shards)
+        done = total - sum(s.source_bytes() for s in self.todo)
+        return tqdm(total=total, initial=done, unit="B", unit_scale=True, desc="quantizing", disable=not enabled,
+                    file=sys.stderr, dynamic_ncols=True)
+
+    def convert(self, shard: ShardPlan, advance: Callable[[int], None] = lambda n: None) -> None:
+        """Write one output shard (or, if an earlier run finished it, collect the errors it measured)."""
+        if shard in self.todo:
+            self.errors += ShardWriter(self.reader, shard, self.staging, self.measure, advance).write()
+            self.todo.remove(shard)
+        elif self.measure:
+            self.errors += _read_errors(self.staging / shard.name)
+
+    def finish(self, force: bool) -> None:
+        _finish(self.src, self.out, self.staging, self.plan, self.policy, self.group, force)
 
 
-def _check_paths(src: Path, out: Path, force: bool) -> None:
+def check_paths(src: Path, out: Path, force: bool) -> None:
     src_real, out_real = src.resolve(), out.resolve()
     if not src.is_dir():
         raise UsageError(f"{src}: SRC is not a model folder" if src.exists() else f"{src}: SRC not found")
@@ -87,6 +112,10 @@ def _check_paths(src: Path, out: Path, force: bool) -> None:
         raise UsageError(f"{out}: OUT is inside SRC; choose a folder outside the source checkpoint")
     if out_real in src_real.parents:
         raise UsageError(f"{out}: OUT contains SRC; choose a folder that does not hold the source checkpoint")
+    check_output(out, force)
+
+
+def check_output(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: OUT exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:

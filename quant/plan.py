@@ -77,7 +77,7 @@ class Expert:
     source_bytes: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a plan holds thousands of items
 class ShardPlan:
     name: str  # output file name, equal to the source shard's
     source: Path

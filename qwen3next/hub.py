@@ -14,15 +14,16 @@ from __future__ import annotations
 import errno
 import hashlib
 import shutil
+import struct
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 import httpx2
-from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -32,7 +33,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils import build_hf_headers, filter_repo_objects, get_session, hf_raise_for_status
 from huggingface_hub.utils import logging as hub_logging
 from tqdm import tqdm
 
@@ -41,6 +42,7 @@ from .inspection import format_bytes
 
 _API_TIMEOUT = 30.0  # seconds for the file-list call; transfers use huggingface_hub's own timeouts
 _HASH_CHUNK = 8 * 2**20
+_MAX_HEADER = 100 * 2**20  # safetensors caps headers at 100 MB
 _RESUME_HINT = "run the command again to resume (finished files are kept)"
 
 
@@ -110,6 +112,90 @@ def download(repo_id: str, revision: str | None = None, out: str | Path | None =
         paths = _fetch_verified(listing, out, quiet)
     first = listing.files[0]
     return paths[first].parents[len(PurePosixPath(first.path).parts) - 1]
+
+
+def download_quantized(repo_id: str, bits: int, out: str | Path, revision: str | None = None,
+                       include: Sequence[str] = (), exclude: Sequence[str] = (), quiet: bool = False,
+                       force: bool = False, group: int | None = None) -> Path:
+    """Fetch a repo and quantize it on the way: each weight shard is converted as soon as it has arrived
+    (and been verified), then deleted, so the disk holds the quantized model plus a shard or two in flight.
+
+    The shard headers come first, by range requests, so the whole conversion is planned (and every
+    tensor checked) before any weight is downloaded. Interrupted, it resumes: finished output shards
+    are kept, and only the source shards still needed are fetched again.
+    """
+    from qwen3next.config import Qwen3NextConfig
+    from qwen3next.quant.convert import Conversion, check_output
+    from qwen3next.quant.int4 import DEFAULT_GROUP
+    from qwen3next.quant.policy import Policy
+    from qwen3next.weights import CheckpointReader
+
+    out = Path(out).expanduser()
+    fetch_dir = out.parent / f".{out.name}.download"
+    listing = list_files(repo_id, revision, include, exclude)
+    shards = [f for f in listing.files if f.path.endswith(".safetensors")]
+    if not shards:
+        raise HubError(f"{repo_id}: has no .safetensors weights to quantize")
+    where = f"--out {out}"
+    say = (lambda message: None) if quiet else (lambda message: print(f"qwen3next: {message}", file=sys.stderr))
+    with _hub_errors(repo_id, revision, where), _hub_logs(quiet):
+        _ensure_writable(out.parent)
+        check_output(out, force)
+        _fetch_verified(replace(listing, files=tuple(f for f in listing.files if f not in shards)), fetch_dir, quiet)
+        pending = {f.path: f for f in shards if not _is_complete(fetch_dir / f.path, f)}
+        headers = {path: (_fetch_header(listing, f), f.size) for path, f in pending.items()}
+        config = Qwen3NextConfig.from_file(fetch_dir)
+        with CheckpointReader(fetch_dir, prefetched=headers) as reader:
+            job = Conversion(fetch_dir, out, reader, config, Policy(bits), group or DEFAULT_GROUP, False, say,
+                             source_sizes={f.path: f.size for f in shards})
+            _check_source_space(job, shards, fetch_dir, where)
+            needs = [{reader.file_of(name).relative_to(fetch_dir).as_posix() for item in shard.items
+                      for name in _sources(item)} for shard in job.plan.shards]
+            with job.progress_bar(not quiet) as bar:
+                for i, shard in enumerate(job.plan.shards):
+                    if shard in job.todo:
+                        wanted = tuple(f for f in shards if f.path in needs[i])
+                        _fetch_verified(replace(listing, files=wanted), fetch_dir, quiet)
+                    job.convert(shard, bar.update)
+                    still_needed = set().union(*(needs[j] for j, later in enumerate(job.plan.shards)
+                                                 if j > i and later in job.todo))
+                    for f in shards:
+                        if f.path not in still_needed:
+                            (fetch_dir / f.path).unlink(missing_ok=True)
+        job.finish(force)
+        shutil.rmtree(fetch_dir)
+    return out
+
+
+def _sources(item) -> list[str]:
+    """The source tensors one planned output item reads."""
+    return list(item.sources.values()) if hasattr(item, "sources") else [item.name]
+
+
+def _check_source_space(job, shards: list[RemoteFile], fetch_dir: Path, where: str) -> None:
+    """The quantized output still to write plus the two largest source shards (the most held at once)."""
+    needed = sum(s.size for s in job.todo) + sum(sorted((f.size for f in shards), reverse=True)[:2])
+    free = free_bytes(fetch_dir)
+    if needed > free:
+        raise HubError(f"{where}: not enough disk space: quantizing while downloading needs about "
+                       f"{format_bytes(needed)}, {format_bytes(free)} free")
+
+
+def _fetch_header(listing: Listing, f: RemoteFile) -> bytes:
+    """A remote safetensors file's first 8 + header-length bytes, by two range requests."""
+    url = hf_hub_url(listing.repo_id, f.path, revision=listing.commit)
+    session, headers = get_session(), build_hf_headers()
+
+    def fetch(first: int, last: int) -> bytes:
+        response = session.get(url, headers={**headers, "Range": f"bytes={first}-{last}"}, timeout=_API_TIMEOUT)
+        hf_raise_for_status(response)
+        return response.content[:last - first + 1]
+
+    prefix = fetch(0, 7)
+    length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+    if not 0 < length <= min(f.size - 8, _MAX_HEADER):
+        raise HubError(f"{listing.repo_id}: {f.path} does not start with a safetensors header")
+    return prefix + fetch(8, 7 + length)
 
 
 def _check_space(listing: Listing, out: Path | None, dest: Path, where: str, quiet: bool) -> None:

@@ -16,7 +16,7 @@ import os
 import re
 import struct
 from pathlib import Path, PureWindowsPath
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -68,22 +68,31 @@ class _Entry(NamedTuple):
     length: int
 
 
-def _read_header(path: Path) -> dict[str, _Entry]:
-    """Parse one shard's header and check it against the file size, reading no tensor data."""
+def _header_bytes(path: Path) -> tuple[bytes, int]:
+    """A shard's first 8 + header-length bytes, and the file's size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated ({size} bytes, shorter than the 8-byte header length)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if 8 + header_len > size:
-                raise CheckpointError(f"{path}: truncated (header claims {header_len} bytes, file has {size})")
-            raw = f.read(header_len)
+            header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+            return prefix + f.read(min(header_len, size)), size
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _read_header(path: Path, prefetched: tuple[bytes, int] | None = None) -> dict[str, _Entry]:
+    """Parse one shard's header and check it against the file size, reading no tensor data.
+
+    `prefetched` (header bytes, file size) stands in for a file not on disk yet (fetched ahead by range request).
+    """
+    data, size = prefetched or _header_bytes(path)
+    if len(data) < 8:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, shorter than the 8-byte header length)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if 8 + header_len > size or len(data) < 8 + header_len:
+        raise CheckpointError(f"{path}: truncated (header claims {header_len} bytes, file has {size})")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(data[8:8 + header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
@@ -162,16 +171,18 @@ def _shorten(items: list[str]) -> str:
 class CheckpointReader:
     """Lazy, tensor-by-tensor access to a folder of safetensors shards."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, prefetched: Mapping[str, tuple[bytes, int]] | None = None):
+        """`prefetched`: shard file name -> (header bytes, file size) for shards not downloaded yet."""
         self.folder = Path(folder)
+        self._prefetched = prefetched or {}
         if not self.folder.exists():
             raise CheckpointError(f"{self.folder}: model folder not found")
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: not a folder")
         self._handles: dict[Path, Any] = {}
         single, index = self.folder / SINGLE_FILE, self.folder / INDEX_FILE
-        if single.is_file():  # the hub's loaders also prefer the single file
-            self._entries = _read_header(single)
+        if single.is_file() or SINGLE_FILE in self._prefetched:  # the hub's loaders also prefer the single file
+            self._entries = _read_header(single, self._prefetched.get(SINGLE_FILE))
         elif index.is_file():
             self._entries = self._read_sharded(index)
         else:
@@ -181,9 +192,9 @@ class CheckpointReader:
         weight_map = _read_index(index)
         shards = {name: _confined(self.folder, name, index) for name in sorted(set(weight_map.values()))}
         for name, path in shards.items():
-            if not path.is_file():
+            if not path.is_file() and name not in self._prefetched:
                 raise CheckpointError(f"{index}: names shard {name!r}, which does not exist")
-        headers = {name: _read_header(path) for name, path in shards.items()}
+        headers = {name: _read_header(path, self._prefetched.get(name)) for name, path in shards.items()}
         entries = {}
         for tensor, shard in weight_map.items():
             entry = headers[shard].get(tensor)

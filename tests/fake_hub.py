@@ -231,23 +231,24 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _send_file(self, path: str, f: _File, body: bool, headers: dict[str, str]) -> None:
             self._seen(path)
-            start = 0
+            start, stop = 0, len(f.data)
             requested = self.headers.get("Range")
-            if requested and requested.startswith("bytes=") and requested.endswith("-"):
-                start = int(requested[len("bytes="):-1])
+            if requested and requested.startswith("bytes="):
+                first, _, last = requested[len("bytes="):].partition("-")
+                start, stop = int(first), min(stop, int(last) + 1) if last else stop
             fault = hub._take_fault(path) if body else None
             if fault and fault.status:
                 return self._error(fault.status, "ServerError")
-            data = f.data[start:]
+            data = f.data[start:stop]
             if fault and fault.corrupt and data:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
-            self.send_response(206 if start else 200)
+            self.send_response(206 if requested else 200)
             for name, value in headers.items():
                 self.send_header(name, value)
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(len(data)))
-            if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(f.data) - 1}/{len(f.data)}")
+            if requested:
+                self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(f.data)}")
             self.end_headers()
             if not body:
                 return

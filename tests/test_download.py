@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,77 @@ def test_include_and_exclude_choose_the_files(hub, cli, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
         "config.json", "generation_config.json", "model.safetensors.index.json"]
     assert not any(s.url.startswith("/cdn/") for s in hub.log)
+
+
+# ---- download --quantize: each shard converted on arrival, then deleted ----
+
+def quantized_reference(models, tmp_path, bits: int = 4) -> Path:
+    from qwen3next.quant.convert import quantize_checkpoint
+    from qwen3next.quant.policy import Policy
+
+    reference = tmp_path / f"reference-q{bits}"
+    quantize_checkpoint(models("tiny"), reference, Policy(bits), progress=False)
+    return reference
+
+
+def test_download_quantize_streams_shards_and_equals_quantizing_afterwards(hub, cli, models, monkeypatch, tmp_path):
+    from qwen3next.quant.convert import Conversion
+
+    reference = quantized_reference(models, tmp_path)
+    out = tmp_path / "q4"
+    fetch_dir = tmp_path / ".q4.download"
+    held = []
+    convert = Conversion.convert
+
+    def watching_convert(self, shard, advance=lambda n: None):
+        held.append(len(list(fetch_dir.glob("*.safetensors"))))
+        return convert(self, shard, advance)
+
+    monkeypatch.setattr(Conversion, "convert", watching_convert)
+    code, stdout, stderr = cli("download", REPO, "--out", out, "--quantize", "4", "-q")
+    assert code == 0, stderr
+    assert Path(stdout.strip()) == out
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert_same_files(out, reference)
+    assert not fetch_dir.exists() and not (tmp_path / ".q4.partial").exists()
+    shards = sorted(p.name for p in models("tiny").glob("*.safetensors"))
+    assert len(held) == len(shards) and max(held) <= 2  # never the whole bf16 model on disk
+    for name in shards:  # each fetched once (two small header range requests, then the file)
+        ranges = [s.range for s in hub.gets(name)]
+        assert ranges[:2] == ["bytes=0-7", ranges[1]] and ranges[1].startswith("bytes=8-") and len(ranges) == 3
+
+
+def test_download_quantize_killed_midway_resumes_without_downloading_done_shards_again(hub, models, tmp_path):
+    out = tmp_path / "q4"
+    staging = tmp_path / ".q4.partial"
+    args = ("download", REPO, "--out", str(out), "--quantize", "4", "-q")
+    process = hub_process(hub, tmp_path / "home", *args)
+    while process.poll() is None and len(list(staging.glob("*.safetensors"))) < 3:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_first = sorted(p.name for p in staging.glob("*.safetensors"))
+    assert not out.exists() and len(done_first) >= 3, "the run was not caught mid-way"
+    fetched_first = {name: len(hub.gets(name)) for name in done_first}
+
+    again = hub_process(hub, tmp_path / "home", *args)
+    stdout, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr
+    assert_same_files(out, quantized_reference(models, tmp_path))
+    # a shard whose output was finished is not downloaded again: only its header, by two small range requests
+    for name in done_first:
+        again_fetched = [s.range for s in hub.gets(name)[fetched_first[name]:]]
+        assert len(again_fetched) == 2 and again_fetched[0] == "bytes=0-7", (name, again_fetched)
+
+
+def test_download_quantize_needs_out_and_stops_cleanly_on_a_server_error(hub, cli, models, tmp_path):
+    code, _, stderr = cli("download", REPO, "--quantize", "4")
+    assert code == 2 and "--quantize needs --out" in stderr
+    out = tmp_path / "q8"
+    hub.fault(SHARD, status=500)
+    code, _, stderr = cli("download", REPO, "--out", out, "--quantize", "8", "-q")
+    assert code == 1 and "HTTP 500" in stderr and stderr.count("\n") == 1
+    assert not out.exists()
+    code, _, stderr = cli("download", REPO, "--out", out, "--quantize", "8", "-q")
+    assert code == 0, stderr
+    assert_same_files(out, quantized_reference(models, tmp_path, bits=8))

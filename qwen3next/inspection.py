@@ -24,7 +24,7 @@ import torch
 
 from .config import FULL_ATTENTION, Qwen3NextConfig
 from .errors import ConfigError
-from .loader import expected_shapes
+from .loader import expected_shapes, expert_layer_prefixes
 from .model import Qwen3NextForCausalLM
 from .model_path import resolve_model_path
 from .weights import CheckpointReader
@@ -125,15 +125,14 @@ def inspect(path: str | Path | None) -> Report:
         shards = {reader.file_of(name) for name in reader.names()}
         with_mtp = any(name.startswith("mtp.") for name in reader.names())
         shapes = model_shapes(config, with_mtp)
-        if quantization is None:  # quantized formats add and reshape tensors; their own loader checks them
-            reader.validate(shapes)
+        reader.validate(shapes if quantization is None else _quantized_shapes(config, shapes, reader, with_mtp))
     counts = count_parameters(config, shapes)
     return Report(folder, [
         _model_section(folder, config, raw, with_mtp),
         _layers_section(config),
         _parameters_section(config, counts),
         _components_section(counts, tensors),
-        _dtypes_section(tensors),
+        _dtypes_section(tensors, quantization is not None),
         _disk_section(folder, shards, sum(t[3] for t in tensors)),
         _quantization_section(quantization, tensors),
     ])
@@ -269,15 +268,37 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtypes_section(tensors: list) -> Section:
+def _storage(name: str, dtype: torch.dtype) -> str:
+    """How a tensor is stored: its dtype, or for quantized checkpoints the format it belongs to."""
+    base, _, suffix = name.rpartition(".")
+    if suffix == "packed":
+        return "routed expert blobs"
+    if suffix in ("q8", "q4") or (suffix in ("scale", "min") and base.endswith(".weight")):
+        return "8-bit matrices" if suffix == "q8" or dtype == torch.float32 else "4-bit matrices"
+    return _dtype_name(dtype)
+
+
+def _dtypes_section(tensors: list, quantized: bool) -> Section:
     data: dict[str, dict[str, int]] = {}
-    for _, shape, dtype, length in tensors:
-        d = data.setdefault(_dtype_name(dtype), {"tensors": 0, "elements": 0, "bytes": 0})
+    for name, shape, dtype, length in tensors:
+        key = _storage(name, dtype) if quantized else _dtype_name(dtype)
+        d = data.setdefault(key, {"tensors": 0, "elements": 0, "bytes": 0})
         d["tensors"] += 1
         d["elements"] += math.prod(shape)
         d["bytes"] += length
     rows = [(name, str(d["tensors"]), format_count(d["elements"]), format_bytes(d["bytes"])) for name, d in data.items()]
-    return Section("dtypes", "bytes per dtype", data, rows, header=("dtype", "tensors", "elements", "bytes"))
+    title, first = ("bytes per format", "format") if quantized else ("bytes per dtype", "dtype")
+    return Section("dtypes", title, data, rows, header=(first, "tensors", "elements", "bytes"))
+
+
+def _quantized_shapes(config: Qwen3NextConfig, shapes: dict, reader: CheckpointReader, with_mtp: bool) -> dict:
+    """What a `qwen3next quantize` folder must hold (quant/checkpoint.py), so inspect checks it as the loader will."""
+    from qwen3next.quant import checkpoint as quantized
+
+    prefixes = list(expert_layer_prefixes(config, with_mtp).values())
+    layouts = quantized.expert_layouts(config, prefixes)
+    experts = {n for n in shapes if ".mlp.experts." in n}
+    return quantized.expected_shapes(shapes, experts, reader, reader.shape, layouts, config.num_experts)
 
 
 def _disk_section(folder: Path, shards: set[Path], tensor_bytes: int) -> Section:
@@ -296,6 +317,12 @@ def _quantization_section(quantization: Any, tensors: list) -> Section:
     if quantization is None:
         dtypes = sorted({_dtype_name(dtype) for _, _, dtype, _ in tensors})
         return Section("quantization", "quantization", None, [("format", f"none ({', '.join(dtypes)})")])
-    items = quantization.items() if isinstance(quantization, dict) else [("settings", quantization)]
-    rows = [(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in items]
+    rows = [(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in quantization.items() if k != "experts"]
+    layers_by_layout: dict[str, list[str]] = {}
+    for prefix, spec in (quantization.get("experts") or {}).items():
+        described = ", ".join(f"{p.removesuffix('_proj')} {s['bits']}-bit" + (f" g{s['group']}" if s["bits"] == 4 else "")
+                              for p, s in spec.items())
+        layers_by_layout.setdefault(described, []).append(prefix)
+    for described, prefixes in layers_by_layout.items():
+        rows.append(("routed experts", f"{described} ({len(prefixes)} layers: {prefixes[0]} .. {prefixes[-1]})"))
     return Section("quantization", "quantization", quantization, rows)

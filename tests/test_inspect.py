@@ -75,14 +75,25 @@ def test_bf16_without_mtp(cli, tmp_path):
     assert list(report["dtypes"]) == ["bfloat16"]
 
 
-def test_quantization_settings_from_config_json_are_shown(cli, model_copy):
-    folder = model_copy("tiny")
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization"] = {"format": "int4", "group_size": 64, "experts_only": True}
-    (folder / "config.json").write_text(json.dumps(config))
+def test_a_quantized_folder(cli, models, tmp_path):
+    from qwen3next.quant.convert import quantize_checkpoint
+    from qwen3next.quant.policy import Policy
+
+    folder = tmp_path / "q4"
+    quantize_checkpoint(models("tiny"), folder, Policy(4), progress=False)
     code, out, _ = cli("inspect", folder)
-    assert code == 0 and out.endswith("quantization\n  format        int4\n  group_size    64\n  experts_only  true\n")
-    assert inspect_json(cli, folder)["quantization"] == config["quantization"]
+    assert code == 0
+    assert "bytes per format" in out and "routed expert blobs" in out and "8-bit matrices" in out
+    assert "routed experts  gate 4-bit g64, up 4-bit g64, down 4-bit g32 (5 layers: model.layers.0 .. mtp.layers.0)" in out
+    report = inspect_json(cli, folder)
+    assert report["quantization"] == json.loads((folder / "config.json").read_text())["quantization"]
+    assert report["parameters"]["total"] == inspect_json(cli, models("tiny"))["parameters"]["total"]
+
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization"]["experts"]["model.layers.2"]
+    (folder / "config.json").write_text(json.dumps(config))
+    code, _, err = cli("inspect", folder)
+    assert code == 1 and "no valid layout for model.layers.2" in err
 
 
 def test_a_hub_id_in_the_local_cache(cli, models, monkeypatch, tmp_path):

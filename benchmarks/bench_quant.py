@@ -1,11 +1,12 @@
 """Quantization throughput and peak RSS, then decode speed of the 4-bit and 8-bit results against bf16.
 
-    python benchmarks/bench_quant.py                       # the real model's widths, 4 layers (~17 GB bf16)
+    python benchmarks/bench_quant.py                       # the real model's widths, 4 layers (~14.5 GB bf16)
     python benchmarks/bench_quant.py --with-transformers   # add transformers' bf16 decode (needs ~16 GB more RAM)
 
 The checkpoint (tests/checkpoints.py size "real": hidden 2048, 512 experts of 512 top-10, 16/2 attention
-heads of 256, 16/32 linear heads of 128, the real 151,936-token vocabulary, an MTP layer) is written
-once into --workdir and reused. Each quantization runs as `qwen3next quantize` in its own process,
+heads of 256, 16/32 linear heads of 128, the real 151,936-token vocabulary; no MTP layer, which decode
+does not read and which would add 3.2 GB to the bf16 model in RAM) is written once into --workdir and
+reused. Each quantization runs as `qwen3next quantize` in its own process,
 which reports its own peak RSS. Decode runs alternate between the models for --rounds rounds, each in
 its own process (benchmarks/bench_engine.py's child mode), and the best figures are printed.
 """
@@ -38,7 +39,7 @@ def source_checkpoint(workdir: Path) -> Path:
 
     print(f"writing the bf16 checkpoint into {folder} (once)", file=sys.stderr)
     partial = workdir / "bf16.partial"
-    write_model(partial, "real", seed=0, dtype=torch.bfloat16, max_shard_bytes=2 * 2**30, vocab_size=151936)
+    write_model(partial, "real", seed=0, dtype=torch.bfloat16, max_shard_bytes=2 * 2**30, vocab_size=151936, mtp=False)
     partial.rename(folder)
     return folder
 

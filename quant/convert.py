@@ -214,6 +214,8 @@ class ShardWriter:
             stop = min(rows, start + chunk_rows)
             w = self._read(name, start * cols, stop * cols).view(stop - start, cols).float()
             arrays = int8.quantize(w) if bits == 8 else int4.quantize(w, group)
+            if not all(torch.isfinite(a).all() for a in arrays[1:]):  # a NaN or Inf reaches its group's scale
+                self._non_finite(name)
             for offset, array in zip(offsets, arrays):
                 row_bytes = array.nbytes // (stop - start)
                 self._pwrite(array.contiguous().view(torch.uint8).numpy().tobytes(), offset + start * row_bytes)
@@ -231,10 +233,16 @@ class ShardWriter:
         target = item.outputs[0].offset
         for start in range(0, count, step):
             values = self._read(item.name, start, min(count, start + step))
+            if dtype.is_floating_point and not torch.isfinite(values).all():
+                self._non_finite(item.name)
             self._pwrite(values.view(torch.uint8).numpy().tobytes(), target + start * dtype.itemsize)
 
+    def _non_finite(self, name: str) -> None:
+        raise CheckpointError(f"{self.reader.file_of(name)}: tensor {name} holds NaN or Inf values; "
+                              "nothing was written for it")
+
     def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of tensor `name` (flattened), checked to be finite."""
+        """Elements [start, stop) of tensor `name` (flattened)."""
         path, offset, _ = self.reader.byte_range(name)
         dtype = self.reader.dtype(name)
         fd = self._sources.get(path)
@@ -244,10 +252,7 @@ class ShardWriter:
         data = os.pread(fd, length, offset + start * dtype.itemsize)
         if len(data) != length:
             raise CheckpointError(f"{path}: truncated while reading tensor {name}")
-        values = torch.frombuffer(bytearray(data), dtype=dtype)
-        if dtype.is_floating_point and not torch.isfinite(values).all():
-            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values; nothing was written for it")
-        return values
+        return torch.frombuffer(bytearray(data), dtype=dtype)
 
     def _pwrite(self, data: bytes, offset: int) -> None:
         view = memoryview(data)

@@ -28,11 +28,11 @@ def quantize(weight: torch.Tensor, group: int = DEFAULT_GROUP) -> tuple[torch.Te
     if in_features % group or group % 2:
         raise ValueError(f"input size {in_features} is not a multiple of the group size {group} (which must be even)")
     w = weight.float().view(out_features, in_features // group, group)
-    low, high = w.amin(-1), w.amax(-1)
+    low, high = torch.aminmax(w, dim=-1)
     minimum = low.half()
     scale = ((high - minimum.float()) / 15).half()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
-    q = torch.round((w - minimum.float()[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = (w - minimum.float()[..., None]).div_(scale.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
     q = q.view(out_features, in_features)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
     return packed, scale, minimum

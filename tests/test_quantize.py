@@ -282,13 +282,19 @@ def test_already_quantized_source_is_refused(quantized, tmp_path, capsys):
     assert code == 2 and "already quantized" in err
 
 
-def test_truncated_source_shard(model_copy, tmp_path, capsys):
+@pytest.mark.parametrize("damage, message", [("truncate", "truncated"), ("garble", "header is not valid JSON")])
+def test_truncated_or_corrupt_source_shard(model_copy, tmp_path, capsys, damage, message):
     src = model_copy("tiny")
     shard = sorted(src.glob("model-*.safetensors"))[1]
-    os.truncate(shard, shard.stat().st_size - 100)
+    if damage == "truncate":
+        os.truncate(shard, shard.stat().st_size - 100)
+    else:
+        with open(shard, "r+b") as f:
+            f.seek(8)
+            f.write(b"\xff" * 16)
     code, _, err = cli(["quantize", src, tmp_path / "o"], capsys)
-    assert code == 1 and shard.name in err and "truncated" in err
-    assert not (tmp_path / "o").exists()
+    assert code == 1 and shard.name in err and message in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
 
 
 def test_non_finite_weight_is_reported_by_name(model_copy, tmp_path, capsys):

@@ -11,7 +11,6 @@ what other devices and machines without the kernels do.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Iterable
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from qwen3next import cpu_kernels
 from qwen3next.quant.layout import ExpertLayout, ProjectionLayout
 from qwen3next.quant.modules import quantized_matmul
+from qwen3next.weights import pread_into
 
 _STORED = {8: (torch.int8, torch.float32), 4: (torch.uint8, torch.float16, torch.float16)}
 
@@ -37,7 +37,7 @@ class QuantizedExpertStore:
         for layer, (layout, ranges) in layers.items():
             stacked = torch.empty(len(ranges), layout.nbytes, dtype=torch.uint8)
             for expert, (path, offset, length) in enumerate(ranges):
-                _pread_into(path, offset, stacked[expert].numpy())
+                pread_into(path, offset, stacked[expert], what=f"expert {expert} of layer {layer}")
                 progress(1)
             blobs[layer], layouts[layer] = stacked.to(device), layout
         return cls(blobs, layouts)
@@ -84,16 +84,6 @@ def stored_arrays(blob: torch.Tensor, p: ProjectionLayout) -> list[torch.Tensor]
         count = int(torch.Size(shape).numel()) * dtype.itemsize
         arrays.append(blob[offset:offset + count].view(dtype).view(shape))
     return arrays
-
-
-def _pread_into(path: str, offset: int, target) -> None:
-    view = memoryview(target).cast("B")
-    with open(path, "rb", buffering=0) as f:
-        while view:
-            n = os.preadv(f.fileno(), [view], offset)
-            if n <= 0:
-                raise OSError(f"{path}: truncated at byte {offset}")
-            view, offset = view[n:], offset + n
 
 
 def _kernel_args(blobs: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, cpu_kernels.ExpertLayout] | None:

@@ -2,7 +2,7 @@
 
 config.json -> a model built on the meta device (no memory) -> every expected tensor checked
 by name and shape before anything is read -> always-active weights read one tensor at a time
-from the memory-mapped shards onto the target device -> routed experts into an expert store.
+from the shards (pread, no memory map) onto the target device -> routed experts into an expert store.
 """
 
 from __future__ import annotations
@@ -97,8 +97,7 @@ def load_model(
             reader.validate(expected_shapes(model, with_mtp))
 
         def read(name: str) -> torch.Tensor:
-            # copy=True: the model must own its memory, not pin the shard's memory map
-            return reader.get(name).to(device=device, dtype=dtype, copy=True)
+            return reader.read(name).to(device=device, dtype=dtype)
 
         dense_names = list(model.state_dict())
         total = len(dense_names) + len(prefixes) * config.num_experts
@@ -108,7 +107,7 @@ def load_model(
                 if bits is None:
                     _assign(model, name, read(name))
                 else:
-                    arrays = [reader.get(n).to(device=device, copy=True) for n in quantized_names(name, bits)]
+                    arrays = [reader.read(n).to(device=device) for n in quantized_names(name, bits)]
                     _swap_in_quantized(model, name, bits, arrays, dtype)
                 bar.update(1)
             if layouts is None:

@@ -241,6 +241,15 @@ class CheckpointReader:
             raise CheckpointError(f"{entry.file}: cannot read tensor {name!r} ({exc})") from exc
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor read with pread into memory of its own (no memory map: mapped pages would count
+        against the process while loading, doubling its apparent size)."""
+        entry = self._entry(name)
+        tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        if entry.length:
+            pread_into(entry.file, entry.start, tensor.view(-1).view(torch.uint8), what=f"tensor {name!r}")
+        return tensor
+
     def validate(self, expected: dict[str, tuple[int, ...]], optional_prefixes: tuple[str, ...] = ()) -> None:
         """Check the tensor names and shapes against what the model needs, reporting all problems at once.
 
@@ -273,6 +282,20 @@ class CheckpointReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def pread_into(path: Path, offset: int, target: torch.Tensor, what: str = "data") -> None:
+    """Fill a contiguous uint8 CPU tensor from `path` at byte `offset` with explicit reads (no memory map)."""
+    view = memoryview(target.numpy()).cast("B")
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while view:
+                n = os.preadv(f.fileno(), [view], offset)
+                if n <= 0:
+                    raise CheckpointError(f"{path}: truncated while reading {what}")
+                view, offset = view[n:], offset + n
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
 
 
 def _owned_cpu(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:

@@ -79,16 +79,17 @@ static void release(prepared *p) { free(p->f); }
 static inline float q8_row_dot(const int8_t *row, const prepared *x) {
 #if Q3N_VNNI
     if (x->n % XBLOCK == 0) {
-        __m512 acc = _mm512_setzero_ps();
+        __m512 acc = _mm512_setzero_ps(), acc2 = acc; /* two accumulators: short rows are latency-bound */
         for (int64_t b = 0; b < x->n / XBLOCK; b++) {
             const int8_t *w = row + b * XBLOCK;
             __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w));
             __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 32)));
             __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x->q + b * XBLOCK));
             dot = _mm512_dpwssd_epi32(dot, w1, _mm512_loadu_si512(x->q + b * XBLOCK + 32));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x->block_scale[b]), acc);
+            if (b & 1) acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x->block_scale[b]), acc2);
+            else acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x->block_scale[b]), acc);
         }
-        return _mm512_reduce_add_ps(acc);
+        return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2));
     }
 #endif
     float acc = 0.0f;
@@ -126,7 +127,7 @@ static inline float q4_row_dot(const uint8_t *row, const uint16_t *scale, const 
          * load covers two groups; lanes 0-7 of the int32 sums belong to the first, 8-15 to the second. */
         const __m512i nibble = _mm512_set1_epi8(0xF);
         const __m512i pair_index = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        __m512 acc = _mm512_setzero_ps();
+        __m512 acc = _mm512_setzero_ps(), acc2 = acc; /* two accumulators: short rows are latency-bound */
         for (int64_t g0 = 0; g0 < groups; g0 += 16) {
             __mmask16 lanes = groups - g0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (groups - g0)) - 1);
             __m512 scales = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, scale + g0)),
@@ -138,10 +139,11 @@ static inline float q4_row_dot(const uint8_t *row, const uint16_t *scale, const 
                 dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble),
                                           _mm512_loadu_si512(x->odd_b + g * 32));
                 __m512 pair = _mm512_permutexvar_ps(_mm512_add_epi32(pair_index, _mm512_set1_epi32((int)(g - g0))), scales);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair, acc);
+                if (g & 2) acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair, acc2);
+                else acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair, acc);
             }
         }
-        return _mm512_reduce_add_ps(acc) + q4_minimum_share(minimum, x, groups);
+        return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2)) + q4_minimum_share(minimum, x, groups);
     }
     if (group % XBLOCK == 0) { /* integer dot per block of 64 weights (32 bytes), scaled by weight and x scales */
         const __m512i nibble = _mm512_set1_epi16(0xF);

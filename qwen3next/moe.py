@@ -132,7 +132,7 @@ class SparseMoE(nn.Module):
 
     def _fused_decode(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """One token through router, routed experts and shared expert in one CPU kernel call."""
-        out, ids, weights, logits = cpu_kernels.moe_block_bf16(x, self.kernel_weights(table))
+        out, ids, weights, logits = cpu_kernels.moe_block_bf16(x, self._cached_kernel_weights(table))
         self.last_routing = Routing(ids, weights, logits)
         return out
 
@@ -146,6 +146,16 @@ class SparseMoE(nn.Module):
         if table is None or not all(isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 for m in linears):
             return None  # the kernel reads bf16 router and shared-expert weights
         return table
+
+    def _cached_kernel_weights(self, table: torch.Tensor) -> "cpu_kernels.MoeWeights":
+        """kernel_weights, rebuilt only when a weight moved (building it costs ~10 µs a layer and step)."""
+        shared = self.shared_expert
+        key = tuple(t.data_ptr() for t in (table, self.gate.weight, self.shared_expert_gate.weight,
+                                           shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight))
+        cached = getattr(self, "_kernel_weights", None)
+        if cached is None or cached[0] != key:
+            cached = self._kernel_weights = (key, self.kernel_weights(table))
+        return cached[1]
 
     def kernel_weights(self, table: torch.Tensor) -> "cpu_kernels.MoeWeights":
         shared = self.shared_expert

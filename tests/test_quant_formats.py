@@ -72,12 +72,16 @@ def test_cpu_kernels_multiply_by_the_dequantized_weights(rows, group):
     q, scale = int8.quantize(w)
     packed, scale4, minimum = int4.quantize(w, group)
     with torch.inference_mode():
-        for got, dense in [
-            (kernels.linear_q8(x, q, scale), int8.dequantize(q, scale, torch.float32)),
-            (kernels.linear_q4(x, packed, scale4, minimum), int4.dequantize(packed, scale4, minimum, torch.float32)),
+        # bounds: bf16 output rounding (2^-8) plus the kernels' activation codes: int16 for 8-bit weights
+        # (negligible), int8 for 4-bit weights (a step of 1/127 of each 64-block's largest value, small
+        # against the weights' own 4-bit error; decode KL on the demo model is that of bf16 rounding)
+        for got, dense, bound in [
+            (kernels.linear_q8(x, q, scale), int8.dequantize(q, scale, torch.float32), 2**-7),
+            (kernels.linear_q4(x, packed, scale4, minimum), int4.dequantize(packed, scale4, minimum, torch.float32),
+             2**-6),
         ]:
             expected = x.float() @ dense.T
-            assert ((got.float() - expected).abs().max() / expected.abs().max()).item() < 2**-7
+            assert ((got.float() - expected).abs().max() / expected.abs().max()).item() < bound
 
 
 def test_default_policy():

@@ -12,6 +12,82 @@
  */
 #include "common.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#else /* built without OpenMP: one thread */
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define Q3N_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define Q3N_AVX2 1
+#endif
+
+/* w[:n] . x[:n] with fp32 accumulation, for the expert kernels.
+ *
+ * dot_bf16_f32 leaves the vectorisation to the compiler, which keeps one or two vector
+ * accumulators and ends every row with a serial scalar sum over their lanes (32 dependent adds
+ * with AVX-512). On the experts' short rows (128 to 512 columns on the benchmark model) that chain,
+ * not memory, set the pace, and the two vCPUs of a small cloud machine are often the two
+ * hyperthreads of one core, sharing one set of vector units, so a second thread did not help.
+ * Four accumulators and a tree reduction make a row cost little more than its loads. Rows are
+ * still read one at a time, front to back: computing four rows at once (sharing the loads of x)
+ * measured slower from memory, presumably as four interleaved streams defeat the hardware
+ * prefetcher. The sums differ from dot_bf16_f32's only in fp32 summation order. (q3n_linear_bf16
+ * keeps dot_bf16_f32: on its longer, single-matrix runs this measured no faster.) */
+static inline float dot_row_bf16(const uint16_t *w, const float *x, int64_t n) {
+#if defined(Q3N_AVX512)
+#define Q3N_WIDEN(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(Q3N_WIDEN(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(Q3N_WIDEN(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(Q3N_WIDEN(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(Q3N_WIDEN(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(Q3N_WIDEN(w + i), _mm512_loadu_ps(x + i), a0);
+    if (i < n) { /* the last n % 16 columns: masked-off lanes load as zero */
+        const __mmask16 mask = (__mmask16)((1u << (n - i)) - 1);
+        __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w + i)), 16));
+        a1 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + i), a1);
+    }
+#undef Q3N_WIDEN
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(Q3N_AVX2)
+#define Q3N_WIDEN(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(Q3N_WIDEN(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(Q3N_WIDEN(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(Q3N_WIDEN(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(Q3N_WIDEN(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(Q3N_WIDEN(w + i), _mm256_loadu_ps(x + i), a0);
+#undef Q3N_WIDEN
+    __m256 v = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float acc = _mm_cvtss_f32(h);
+    for (; i < n; i++) acc += bf16_to_f32(w[i]) * x[i];
+    return acc;
+#else
+    return dot_bf16_f32(w, x, n);
+#endif
+}
+
+/* This thread's contiguous part [begin, end) of [0, total). */
+static inline void thread_share(int64_t total, int64_t *begin, int64_t *end) {
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    *begin = total * t / n;
+    *end = total * (t + 1) / n;
+}
+
 /* y[m, r] = sum_c w[r, c] * x[m, c] for m < rows_x: w [out, in], x [rows_x, in], y [rows_x, out]. */
 void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out, int64_t in,
                      int threads) {
@@ -26,36 +102,82 @@ void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t 
 
 #define Q3N_MAX_CONV_KERNEL 8 /* the Python side routes longer convs to torch */
 
+/* One SwiGLU expert as the expert kernels see it: gate and up [inter, hidden], down [hidden, inter]. */
+typedef struct {
+    const uint16_t *gate, *up, *down;
+    int64_t inter;
+} q3n_expert;
+
+/* experts[0..count) on one token x, split across the threads of a parallel region in two phases.
+ * Gate/up: act = silu(gate x) * up x over all experts' rows, laid end to end (act holds each
+ * expert's activations after the previous one's); each thread takes a contiguous run of those rows.
+ * Down (after a barrier): each thread takes a slice of the hidden rows and walks every expert's
+ * down matrix over it, one expert after another, so it reads each matrix as one contiguous run
+ * instead of hopping between k matrices for every output row. */
+typedef struct {
+    const q3n_expert *experts;
+    int64_t count, hidden;
+    const float *x; /* [hidden] fp32 */
+    float *act, *up; /* [sum of inter] each; up is scratch */
+} q3n_expert_work;
+
+/* Phase one; call from every thread of the region, then a barrier before expert_down. */
+static void experts_gate_up(const q3n_expert_work *w) {
+    int64_t total = 0, begin, end;
+    for (int64_t i = 0; i < w->count; i++) total += w->experts[i].inter;
+    thread_share(total, &begin, &end);
+    const int64_t hidden = w->hidden;
+    for (int64_t e = 0, first = 0; e < w->count; first += w->experts[e++].inter) {
+        const q3n_expert *ex = &w->experts[e];
+        const int64_t from = begin > first ? begin - first : 0, to = end - first < ex->inter ? end - first : ex->inter;
+        for (int64_t r = from; r < to; r++) {
+            w->act[first + r] = dot_row_bf16(ex->gate + r * hidden, w->x, hidden);
+            w->up[first + r] = dot_row_bf16(ex->up + r * hidden, w->x, hidden);
+        }
+    }
+#pragma omp simd /* apart from the dots so that expf vectorises (libmvec) */
+    for (int64_t j = begin; j < end; j++) w->act[j] = silu(w->act[j]) * w->up[j];
+}
+
+/* Phase two for expert e: d[r] = down_e[r, :] . act_e for r in [begin, end). */
+static void expert_down(const q3n_expert_work *w, int64_t e, int64_t begin, int64_t end, float *d) {
+    const q3n_expert *ex = &w->experts[e];
+    const float *act = w->act;
+    for (int64_t i = 0; i < e; i++) act += w->experts[i].inter;
+    for (int64_t r = begin; r < end; r++) d[r] = dot_row_bf16(ex->down + r * ex->inter, act, ex->inter);
+}
+
 /* One token through k SwiGLU experts, summed with weights:
  *   out = sum_e weights[e] * down_e(silu(gate_e x) * up_e x)
  * table[3 * id + {0, 1, 2}] holds the addresses of expert id's gate [inter, hidden], up [inter, hidden]
  * and down [hidden, inter] matrices; ids [k] pick the experts. */
 void q3n_swiglu_experts_bf16(const int64_t *table, const int64_t *ids, const float *weights, int64_t k,
                              const uint16_t *x, uint16_t *out, int64_t hidden, int64_t inter, int threads) {
-    float *xf = widen(x, hidden);
-    float *act = malloc(sizeof(float) * (size_t)(k * inter));
+    q3n_expert *experts = malloc(sizeof(q3n_expert) * (size_t)(k ? k : 1));
+    for (int64_t i = 0; i < k; i++) {
+        const int64_t *e = table + 3 * ids[i];
+        experts[i] = (q3n_expert){(const uint16_t *)(intptr_t)e[0], (const uint16_t *)(intptr_t)e[1],
+                                  (const uint16_t *)(intptr_t)e[2], inter};
+    }
+    float *xf = widen(x, hidden), *scratch = malloc(sizeof(float) * (size_t)(2 * k * inter + 2 * hidden));
+    const q3n_expert_work work = {experts, k, hidden, xf, scratch, scratch + k * inter};
+    float *acc = scratch + 2 * k * inter, *d = acc + hidden;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < k * inter; j++) {
-            const int64_t *e = table + 3 * ids[j / inter];
-            int64_t r = j % inter;
-            float g = dot_bf16_f32((const uint16_t *)(intptr_t)e[0] + r * hidden, xf, hidden);
-            float u = dot_bf16_f32((const uint16_t *)(intptr_t)e[1] + r * hidden, xf, hidden);
-            act[j] = silu(g) * u;
+        experts_gate_up(&work);
+#pragma omp barrier
+        int64_t begin, end;
+        thread_share(hidden, &begin, &end);
+        for (int64_t r = begin; r < end; r++) acc[r] = 0.0f;
+        for (int64_t i = 0; i < k; i++) { /* the sum in expert order, as one output row at a time had it */
+            expert_down(&work, i, begin, end, d);
+            for (int64_t r = begin; r < end; r++) acc[r] += weights[i] * d[r];
         }
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < hidden; r++) {
-            float acc = 0.0f;
-            for (int64_t i = 0; i < k; i++) {
-                const uint16_t *down = (const uint16_t *)(intptr_t)table[3 * ids[i] + 2];
-                acc += weights[i] * dot_bf16_f32(down + r * inter, act + i * inter, inter);
-            }
-            out[r] = f32_to_bf16(acc);
-        }
+        for (int64_t r = begin; r < end; r++) out[r] = f32_to_bf16(acc[r]);
     }
-    free(act);
+    free(scratch);
     free(xf);
+    free(experts);
 }
 
 /* Choose the top_k largest logits (the lower id wins a tie) and their routing weights: the softmax
@@ -94,47 +216,46 @@ typedef struct {
  * chosen ids, their weights and the router logits. */
 void q3n_moe_block_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights *m, int64_t hidden, int64_t *ids,
                         float *weights, float *logits, int threads) {
-    const int64_t top_k = m->top_k, inter = m->inter, shared_inter = m->shared_inter;
-    float *xf = widen(x, hidden);
-    float *act = malloc(sizeof(float) * (size_t)(top_k * inter + shared_inter));
-    float *shared_act = act + top_k * inter, gate_logit = 0.0f;
+    const int64_t top_k = m->top_k, rows = top_k * m->inter + m->shared_inter;
+    q3n_expert *experts = malloc(sizeof(q3n_expert) * (size_t)(top_k + 1)); /* the chosen ones, then the shared one */
+    experts[top_k] = (q3n_expert){m->shared_gate, m->shared_up, m->shared_down, m->shared_inter};
+    float *xf = widen(x, hidden), *scratch = malloc(sizeof(float) * (size_t)(2 * rows + 2 * hidden));
+    const q3n_expert_work work = {experts, top_k + 1, hidden, xf, scratch, scratch + rows};
+    float *routed = scratch + 2 * rows, *d = routed + hidden, gate_logit = 0.0f;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-        for (int64_t e = 0; e <= m->experts; e++) {
-            if (e < m->experts) logits[e] = round_bf16(dot_bf16_f32(m->router + e * hidden, xf, hidden));
-            else gate_logit = round_bf16(dot_bf16_f32(m->shared_expert_gate, xf, hidden));
+        int64_t begin, end;
+        thread_share(m->experts + 1, &begin, &end); /* the router's rows, then the shared expert's gate */
+        for (int64_t e = begin; e < end; e++) {
+            if (e < m->experts) logits[e] = round_bf16(dot_row_bf16(m->router + e * hidden, xf, hidden));
+            else gate_logit = round_bf16(dot_row_bf16(m->shared_expert_gate, xf, hidden));
         }
+#pragma omp barrier
 #pragma omp single
-        route_top_k(logits, m->experts, top_k, (int)m->norm_topk, ids, weights);
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < top_k * inter + shared_inter; j++) {
-            const uint16_t *gate, *up;
-            int64_t r;
-            if (j < top_k * inter) {
-                const int64_t *e = m->table + 3 * ids[j / inter];
-                r = j % inter;
-                gate = (const uint16_t *)(intptr_t)e[0], up = (const uint16_t *)(intptr_t)e[1];
-            } else {
-                r = j - top_k * inter;
-                gate = m->shared_gate, up = m->shared_up;
-            }
-            act[j] = silu(dot_bf16_f32(gate + r * hidden, xf, hidden)) * dot_bf16_f32(up + r * hidden, xf, hidden);
-        }
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < hidden; r++) {
-            float routed = 0.0f;
+        {
+            route_top_k(logits, m->experts, top_k, (int)m->norm_topk, ids, weights);
             for (int64_t i = 0; i < top_k; i++) {
-                const uint16_t *down = (const uint16_t *)(intptr_t)m->table[3 * ids[i] + 2];
-                routed += weights[i] * dot_bf16_f32(down + r * inter, act + i * inter, inter);
+                const int64_t *e = m->table + 3 * ids[i];
+                experts[i] = (q3n_expert){(const uint16_t *)(intptr_t)e[0], (const uint16_t *)(intptr_t)e[1],
+                                          (const uint16_t *)(intptr_t)e[2], m->inter};
             }
-            float shared = round_bf16(dot_bf16_f32(m->shared_down + r * shared_inter, shared_act, shared_inter));
-            float scale = round_bf16(1.0f / (1.0f + expf(-gate_logit)));
-            out[r] = f32_to_bf16(round_bf16(routed) + round_bf16(scale * shared));
+        } /* implicit barrier: every thread sees the chosen experts */
+        experts_gate_up(&work);
+#pragma omp barrier
+        thread_share(hidden, &begin, &end);
+        for (int64_t r = begin; r < end; r++) routed[r] = 0.0f;
+        for (int64_t i = 0; i < top_k; i++) { /* the routed sum in expert order, as before */
+            expert_down(&work, i, begin, end, d);
+            for (int64_t r = begin; r < end; r++) routed[r] += weights[i] * d[r];
         }
+        expert_down(&work, top_k, begin, end, d);
+        const float scale = round_bf16(1.0f / (1.0f + expf(-gate_logit)));
+        for (int64_t r = begin; r < end; r++)
+            out[r] = f32_to_bf16(round_bf16(routed[r]) + round_bf16(scale * round_bf16(d[r])));
     }
-    free(act);
+    free(scratch);
     free(xf);
+    free(experts);
 }
 
 /* out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * (offset + w): offset 1 for the zero-centered norms. */

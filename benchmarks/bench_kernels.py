@@ -1,9 +1,10 @@
-"""Decode kernels vs torch on this CPU: the numbers behind writing csrc/decode_kernels.c.
+"""Decode kernels vs torch on this CPU: the numbers behind writing csrc/decode_kernels.c and quant_kernels.c.
 
     python benchmarks/bench_kernels.py
 
 Matrix-vector products over weights that do not fit in cache (each call reads a different
-matrix, as decode does) for bf16, int8 and int4 weights, the one-call MoE decode block, and one
+matrix, as decode does) for bf16, int8 and int4 weights (ours, and torch's own weight-only int8 and
+int4 CPU kernels on their own layouts), the one-call MoE decode block, and one
 Gated DeltaNet layer over a 256-token prompt.
 """
 
@@ -33,6 +34,18 @@ def seconds_per_call(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def torch_int4pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w in torch's own int4 CPU layout (groups of 64, bf16 scale and zero): what _weight_int4pack_mm reads."""
+    out_features, in_features = w.shape
+    groups = w.float().view(out_features, in_features // 64, 64)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.view(out_features, in_features), 1)
+    zero = low + 8 * scale  # torch's convention: w = (code - 8) * scale + zero
+    return packed, torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().bfloat16()
+
+
 def gemv_table() -> None:
     """Weights per second, in billions (G weights/s), for one activation row."""
     variants = {
@@ -41,9 +54,14 @@ def gemv_table() -> None:
         "ours bf16": (lambda w: (w,), cpu_kernels.linear_bf16, torch.bfloat16),
         "ours int8": (int8.quantize, cpu_kernels.linear_q8, torch.bfloat16),
         "ours int4": (lambda w: int4.quantize(w, 64), cpu_kernels.linear_q4, torch.bfloat16),
+        "torch int8": (lambda w: (int8.quantize(w)[0], int8.quantize(w)[1].bfloat16()), torch._weight_int8pack_mm,
+                       torch.bfloat16),
+        "torch int4": (torch_int4pack, lambda x, packed, scales: torch._weight_int4pack_mm_for_cpu(x, packed, 64, scales),
+                       torch.bfloat16),
     }
     print(f"{'weight [out, in]':<18}" + "".join(f"{name:>12}" for name in variants) + "   (G weights/s)")
-    for out_features, in_features in [(256, 512), (512, 512), (3072, 512), (4096, 2048)]:
+    for out_features, in_features in [(256, 512), (512, 512), (3072, 512), (512, 2048), (2048, 512), (4096, 2048),
+                                      (151936, 2048)]:
         count = max(2, CACHE_BUSTING_BYTES // (out_features * in_features * 2))
         weights = [torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.05 for _ in range(count)]
         figures = []

@@ -94,8 +94,9 @@ def test_default_policy():
                  "model.layers.0.linear_attn.A_log", "model.layers.0.linear_attn.dt_bias",
                  "model.layers.0.linear_attn.norm.weight", "model.norm.weight", "mtp.pre_fc_norm_hidden.weight"):
         assert default_bits(kept, 4) is None, kept
+    assert default_bits("lm_head.weight", 4) == 4 and default_bits("lm_head.weight", 8) == 8  # follows --bits
     for eight in ("model.layers.0.linear_attn.in_proj_qkvz.weight", "model.layers.3.self_attn.q_proj.weight",
-                  "model.layers.0.mlp.shared_expert.down_proj.weight", "model.embed_tokens.weight", "lm_head.weight"):
+                  "model.layers.0.mlp.shared_expert.down_proj.weight", "model.embed_tokens.weight"):
         assert default_bits(eight, 4) == 8, eight
 
 

@@ -122,7 +122,7 @@ def test_decode_kernels_agree_with_the_dequantized_weights(quantized, bits):
     engine = qwen3next.load(quantized[bits], dtype="bfloat16")
     generator = torch.Generator().manual_seed(bits)
     linears = [m for m in engine.model.modules() if type(m) is QuantizedLinear]
-    assert {m.bits for m in linears} == {8}  # the default policy: dense matrices at 8 bits
+    assert {m.bits for m in linears} == {8, bits}  # the default policy: dense matrices at 8 bits, lm_head at --bits
     with torch.no_grad():
         for module in linears:
             x = torch.randn(1, module.in_features, generator=generator).bfloat16()

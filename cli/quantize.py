@@ -33,7 +33,8 @@ def _say(quiet: bool):
               help="UTF-8 text for --verify's end-to-end check [default: a built-in paragraph].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or notices on stderr.")
 def quantize_command(src, out, bits, group_size, keep, bits_for, force, verify, verify_text, quiet):
-    """Quantize the checkpoint in SRC into OUT, streaming shard by shard (resumes if interrupted).
+    """Quantize the checkpoint in SRC (a folder, or a hub id already downloaded) into OUT, streaming shard by
+    shard (resumes if interrupted).
 
     Routed experts go to --bits, packed one contiguous blob per expert for offloading; the format
     is in docs/format.md. Prints OUT when done.
@@ -41,6 +42,7 @@ def quantize_command(src, out, bits, group_size, keep, bits_for, force, verify, 
     from qwen3next.quant.convert import quantize_checkpoint  # torch-heavy: only this command pays for it
 
     say = _say(quiet)
+    src = _source_folder(src)
     text = _read_text(verify_text) if verify_text else None
     policy = Policy(int(bits), keep=keep, bits_for=parse_bits_for(bits_for))
     started = time.perf_counter()
@@ -51,6 +53,13 @@ def quantize_command(src, out, bits, group_size, keep, bits_for, force, verify, 
     if verify:
         _verify(src, out, errors, text, say)
     click.echo(str(out))
+
+
+def _source_folder(src: Path) -> Path:
+    """SRC as given, or the local Hugging Face cache's snapshot when it is a downloaded hub id."""
+    from qwen3next.model_path import looks_like_repo_id, resolve_model_path
+
+    return resolve_model_path(str(src)) if not src.exists() and looks_like_repo_id(str(src)) else src
 
 
 def _read_text(path: Path) -> str:

@@ -27,7 +27,7 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
         if not folder.is_dir():
             raise ConfigError(f"{folder}: is a file; --model takes a model folder")
         return folder
-    if _looks_like_repo_id(str(path)):
+    if looks_like_repo_id(str(path)):
         cached = _cached_snapshot(str(path))
         if cached is not None:
             return cached
@@ -37,7 +37,7 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     raise ConfigError(f"{folder}: no such folder")
 
 
-def _looks_like_repo_id(text: str) -> bool:
+def looks_like_repo_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
 

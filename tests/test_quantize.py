@@ -277,6 +277,23 @@ def test_bad_sources(models, model_copy, tmp_path, capsys):
     assert code == 2 and "OUT is inside SRC" in err and not (models("tiny") / "inside").exists()
 
 
+def test_a_hub_id_in_the_local_cache_as_source(models, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--org--tiny"
+    shutil.copytree(models("tiny"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(["quantize", "org/tiny", tmp_path / "q8", "--bits", "8", "-q"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "q8" / "tokenizer.json").read_bytes() == (models("tiny") / "tokenizer.json").read_bytes()
+    code, _, err = cli(["quantize", "org/absent", tmp_path / "q9"], capsys)
+    assert code == 1 and "not in the local Hugging Face cache" in err
+
+
 def test_already_quantized_source_is_refused(quantized, tmp_path, capsys):
     code, _, err = cli(["quantize", quantized[4], tmp_path / "again"], capsys)
     assert code == 2 and "already quantized" in err

@@ -176,7 +176,7 @@ def save(model: Qwen3NextForCausalLM, store: ResidentExpertStore, config: Qwen3N
                 for projection, tensor in zip(PROJECTIONS, (gate_up[:I], gate_up[I:], down)):
                     yield expert_tensor_name(prefix, e, projection), tensor.to(torch.bfloat16)
 
-    write_checkpoint(out, tensors())
+    write_checkpoint(out, tensors(), max_shard_bytes=20 * 2**20)  # every tracked file under 25 MB
 
 
 def main() -> None:

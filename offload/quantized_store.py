@@ -17,12 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from qwen3next import cpu_kernels
-from qwen3next.quant.layout import ExpertLayout, ProjectionLayout
+from qwen3next.quant.layout import ExpertLayout, ProjectionLayout, array_specs
 from qwen3next.quant.modules import quantized_matmul
-from qwen3next.weights import pread_into
-
-_STORED = {8: (torch.int8, torch.float32), 4: (torch.uint8, torch.float16, torch.float16)}
-
+from qwen3next.weights import DTYPES, pread_into
 
 class QuantizedExpertStore:
     def __init__(self, blobs: dict[int, torch.Tensor], layouts: dict[int, ExpertLayout]):
@@ -77,13 +74,8 @@ class QuantizedExpertStore:
 
 def stored_arrays(blob: torch.Tensor, p: ProjectionLayout) -> list[torch.Tensor]:
     """Views of one projection's arrays (codes, scale[, minimum]) inside an expert blob."""
-    groups = p.cols // p.group
-    shapes = [(p.rows, p.cols), (p.rows,)] if p.bits == 8 else [(p.rows, p.cols // 2), (p.rows, groups), (p.rows, groups)]
-    arrays = []
-    for offset, shape, dtype in zip(p.offsets, shapes, _STORED[p.bits]):
-        count = int(torch.Size(shape).numel()) * dtype.itemsize
-        arrays.append(blob[offset:offset + count].view(dtype).view(shape))
-    return arrays
+    return [blob[offset:offset + size].view(DTYPES[dtype]).view(shape)
+            for offset, (dtype, shape, size) in zip(p.offsets, array_specs(p.rows, p.cols, p.bits, p.group))]
 
 
 def _kernel_args(blobs: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, cpu_kernels.ExpertLayout] | None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.errors import ConfigError
+from qwen3next.weights import CheckpointReader
 
 from .layout import FORMAT_VERSION, ExpertLayout, array_specs, packed_expert_name, quantized_names
+from .policy import is_routed_expert
 
 
 def expert_layouts(config: Qwen3NextConfig, prefixes: list[str]) -> dict[str, ExpertLayout]:
@@ -33,7 +35,7 @@ def expert_layouts(config: Qwen3NextConfig, prefixes: list[str]) -> dict[str, Ex
     return layouts
 
 
-def stored_bits(names: set[str] | object, name: str) -> int | None:
+def stored_bits(names: CheckpointReader, name: str) -> int | None:
     """8 or 4 when matrix `name` is stored quantized (its codes tensor is present), else None."""
     for bits in (8, 4):
         if quantized_names(name, bits)[0] in names:
@@ -41,18 +43,18 @@ def stored_bits(names: set[str] | object, name: str) -> int | None:
     return None
 
 
-def expected_shapes(dense: dict[str, tuple[int, ...]], expert_names: set[str], present, shape_of,
-                    layouts: dict[str, ExpertLayout], num_experts: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(dense: dict[str, tuple[int, ...]], reader: CheckpointReader, layouts: dict[str, ExpertLayout],
+                    num_experts: int) -> dict[str, tuple[int, ...]]:
     """What a quantized checkpoint must hold, given the bf16 model's expected tensors `dense`.
 
-    `present` answers `name in checkpoint`, `shape_of(name)` gives a stored shape (for the 4-bit
-    group size, read from the scale's shape). Routed expert projections become one blob per expert.
+    Matrices whose codes tensor is present are expected in that format (the 4-bit group size read
+    from the stored scale's shape); routed expert projections become one blob per expert.
     """
     shapes = {}
     for name, shape in dense.items():
-        if name in expert_names:
+        if is_routed_expert(name):
             continue
-        bits = stored_bits(present, name) if len(shape) == 2 else None
+        bits = stored_bits(reader, name) if len(shape) == 2 else None
         if bits is None:
             shapes[name] = shape
             continue
@@ -60,7 +62,7 @@ def expected_shapes(dense: dict[str, tuple[int, ...]], expert_names: set[str], p
         group = cols
         if bits == 4:
             scale = quantized_names(name, 4)[1]
-            groups = shape_of(scale)[-1] if scale in present else 1
+            groups = reader.shape(scale)[-1] if scale in reader else 1
             group = cols // groups if groups and cols % groups == 0 else cols
         for stored, (_, stored_shape, _) in zip(quantized_names(name, bits), array_specs(rows, cols, bits, group)):
             shapes[stored] = stored_shape

@@ -46,12 +46,16 @@ class QuantizedLinear(nn.Module):
         self.out_features = arrays[0].shape[0]
         self.in_features = arrays[0].shape[1] * (2 if bits == 4 else 1)
 
+    @property
+    def arrays(self) -> list[torch.Tensor]:
+        """The stored arrays in the format's order: codes, scale[, minimum]."""
+        return [self.codes, self.scale] if self.bits == 8 else [self.codes, self.scale, self.minimum]
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.bits, [self.codes, self.scale, self.minimum][:2 if self.bits == 8 else 3], dtype)
+        return dequantize(self.bits, self.arrays, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        arrays = [self.codes, self.scale] if self.bits == 8 else [self.codes, self.scale, self.minimum]
-        return quantized_matmul(x, self.bits, arrays)
+        return quantized_matmul(x, self.bits, self.arrays)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -69,10 +73,7 @@ class QuantizedEmbedding(QuantizedLinear):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        if self.bits == 8:
-            rows = int8.dequantize(self.codes[flat], self.scale[flat], self.dtype)
-        else:
-            rows = int4.dequantize(self.codes[flat], self.scale[flat], self.minimum[flat], self.dtype)
+        rows = dequantize(self.bits, [array[flat] for array in self.arrays], self.dtype)
         return rows.view(*ids.shape, self.in_features)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:

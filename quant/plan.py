@@ -22,7 +22,7 @@ from qwen3next.errors import CheckpointError, UsageError
 from qwen3next.loader import expected_shapes, expert_layer_prefixes
 from qwen3next.model import Qwen3NextForCausalLM
 from qwen3next.offload.store import expert_tensor_name
-from qwen3next.weights import CheckpointReader
+from qwen3next.weights import DTYPE_NAMES, CheckpointReader
 
 from . import int4
 from .layout import FORMAT_VERSION, PROJECTIONS, ExpertLayout, aligned, array_specs, packed_expert_name, \
@@ -30,10 +30,7 @@ from .layout import FORMAT_VERSION, PROJECTIONS, ExpertLayout, aligned, array_sp
 from .policy import Policy
 
 _QUANTIZED_NAME = re.compile(r"\.(q8|q4|packed)$")
-_FLOAT_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int8: "I8",
-              torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
-              torch.float64: "F64"}
+_FLOAT_DTYPES = {torch.bfloat16, torch.float16, torch.float32}
 
 
 @dataclass
@@ -53,6 +50,9 @@ class Kept:
     outputs: list[OutputTensor]
     source_bytes: int
 
+    def source_names(self) -> list[str]:
+        return [self.name]
+
 
 @dataclass
 class Matrix:
@@ -63,6 +63,9 @@ class Matrix:
     group: int
     outputs: list[OutputTensor]
     source_bytes: int
+
+    def source_names(self) -> list[str]:
+        return [self.name]
 
 
 @dataclass
@@ -75,6 +78,9 @@ class Expert:
     sources: dict[str, str]  # projection -> source tensor name
     outputs: list[OutputTensor]
     source_bytes: int
+
+    def source_names(self) -> list[str]:
+        return list(self.sources.values())
 
 
 @dataclass(eq=False)  # compared by identity: a plan holds thousands of items
@@ -179,7 +185,7 @@ def _dense_item(reader: CheckpointReader, name: str, policy: Policy, group: int)
     source_bytes = reader.byte_range(name)[2]
     bits = policy.bits(name)
     if bits is None or len(shape) != 2:
-        stored = _ST_DTYPES.get(dtype)
+        stored = DTYPE_NAMES.get(dtype)
         if stored is None:
             raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has unsupported dtype {dtype}")
         return Kept(name, [OutputTensor(name, stored, tuple(shape), source_bytes)], source_bytes)

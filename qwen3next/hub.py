@@ -150,7 +150,7 @@ def download_quantized(repo_id: str, bits: int, out: str | Path, revision: str |
                              source_sizes={f.path: f.size for f in shards})
             _check_source_space(job, shards, fetch_dir, where)
             needs = [{reader.file_of(name).relative_to(fetch_dir).as_posix() for item in shard.items
-                      for name in _sources(item)} for shard in job.plan.shards]
+                      for name in item.source_names()} for shard in job.plan.shards]
             with job.progress_bar(not quiet) as bar:
                 for i, shard in enumerate(job.plan.shards):
                     if shard in job.todo:
@@ -165,11 +165,6 @@ def download_quantized(repo_id: str, bits: int, out: str | Path, revision: str |
         job.finish(force)
         shutil.rmtree(fetch_dir)
     return out
-
-
-def _sources(item) -> list[str]:
-    """The source tensors one planned output item reads."""
-    return list(item.sources.values()) if hasattr(item, "sources") else [item.name]
 
 
 def _check_source_space(job, shards: list[RemoteFile], fetch_dir: Path, where: str) -> None:

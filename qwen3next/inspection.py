@@ -295,10 +295,8 @@ def _quantized_shapes(config: Qwen3NextConfig, shapes: dict, reader: CheckpointR
     """What a `qwen3next quantize` folder must hold (quant/checkpoint.py), so inspect checks it as the loader will."""
     from qwen3next.quant import checkpoint as quantized
 
-    prefixes = list(expert_layer_prefixes(config, with_mtp).values())
-    layouts = quantized.expert_layouts(config, prefixes)
-    experts = {n for n in shapes if ".mlp.experts." in n}
-    return quantized.expected_shapes(shapes, experts, reader, reader.shape, layouts, config.num_experts)
+    layouts = quantized.expert_layouts(config, list(expert_layer_prefixes(config, with_mtp).values()))
+    return quantized.expected_shapes(shapes, reader, layouts, config.num_experts)
 
 
 def _disk_section(folder: Path, shards: set[Path], tensor_bytes: int) -> Section:

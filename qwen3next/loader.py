@@ -90,9 +90,8 @@ def load_model(
         layouts = None
         if config.quantization is not None:
             layouts = quantized.expert_layouts(config, list(prefixes.values()))
-            dense, parameters = expected_shapes(model, with_mtp), set(model.state_dict())
-            experts = {n for n in dense if n not in parameters}
-            reader.validate(quantized.expected_shapes(dense, experts, reader, reader.shape, layouts, config.num_experts))
+            reader.validate(quantized.expected_shapes(expected_shapes(model, with_mtp), reader, layouts,
+                                                      config.num_experts))
         else:
             reader.validate(expected_shapes(model, with_mtp))
 

@@ -58,6 +58,10 @@ for _name, _attr in (
         _DTYPES[_name] = getattr(torch, _attr)
 
 
+DTYPES = _DTYPES  # safetensors dtype name -> torch dtype
+DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # and back
+
+
 class _Entry(NamedTuple):
     """Where one tensor lives: enough to validate it, map it, or pread its bytes."""
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_engine import best_of  # noqa: E402
 ENGINE_BENCH = ROOT / "benchmarks" / "bench_engine.py"
 # A `qwen3next` process that reports its own peak RSS (bytes) on stderr.
 _MEASURED_CLI = ("import resource, sys; from qwen3next.cli.main import main; code = main(sys.argv[1:]); "
@@ -105,8 +107,7 @@ def main() -> None:
     print(f"\ndecode: prompt {args.prompt_tokens} tokens, {args.new_tokens} new, {args.threads} threads, "
           f"best of {args.rounds}x{args.repeats}")
     print(f"{'model':<20} {'prefill tok/s':>13} {'decode tok/s':>12} {'vs bf16':>8} {'peak RSS MiB':>12}")
-    best = {name: {k: max(r[k] for r in rs) if k.endswith("tok_s") else min(r[k] for r in rs) for k in rs[0]}
-            for name, rs in runs.items()}
+    best = {name: best_of(rs) for name, rs in runs.items()}
     base = best["qwen3next bf16"]["decode_tok_s"]
     for name, r in best.items():
         print(f"{name:<20} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.1f} {r['decode_tok_s'] / base:>7.2f}x "

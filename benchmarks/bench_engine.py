@@ -42,13 +42,13 @@ def measure_ours(folder: Path, args) -> dict:
     engine = qwen3next.load(folder, dtype=args.dtype, device=args.device)
     engine.eos_ids = []  # always generate the full count, like min_new_tokens on the reference side
     ids = prompt_ids(args.prompt_tokens, engine.tokenizer.vocab_size)
-    list(engine.generate(ids, max_new_tokens=2, temperature=0))  # warm-up, as the reference side does
+    engine.complete(qwen3next.Request(prompt=ids, max_new_tokens=2, temperature=0))  # warm-up, as the reference side does
     runs = []
     for _ in range(args.repeats):
-        tokens = list(engine.generate(ids, max_new_tokens=args.new_tokens, temperature=0))
-        assert len(tokens) == args.new_tokens
-        s = engine.last_stats
-        runs.append({"prefill_tok_s": s.prefill_tokens_per_second, "decode_tok_s": s.decode_tokens_per_second})
+        result = engine.complete(qwen3next.Request(prompt=ids, max_new_tokens=args.new_tokens, temperature=0))
+        assert len(result.tokens) == args.new_tokens
+        runs.append({"prefill_tok_s": result.timings.prefill_tokens_per_second(len(ids)),
+                     "decode_tok_s": result.timings.decode_tokens_per_second})
     return runs
 
 

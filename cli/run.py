@@ -9,13 +9,14 @@ from typing import TextIO
 import click
 
 from qwen3next.engine import Engine, load
-from qwen3next.errors import Qwen3NextError, UsageError
+from qwen3next.errors import Qwen3NextError, RequestError, UsageError
+from qwen3next.request import MAX_NEW_TOKENS, PREFILL_CHUNK, Request, Token
 
 from .stats import format_stats
 
-# JSONL request keys and the generate() arguments they map to.
-_REQUEST_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
-                 "chat", "system"}
+# run's options that are Request fields (the flag is the field name with dashes).
+_REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
+                    "chat", "system", "prefill_chunk")
 
 
 @click.command()
@@ -24,7 +25,7 @@ _REQUEST_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "re
 @click.option("--prompt", "-p", help="The prompt; read from stdin when omitted.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as a user message.")
 @click.option("--system", help="System message (implies --chat).")
-@click.option("--max-new-tokens", "-n", type=click.IntRange(min=0), default=256, show_default=True)
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=0), default=MAX_NEW_TOKENS, show_default=True)
 @click.option("--temperature", "-t", type=click.FloatRange(min=0), help="0 means greedy. [default: generation_config.json]")
 @click.option("--top-k", type=click.IntRange(min=0), help="[default: generation_config.json]")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), help="[default: generation_config.json]")
@@ -34,36 +35,41 @@ _REQUEST_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "re
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--device", help="cpu, cuda, cuda:1, ... [default: cuda if available]")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=PREFILL_CHUNK, show_default=True,
               help="Prompt tokens per prefill step (bounds peak memory on long prompts).")
 @click.option("--jsonl", is_flag=True, help='Read one JSON request per stdin line ({"prompt": ..., ...}); '
               "answer each with one JSON line.")
 @click.option("--stats", is_flag=True, help="Print token counts, speeds and peak memory to stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or notices on stderr.")
-def run(model_path, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-        seed, stop, dtype, device, prefill_chunk, jsonl, stats, quiet):
+def run(model_path, prompt, dtype, device, jsonl, stats, quiet, **fields):
     """Generate text: the prompt from --prompt or stdin, only the generated text on stdout."""
     if jsonl and prompt is not None:
         raise UsageError("--jsonl reads requests from stdin; it cannot be combined with --prompt")
-    if not jsonl and prompt is None:
-        prompt = _read_stdin_prompt()
-    if not jsonl and not prompt.strip():
-        raise UsageError("--prompt is empty")
+    fields = {name: fields[name] for name in _REQUEST_OPTIONS if fields[name] not in (None, ())}
+    request = None
+    if not jsonl:
+        request = _as_flags(lambda: Request(prompt=_read_stdin_prompt() if prompt is None else prompt, **fields))
     engine = load(model_path, dtype=dtype, device=device, progress=not quiet, quiet=quiet)
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repetition_penalty=repetition_penalty, seed=seed, stop=stop, chat=chat, system=system,
-                   prefill_chunk=prefill_chunk)
     if jsonl:
-        failures = _serve_jsonl(engine, options, sys.stdin, stats)
+        failures = _serve_jsonl(engine, fields, sys.stdin, stats)
         if failures:
             raise click.exceptions.Exit(1)
         return
-    for token in engine.generate(prompt, **options):
-        sys.stdout.write(token.text)
-        sys.stdout.flush()
+    for event in _as_flags(lambda: engine.stream(request)):
+        if isinstance(event, Token):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif stats:
+            click.echo(format_stats(event, engine), err=True)
     sys.stdout.write("\n")
-    if stats:
-        click.echo(format_stats(engine.last_stats, engine.device), err=True)
+
+
+def _as_flags(make):
+    """Call make(); a RequestError names the field, which on the command line is a flag."""
+    try:
+        return make()
+    except RequestError as exc:
+        raise UsageError(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.rule}") from None
 
 
 def _read_stdin_prompt() -> str:
@@ -80,41 +86,30 @@ def _read_stdin_prompt() -> str:
 
 
 def _serve_jsonl(engine: Engine, defaults: dict, lines: TextIO, stats: bool) -> int:
-    """Answer each request line with one JSON line; a bad line gets {"error": ...}. Returns the failure count."""
+    """Answer each request line with one JSON line (the Result); a bad line gets {"error": ...,
+    "field": ..., "line": ...}. The flags given on the command line are the defaults of every line.
+    Returns the failure count."""
     failures = 0
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            prompt, overrides = _parse_request(line, number)
-            tokens = list(engine.generate(prompt, **{**defaults, **overrides}))
-            s = engine.last_stats
-            answer = {"text": "".join(t.text for t in tokens), "tokens": [t.token for t in tokens],
-                      "finish_reason": s.finish_reason, "prompt_tokens": s.prompt_tokens}
+            result = engine.complete(Request.from_dict(_decode_line(line, number), defaults))
+            answer = {k: v for k, v in result.as_dict().items() if k != "timings"}  # timings: --stats, on stderr
             if stats:
-                click.echo(f"line {number}: " + format_stats(s, engine.device), err=True)
+                click.echo(f"line {number}: " + format_stats(result, engine), err=True)
         except Qwen3NextError as exc:
             failures += 1
             answer = {"error": str(exc), "line": number}
+            if isinstance(exc, RequestError):
+                answer["field"] = exc.field
         sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     return failures
 
 
-def _parse_request(line: str, number: int) -> tuple[object, dict]:
+def _decode_line(line: str, number: int) -> object:
     try:
-        request = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as exc:
         raise UsageError(f"stdin line {number}: not valid JSON ({exc.msg})") from None
-    if not isinstance(request, dict):
-        raise UsageError(f"stdin line {number}: expected a JSON object")
-    prompt = request.get("prompt", request.get("messages"))
-    if prompt is None:
-        raise UsageError(f'stdin line {number}: needs "prompt" (text or token ids) or "messages"')
-    unknown = set(request) - _REQUEST_KEYS - {"prompt", "messages"}
-    if unknown:
-        raise UsageError(f"stdin line {number}: unknown key(s) {sorted(unknown)}")
-    overrides = {k: v for k, v in request.items() if k in _REQUEST_KEYS}
-    if overrides.get("max_new_tokens", 0) is None:
-        raise UsageError(f'stdin line {number}: "max_new_tokens" must be an integer')
-    return prompt, overrides

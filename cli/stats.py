@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from qwen3next.generate import GenerationStats
+from qwen3next.engine import Engine
+from qwen3next.request import Result
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -18,9 +19,10 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
-def format_stats(stats: GenerationStats, device: torch.device) -> str:
+def format_stats(result: Result, engine: Engine) -> str:
+    usage, timings, device = result.usage, result.timings, engine.device
     return (
-        f"prompt: {stats.prompt_tokens} tokens, prefill {stats.prefill_tokens_per_second:.1f} tok/s | "
-        f"generated: {stats.generated_tokens} tokens, decode {stats.decode_tokens_per_second:.1f} tok/s | "
-        f"finish: {stats.finish_reason} | peak memory ({device.type}): {peak_memory_bytes(device) / 2**20:.0f} MiB"
+        f"prompt: {usage.prompt_tokens} tokens, prefill {timings.prefill_tokens_per_second(usage.prompt_tokens):.1f} tok/s | "
+        f"generated: {usage.completion_tokens} tokens, decode {timings.decode_tokens_per_second:.1f} tok/s | "
+        f"finish: {result.finish_reason} | peak memory ({device.type}): {peak_memory_bytes(device) / 2**20:.0f} MiB"
     )

@@ -8,31 +8,26 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from .config import Qwen3NextConfig
-from .errors import ContextLengthError, UsageError
-from .generate import PREFILL_CHUNK, GenerationStats, StopStrings, generate_ids
+from .errors import ContextLengthError, RequestError, UsageError
+from .generate import StopStrings, generate_ids
 from .loader import load_model
 from .model_path import DEMO_NOTICE, resolve_model_path
+from .request import PREFILL_CHUNK, Request, Result, Token, Usage
 from .sampling import Sampler, generation_defaults
 from .tokenizer import Tokenizer
 
 
-@dataclass
-class Token:
-    """One generated token: its id and the text it completed (may be "" mid-character or mid-stop-string)."""
-
-    token: int
-    text: str
-
-
 class Engine:
-    """A loaded model with its tokenizer and generation defaults."""
+    """A loaded model with its tokenizer and generation defaults.
+
+    `stream(request)` is the one generation call; `complete` and `generate` are thin layers on it.
+    """
 
     def __init__(self, model, expert_store, tokenizer: Tokenizer, folder: Path):
         self.model = model
@@ -42,7 +37,6 @@ class Engine:
         self.config = model.config
         self.sampling_defaults, eos_ids = generation_defaults(folder)
         self.eos_ids = eos_ids or self.config.eos_token_ids
-        self.last_stats = GenerationStats()
 
     @property
     def device(self) -> torch.device:
@@ -52,28 +46,22 @@ class Engine:
     def context_length(self) -> int:
         return self.config.max_position_embeddings
 
-    def prompt_ids(self, prompt: str | Sequence[int] | list[dict], chat: bool = False, system: str | None = None) -> list[int]:
-        """Token ids for a text prompt (through the chat template with `chat` or `system`), a message
-        list (always through the template; `system` is put first), or token ids (used as they are)."""
-        if system is not None and not isinstance(system, str):
-            raise UsageError("the system message must be text")
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise UsageError("the prompt is empty")
-            if chat or system is not None:
-                return self.prompt_ids([{"role": "user", "content": prompt}], system=system)
-            return self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise UsageError("the prompt is empty" if isinstance(prompt, (list, tuple)) else
-                             "the prompt must be text, a list of token ids or a list of chat messages")
-        if all(isinstance(m, dict) for m in prompt):
-            messages = ([{"role": "system", "content": system}] if system is not None else []) + list(prompt)
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        if chat or system is not None:
-            raise UsageError("chat and system apply to text prompts and message lists, not to token ids")
-        if not all(type(t) is int and 0 <= t < self.config.vocab_size for t in prompt):
-            raise UsageError(f"token ids must be ints in [0, {self.config.vocab_size})")
-        return list(prompt)
+    def prompt_ids(self, request: Request) -> list[int]:
+        """The request's prompt as token ids: text through the tokenizer (or, with chat/system, through
+        the chat template as one user message), messages always through the chat template (`system`
+        first, `tools` rendered), token ids as they are."""
+        if request.messages is not None or request.chat or request.system is not None:
+            messages = list(request.messages or [{"role": "user", "content": request.prompt}])
+            if request.system is not None:
+                messages.insert(0, {"role": "system", "content": request.system})
+            kwargs = {} if request.tools is None else {"tools": list(request.tools)}
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                            **kwargs))
+        if isinstance(request.prompt, str):
+            return self.tokenizer.encode(request.prompt)
+        if any(t >= self.config.vocab_size for t in request.prompt):
+            raise RequestError("prompt", "[...]", f"token ids must be below the vocabulary size {self.config.vocab_size}")
+        return list(request.prompt)
 
     def _check_context(self, tokens: int, room: int) -> None:
         """Refuse inputs that leave fewer than `room` free positions in the context."""
@@ -83,66 +71,61 @@ class Engine:
                 f"{self.context_length}" + (", leaving no room to generate" if room else "")
             )
 
-    def generate(
-        self,
-        prompt: str | Sequence[int] | list[dict],
-        max_new_tokens: int = 256,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        chat: bool = False,
-        system: str | None = None,
-        prefill_chunk: int = PREFILL_CHUNK,
-    ) -> Iterator[Token]:
-        """Yield new tokens as they are produced. Unset sampling options come from generation_config.json.
+    def stream(self, request: Request) -> Iterator[Token | Result]:
+        """Yield a Token per generated token, then one Result (text, ids, finish reason, usage, timings).
 
-        Stops at any eos id of generation_config.json, at a stop string (its text is not
-        emitted), after max_new_tokens, or at the end of the context. `self.last_stats` holds
-        the timing of the latest call.
+        Everything is checked before this returns: a bad request raises here, not mid-iteration.
+        Closing the iterator early (a cancelled request) stops generation at the next token.
         """
-        _check_types(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                     repetition_penalty=repetition_penalty, seed=seed, prefill_chunk=prefill_chunk)
-        if max_new_tokens < 0:
-            raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 0")
-        if prefill_chunk < 1:
-            raise UsageError(f"--prefill-chunk {prefill_chunk}: must be >= 1")
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        if not all(isinstance(s, str) for s in stop):
-            raise UsageError("--stop: stop strings must be text")
-        params = self.sampling_defaults.updated(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
-        )
-        ids = self.prompt_ids(prompt, chat, system)
+        if not isinstance(request, Request):
+            raise UsageError(f"stream() takes a qwen3next.Request, not {type(request).__name__}")
+        params = self.sampling_defaults.updated(**request.sampling_overrides())
+        ids = self.prompt_ids(request)
         self._check_context(len(ids), room=1)
-        return self._stream(ids, Sampler(params, seed), max_new_tokens, stop, prefill_chunk)
+        return self._stream(ids, Sampler(params, request.seed), request)
 
-    def _stream(self, ids, sampler, max_new_tokens, stop, prefill_chunk) -> Iterator[Token]:
-        stats = self.last_stats = GenerationStats()
+    def complete(self, request: Request) -> Result:
+        """Generate to the end and return the Result."""
+        return next(event for event in self.stream(request) if isinstance(event, Result))
+
+    def generate(self, prompt: str | Sequence[int] | list[dict], **fields) -> Iterator[Token]:
+        """Yield new Tokens for `prompt` (text, token ids, or chat messages); `fields` are Request fields
+        (max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, chat, system, ...)."""
+        key = "messages" if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt) \
+            else "prompt"
+        events = self.stream(Request(**{key: prompt}, **fields))
+        return (event for event in events if isinstance(event, Token))
+
+    def _stream(self, ids: list[int], sampler: Sampler, request: Request) -> Iterator[Token | Result]:
+        result = Result(usage=Usage(prompt_tokens=len(ids)))
         detokenizer = self.tokenizer.detokenizer(skip_special_tokens=True)
-        stops = StopStrings(stop)
-        tokens = generate_ids(
-            self.model, ids, sampler, max_new_tokens, self.eos_ids, self.context_length, stats, prefill_chunk
-        )
-        for token, last in tokens:
-            piece = detokenizer.add(token) + (detokenizer.flush() if last else "")
+        stops = StopStrings(request.stop)
+        texts = []
+        tokens = generate_ids(self.model, ids, sampler, request.max_new_tokens, self.eos_ids, self.context_length,
+                              result.timings, request.prefill_chunk)
+        for token, finish in tokens:
+            piece = detokenizer.add(token) + (detokenizer.flush() if finish else "")
             text, stopped = stops.feed(piece)
-            if last and not stopped:
+            if finish and not stopped:
                 text += stops.flush()
+            result.tokens.append(token)
+            texts.append(text)
             yield Token(token, text)
             if stopped:
-                stats.finish_reason = "stop"
                 tokens.close()
-                return
+                finish = "stop"
+            if finish:
+                result.finish_reason = finish
+                break
+        result.text = "".join(texts)
+        result.usage.completion_tokens = len(result.tokens)
+        yield result
 
     def logits(self, token_ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
         """Full-sequence logits [len(token_ids), vocab] in fp32, computed chunk by chunk."""
         if type(chunk) is not int or chunk < 1:
-            raise UsageError(f"chunk {chunk!r}: must be an int >= 1")
-        ids = self.prompt_ids(list(token_ids))
+            raise RequestError("chunk", chunk, "must be an integer >= 1")
+        ids = self.prompt_ids(Request(prompt=list(token_ids)))
         self._check_context(len(ids), room=0)
         cache = self.model.make_cache()
         tensor = torch.tensor([ids], device=self.device)
@@ -151,20 +134,6 @@ class Engine:
             with torch.inference_mode():
                 outputs.append(self.model(tensor[:, start : start + chunk], cache)[0].float())
         return torch.cat(outputs)
-
-
-_INTEGER_OPTIONS = ("max_new_tokens", "top_k", "seed", "prefill_chunk")
-
-
-def _check_types(**options) -> None:
-    """Options arrive from Python and from JSON requests: a wrong type is a usage error, not a crash."""
-    for name, value in options.items():
-        if value is None:
-            continue
-        integer = name in _INTEGER_OPTIONS
-        if type(value) is bool or not isinstance(value, int if integer else (int, float)):
-            kind = "an integer" if integer else "a number"
-            raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be {kind}")
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

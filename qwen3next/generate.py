@@ -9,35 +9,13 @@ across `yield` would leak it into the caller's code.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
 from .model import Qwen3NextForCausalLM
+from .request import PREFILL_CHUNK, Timings
 from .sampling import Sampler
-
-PREFILL_CHUNK = 512
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    finish_reason: str | None = None  # "stop" (eos or stop string), "length" (max tokens or context)
-
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens after the first (which prefill produced) per second of decode steps."""
-        steps = self.generated_tokens - 1
-        return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
-
 
 def prefill(model: Qwen3NextForCausalLM, ids: torch.Tensor, cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run ids [1, T] into `cache` chunk by chunk; return the last position's logits [vocab]."""
@@ -54,15 +32,14 @@ def generate_ids(
     max_new_tokens: int,
     eos_ids: Sequence[int],
     context_length: int,
-    stats: GenerationStats,
+    timings: Timings,
     prefill_chunk: int = PREFILL_CHUNK,
-) -> Iterator[tuple[int, bool]]:
-    """Yield (token id, is_last) for each new token; `stats` is filled in as it goes."""
+) -> Iterator[tuple[int, str | None]]:
+    """Yield (token id, finish reason) for each new token: None until the last, then "stop" (an eos
+    id) or "length" (max_new_tokens or the end of the context). `timings` is filled in as it goes."""
     device = model.model.norm.weight.device
-    stats.prompt_tokens = len(prompt_ids)
     limit = min(max_new_tokens, context_length - len(prompt_ids))
     if limit <= 0:
-        stats.finish_reason = "length"
         return
     eos = set(eos_ids)
     cache = model.make_cache()
@@ -76,15 +53,13 @@ def generate_ids(
         history.append(token)
         now = time.perf_counter()
         if step == 0:
-            stats.prefill_seconds = now - started
+            timings.prefill_seconds = now - started
         else:
-            stats.decode_seconds += now - started
-        stats.generated_tokens += 1
-        last = token in eos or step == limit - 1
-        if last:
-            stats.finish_reason = "stop" if token in eos else "length"
-        yield token, last
-        if last:
+            timings.decode_seconds += now - started
+            timings.decode_steps += 1
+        finish = "stop" if token in eos else "length" if step == limit - 1 else None
+        yield token, finish
+        if finish:
             return
         started = time.perf_counter()
         with torch.inference_mode():

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, RequestError, UsageError
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class SamplingParams:
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: {rule}")
+                raise RequestError(name, getattr(self, name), rule)
 
     def updated(self, **overrides) -> "SamplingParams":
         """A copy with the overrides that are not None."""
@@ -76,12 +78,20 @@ class Sampler:
             self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
+        if self.params.temperature == 0:
+            return int(self._penalized(logits, history).argmax())
+        return self.sample(self.probabilities(logits, history))
+
+    def probabilities(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        """The distribution the next token is drawn from, after every filter: fp32 [vocab] on the CPU.
+
+        Greedy is the one-hot of the argmax. Speculative sampling compares these distributions
+        (target and draft), and logprobs report them.
+        """
         p = self.params
-        logits = logits.float().cpu()
-        if p.repetition_penalty != 1.0 and history is not None and history.numel():
-            logits = _penalize_repeats(logits, history, p.repetition_penalty)
+        logits = self._penalized(logits, history)
         if p.temperature == 0:
-            return int(logits.argmax())
+            return torch.zeros_like(logits).index_fill_(0, logits.argmax().view(1), 1.0)
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -91,7 +101,18 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+            probs = probs / probs.sum()
+        return probs
+
+    def sample(self, probs: torch.Tensor) -> int:
+        """One draw from `probs` (need not be normalised) with this sampler's seeded generator."""
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _penalized(self, logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+        logits = logits.float().cpu()
+        if self.params.repetition_penalty != 1.0 and history is not None and history.numel():
+            logits = _penalize_repeats(logits, history, self.params.repetition_penalty)
+        return logits
 
 
 def _penalize_repeats(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

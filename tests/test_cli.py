@@ -60,6 +60,7 @@ def test_jsonl_answers_each_line(cli, models):
     assert code == 0 and len(answers) == 3
     assert [len(a["tokens"]) for a in answers] == [3, 2, 1]
     assert all(a["finish_reason"] == "length" for a in answers)
+    assert [a["usage"]["completion_tokens"] for a in answers] == [3, 2, 1] and answers[2]["usage"]["prompt_tokens"] == 3
 
 
 def test_jsonl_bad_line_is_answered_with_an_error_and_exit_1(cli, models):
@@ -82,7 +83,7 @@ def assert_one_line_error(code, err, expected_code, *fragments):
 
 
 def test_empty_prompt(cli, models):
-    assert_one_line_error(*cli(["run", "-m", str(models("tiny")), "-p", "  "])[::2], 2, "--prompt is empty")
+    assert_one_line_error(*cli(["run", "-m", str(models("tiny")), "-p", "  "])[::2], 2, "--prompt", "the prompt is empty")
     assert_one_line_error(*cli(["run", "-m", str(models("tiny"))], b"\n")[::2], 2, "stdin", "empty")
 
 
@@ -157,5 +158,6 @@ def test_jsonl_wrong_types_are_answered_not_fatal(cli, models):
     code, out, _ = cli(["run", "-m", str(models("tiny")), "--jsonl", "-q"], stdin)
     answers = [json.loads(line) for line in out.splitlines()]
     assert code == 1 and len(answers) == 3
-    assert "max-new-tokens" in answers[0]["error"] and "max_new_tokens" in answers[1]["error"]
+    assert answers[0]["field"] == "max_new_tokens" and answers[0]["error"].startswith("max_new_tokens '3': ")
+    assert "tokens" in answers[1]  # null means unset: the flag's default
     assert len(answers[2]["tokens"]) == 2

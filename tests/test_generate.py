@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qwen3next
-from qwen3next.errors import ContextLengthError, UsageError
+from qwen3next.errors import ContextLengthError, RequestError, UsageError
 from qwen3next.generate import StopStrings
 from qwen3next.sampling import Sampler, SamplingParams
 
@@ -62,10 +62,10 @@ def test_repetition_penalty_follows_transformers_semantics():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(min_p=1.0),
                                  dict(repetition_penalty=0)])
-def test_bad_sampling_values_name_the_flag(engine, bad):
-    flag = "--" + next(iter(bad)).replace("_", "-")
-    with pytest.raises(UsageError, match=flag):
+def test_bad_sampling_values_name_the_field(engine, bad):
+    with pytest.raises(RequestError) as caught:
         engine.generate("Hello", **bad)
+    assert caught.value.field == next(iter(bad)) and str(caught.value).startswith(next(iter(bad)) + " ")
 
 
 def test_defaults_come_from_generation_config(engine):
@@ -79,9 +79,9 @@ def test_every_eos_id_stops_generation(models, tmp_path, which):
     greedy = ids_of(engine.generate("Hello", max_new_tokens=8, temperature=0))
     target = greedy[3]
     engine.eos_ids = [target, 10**6] if which == 0 else [10**6, target]
-    tokens = list(engine.generate("Hello", max_new_tokens=8, temperature=0))
-    assert ids_of(tokens) == greedy[: greedy.index(target) + 1]
-    assert engine.last_stats.finish_reason == "stop"
+    result = engine.complete(qwen3next.Request(prompt="Hello", max_new_tokens=8, temperature=0))
+    assert result.tokens == greedy[: greedy.index(target) + 1]
+    assert result.finish_reason == "stop"
 
 
 def test_eos_list_is_read_from_generation_config(engine, models):
@@ -98,9 +98,9 @@ def test_stop_string_ends_generation_and_is_not_emitted(engine):
     full = "".join(t.text for t in engine.generate("Hello", max_new_tokens=30, temperature=0))
     stop = full[5:8]
     assert stop and stop in full
-    text = "".join(t.text for t in engine.generate("Hello", max_new_tokens=30, temperature=0, stop=[stop]))
-    assert text == full[: full.index(stop)]
-    assert engine.last_stats.finish_reason == "stop"
+    result = engine.complete(qwen3next.Request(prompt="Hello", max_new_tokens=30, temperature=0, stop=[stop]))
+    assert result.text == full[: full.index(stop)]
+    assert result.finish_reason == "stop"
 
 
 def test_stop_strings_hold_back_possible_prefixes():
@@ -112,13 +112,13 @@ def test_stop_strings_hold_back_possible_prefixes():
 
 
 def test_max_new_tokens_and_zero(engine):
-    assert len(list(engine.generate("Hello", max_new_tokens=5, temperature=0))) == 5
-    assert engine.last_stats.finish_reason == "length"
+    result = engine.complete(qwen3next.Request(prompt="Hello", max_new_tokens=5, temperature=0))
+    assert len(result.tokens) == 5 and result.finish_reason == "length"
     assert list(engine.generate("Hello", max_new_tokens=0)) == []
 
 
 def test_negative_max_new_tokens(engine):
-    with pytest.raises(UsageError, match="--max-new-tokens"):
+    with pytest.raises(RequestError, match="^max_new_tokens -1: must be >= 0"):
         engine.generate("Hello", max_new_tokens=-1)
 
 
@@ -132,12 +132,12 @@ def test_context_length(models):
     engine = qwen3next.load(models("short_context"), dtype="float32")
     with pytest.raises(ContextLengthError, match="context"):
         engine.generate(list(range(48)))
-    tokens = list(engine.generate(list(range(40)), max_new_tokens=100, temperature=0))
-    assert len(tokens) == 8 and engine.last_stats.finish_reason == "length"  # stops at the context's end
+    result = engine.complete(qwen3next.Request(prompt=list(range(40)), max_new_tokens=100, temperature=0))
+    assert len(result.tokens) == 8 and result.finish_reason == "length"  # stops at the context's end
 
 
 def test_chat_template_prompt(engine):
-    ids = engine.prompt_ids("Hi", system="Be brief.")
+    ids = engine.prompt_ids(qwen3next.Request(prompt="Hi", system="Be brief."))
     text = engine.tokenizer.decode(ids)
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
@@ -150,11 +150,14 @@ def test_long_prompt_prefills_in_chunks_with_same_result(engine):
     assert one == chunked
 
 
-def test_stats_are_filled(engine):
-    list(engine.generate("Hello there", max_new_tokens=4, temperature=0))
-    s = engine.last_stats
-    assert s.prompt_tokens == len(engine.tokenizer.encode("Hello there")) and s.generated_tokens == 4
-    assert s.prefill_tokens_per_second > 0 and s.decode_tokens_per_second > 0
+def test_the_result_carries_usage_and_timings_of_its_own_call(engine):
+    result = engine.complete(qwen3next.Request(prompt="Hello there", max_new_tokens=4, temperature=0))
+    other = engine.complete(qwen3next.Request(prompt="Hi", max_new_tokens=2, temperature=0))
+    assert result.usage.prompt_tokens == len(engine.tokenizer.encode("Hello there"))
+    assert result.usage.completion_tokens == 4 and len(result.tokens) == 4 and result.usage.total_tokens > 4
+    assert result.timings.prefill_tokens_per_second(result.usage.prompt_tokens) > 0
+    assert result.timings.decode_steps == 3 and result.timings.decode_tokens_per_second > 0
+    assert other.usage.completion_tokens == 2  # a later call does not touch an earlier result
 
 
 def test_a_single_stop_string_is_not_split_into_characters(engine):
@@ -174,7 +177,7 @@ def test_wrong_types_are_usage_errors(engine, bad):
 
 
 def test_system_message_goes_first_in_a_message_list(engine):
-    ids = engine.prompt_ids([{"role": "user", "content": "Hi"}], system="Be brief.")
+    ids = engine.prompt_ids(qwen3next.Request(messages=[{"role": "user", "content": "Hi"}], system="Be brief."))
     assert engine.tokenizer.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 

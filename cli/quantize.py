@@ -8,8 +8,12 @@ from pathlib import Path
 import click
 
 from qwen3next.errors import UsageError
+from qwen3next.model_path import looks_like_repo_id, resolve_model_path
+from qwen3next.quant import verify
+from qwen3next.quant.convert import quantize_checkpoint
 from qwen3next.quant.int4 import DEFAULT_GROUP
 from qwen3next.quant.policy import Policy, parse_bits_for
+from qwen3next.weights import format_bytes
 
 
 def _say(quiet: bool):
@@ -39,8 +43,6 @@ def quantize_command(src, out, bits, group_size, keep, bits_for, force, verify, 
     Routed experts go to --bits, packed one contiguous blob per expert for offloading; the format
     is in docs/format.md. Prints OUT when done.
     """
-    from qwen3next.quant.convert import quantize_checkpoint  # torch-heavy: only this command pays for it
-
     say = _say(quiet)
     src = _source_folder(src)
     text = _read_text(verify_text) if verify_text else None
@@ -57,8 +59,6 @@ def quantize_command(src, out, bits, group_size, keep, bits_for, force, verify, 
 
 def _source_folder(src: Path) -> Path:
     """SRC as given, or the local Hugging Face cache's snapshot when it is a downloaded hub id."""
-    from qwen3next.model_path import looks_like_repo_id, resolve_model_path
-
     return resolve_model_path(str(src)) if not src.exists() and looks_like_repo_id(str(src)) else src
 
 
@@ -73,9 +73,6 @@ def _read_text(path: Path) -> str:
 
 def _verify(src: Path, out: Path, errors, text: str | None, say) -> None:
     """The verification report goes to stderr even with --quiet: it was asked for."""
-    from qwen3next.inspection import format_bytes
-    from qwen3next.quant import verify
-
     report = [f"verify: {line}" for line in verify.tensor_summary(errors)]
     fits, needed = verify.fits_in_memory(src, out)
     if not fits:

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from qwen3next import cpu_kernels
+from qwen3next.checkpoint_names import PROJECTIONS
 from qwen3next.quant.layout import ExpertLayout, ProjectionLayout, array_specs
 from qwen3next.quant.modules import quantized_matmul
-from qwen3next.weights import DTYPES, pread_into
+from qwen3next.weights import SAFETENSORS_DTYPES, pread_into
 
 class QuantizedExpertStore:
     def __init__(self, blobs: dict[int, torch.Tensor], layouts: dict[int, ExpertLayout]):
@@ -55,7 +56,7 @@ class QuantizedExpertStore:
         for expert in torch.unique(ids).tolist():
             tokens, slots = torch.nonzero(ids == expert, as_tuple=True)
             gate, up, down = ((p.bits, stored_arrays(blobs[expert], p))
-                              for p in (layout.projections[name] for name in ("gate_proj", "up_proj", "down_proj")))
+                              for p in (layout.projections[name] for name in PROJECTIONS))
             part = x[tokens]
             hidden = F.silu(quantized_matmul(part, *gate)) * quantized_matmul(part, *up)
             y = quantized_matmul(hidden, *down)
@@ -74,7 +75,7 @@ class QuantizedExpertStore:
 
 def stored_arrays(blob: torch.Tensor, p: ProjectionLayout) -> list[torch.Tensor]:
     """Views of one projection's arrays (codes, scale[, minimum]) inside an expert blob."""
-    return [blob[offset:offset + size].view(DTYPES[dtype]).view(shape)
+    return [blob[offset:offset + size].view(SAFETENSORS_DTYPES[dtype]).view(shape)
             for offset, (dtype, shape, size) in zip(p.offsets, array_specs(p.rows, p.cols, p.bits, p.group))]
 
 
@@ -90,4 +91,4 @@ def _kernel_args(blobs: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tenso
         minimum = q.offsets[2] if q.bits == 4 else 0
         return cpu_kernels.Projection(q.bits, q.rows, q.cols, q.group, q.offsets[0], q.offsets[1], minimum)
 
-    return addresses, cpu_kernels.ExpertLayout(*(projection(p[name]) for name in ("gate_proj", "up_proj", "down_proj")))
+    return addresses, cpu_kernels.ExpertLayout(*(projection(p[name]) for name in PROJECTIONS))

@@ -15,14 +15,8 @@ from typing import Callable, Iterable
 import torch
 
 from qwen3next import cpu_kernels
+from qwen3next.checkpoint_names import PROJECTIONS, expert_tensor_name
 from qwen3next.moe import StackedExperts
-
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-def expert_tensor_name(prefix: str, expert: int, projection: str) -> str:
-    """The hub's name for one projection of one routed expert under a layer prefix ("model.layers.3")."""
-    return f"{prefix}.mlp.experts.{expert}.{projection}.weight"
 
 
 class ResidentExpertStore:

@@ -7,12 +7,13 @@ many bits; config.json's `quantization` section says how every layer's expert bl
 
 from __future__ import annotations
 
+from qwen3next.checkpoint_names import dense_shapes, packed_expert_name, quantized_names
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.errors import ConfigError
+from qwen3next.model import Qwen3NextForCausalLM
 from qwen3next.weights import CheckpointReader
 
-from .layout import FORMAT_VERSION, ExpertLayout, array_specs, packed_expert_name, quantized_names
-from .policy import is_routed_expert
+from .layout import FORMAT_VERSION, ExpertLayout, array_specs
 
 
 def expert_layouts(config: Qwen3NextConfig, prefixes: list[str]) -> dict[str, ExpertLayout]:
@@ -43,17 +44,15 @@ def stored_bits(names: CheckpointReader, name: str) -> int | None:
     return None
 
 
-def expected_shapes(dense: dict[str, tuple[int, ...]], reader: CheckpointReader, layouts: dict[str, ExpertLayout],
-                    num_experts: int) -> dict[str, tuple[int, ...]]:
-    """What a quantized checkpoint must hold, given the bf16 model's expected tensors `dense`.
+def expected_shapes(model: Qwen3NextForCausalLM, reader: CheckpointReader,
+                    layouts: dict[str, ExpertLayout]) -> dict[str, tuple[int, ...]]:
+    """What a quantized checkpoint of `model` (built on the meta device) must hold.
 
     Matrices whose codes tensor is present are expected in that format (the 4-bit group size read
-    from the stored scale's shape); routed expert projections become one blob per expert.
+    from the stored scale's shape); every routed expert is one blob, laid out as `layouts` says.
     """
     shapes = {}
-    for name, shape in dense.items():
-        if is_routed_expert(name):
-            continue
+    for name, shape in dense_shapes(model).items():
         bits = stored_bits(reader, name) if len(shape) == 2 else None
         if bits is None:
             shapes[name] = shape
@@ -67,6 +66,6 @@ def expected_shapes(dense: dict[str, tuple[int, ...]], reader: CheckpointReader,
         for stored, (_, stored_shape, _) in zip(quantized_names(name, bits), array_specs(rows, cols, bits, group)):
             shapes[stored] = stored_shape
     for prefix, layout in layouts.items():
-        for e in range(num_experts):
+        for e in range(model.config.num_experts):
             shapes[packed_expert_name(prefix, e)] = (layout.nbytes,)
     return shapes

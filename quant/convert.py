@@ -26,9 +26,7 @@ from tqdm import tqdm
 
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.errors import CheckpointError, Qwen3NextError, UsageError
-from qwen3next.hub import free_bytes
-from qwen3next.inspection import format_bytes
-from qwen3next.weights import INDEX_FILE, CheckpointReader
+from qwen3next.weights import INDEX_FILE, CheckpointReader, check_free_space, tensor_bytes, write_index
 
 from . import int4, int8
 from .plan import Expert, Kept, Matrix, QuantizationPlan, ShardPlan, build_plan
@@ -81,7 +79,7 @@ class Conversion:
                "source": [[shard.name, sizes[shard.name]] for shard in self.plan.shards]}
         _prepare_staging(self.staging, job, say)
         self.todo = [s for s in self.plan.shards if not _is_finished(self.staging / s.name, s)]
-        _check_space(self.staging, sum(s.size for s in self.todo))
+        check_free_space(self.staging, sum(s.size for s in self.todo), out.parent, "the quantized shards need")
         if len(self.todo) < len(self.plan.shards):
             say(f"resuming: {len(self.plan.shards) - len(self.todo)} of {len(self.plan.shards)} shards already done")
         self.errors: list[TensorError] = []
@@ -143,13 +141,6 @@ def _is_finished(path: Path, shard: ShardPlan) -> bool:
     return path.is_file() and path.stat().st_size == shard.size
 
 
-def _check_space(staging: Path, needed: int) -> None:
-    free = free_bytes(staging)
-    if needed > free:
-        raise Qwen3NextError(f"{staging.parent}: not enough disk space: the quantized shards need "
-                             f"{format_bytes(needed)}, {format_bytes(free)} free")
-
-
 class ShardWriter:
     """Writes one planned shard: header first, then every tensor at its offset, then rename."""
 
@@ -159,7 +150,6 @@ class ShardWriter:
         self.final = staging / shard.name
         self.temp = staging / f".{shard.name}.tmp"
         self.errors: list[TensorError] = []
-        self._sources: dict[Path, int] = {}
 
     def write(self) -> list[TensorError]:
         self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -178,9 +168,6 @@ class ShardWriter:
         except BaseException:
             self._abandon()
             raise
-        finally:
-            for fd in self._sources.values():
-                os.close(fd)
         os.close(self.fd)
         if self.measure:
             _write_errors(self.final, self.errors)
@@ -212,13 +199,13 @@ class ShardWriter:
         squared_error = squared = 0.0
         for start in range(0, rows, chunk_rows):
             stop = min(rows, start + chunk_rows)
-            w = self._read(name, start * cols, stop * cols).view(stop - start, cols).float()
+            w = self.reader.read_flat(name, start * cols, stop * cols).view(stop - start, cols).float()
             arrays = int8.quantize(w) if bits == 8 else int4.quantize(w, group)
             if not all(torch.isfinite(a).all() for a in arrays[1:]):  # a NaN or Inf reaches its group's scale
                 self._non_finite(name)
             for offset, array in zip(offsets, arrays):
                 row_bytes = array.nbytes // (stop - start)
-                self._pwrite(array.contiguous().view(torch.uint8).numpy().tobytes(), offset + start * row_bytes)
+                self._pwrite(tensor_bytes(array.contiguous()), offset + start * row_bytes)
             if self.measure:
                 back = int8.dequantize(*arrays, torch.float32) if bits == 8 else int4.dequantize(*arrays, torch.float32)
                 squared_error += (back - w).double().pow(2).sum().item()
@@ -232,30 +219,17 @@ class ShardWriter:
         step = max(1, CHUNK_BYTES // dtype.itemsize)
         target = item.outputs[0].offset
         for start in range(0, count, step):
-            values = self._read(item.name, start, min(count, start + step))
+            values = self.reader.read_flat(item.name, start, min(count, start + step))
             if dtype.is_floating_point and not torch.isfinite(values).all():
                 self._non_finite(item.name)
-            self._pwrite(values.view(torch.uint8).numpy().tobytes(), target + start * dtype.itemsize)
+            self._pwrite(tensor_bytes(values), target + start * dtype.itemsize)
 
     def _non_finite(self, name: str) -> None:
         raise CheckpointError(f"{self.reader.file_of(name)}: tensor {name} holds NaN or Inf values; "
                               "nothing was written for it")
 
-    def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of tensor `name` (flattened)."""
-        path, offset, _ = self.reader.byte_range(name)
-        dtype = self.reader.dtype(name)
-        fd = self._sources.get(path)
-        if fd is None:
-            fd = self._sources[path] = os.open(path, os.O_RDONLY)
-        length = (stop - start) * dtype.itemsize
-        data = os.pread(fd, length, offset + start * dtype.itemsize)
-        if len(data) != length:
-            raise CheckpointError(f"{path}: truncated while reading tensor {name}")
-        return torch.frombuffer(bytearray(data), dtype=dtype)
-
-    def _pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
+    def _pwrite(self, view: memoryview | bytes, offset: int) -> None:
+        view = memoryview(view)
         while view:
             written = os.pwrite(self.fd, view, offset)
             view, offset = view[written:], offset + written
@@ -278,13 +252,12 @@ def _finish(src: Path, out: Path, staging: Path, plan: QuantizationPlan, policy:
             force: bool) -> None:
     """Index, config.json and carried files into the staging folder, then the staging folder becomes OUT."""
     if plan.sharded:
-        weight_map = {t.name: shard.name for shard in plan.shards for t in shard.tensors()}
-        total = sum(t.nbytes for shard in plan.shards for t in shard.tensors())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_text(staging / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        write_index(staging, {t.name: shard.name for shard in plan.shards for t in shard.tensors()},
+                    sum(t.nbytes for shard in plan.shards for t in shard.tensors()))
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     config["quantization"] = plan.config_section(policy, group)
-    _write_text(staging / "config.json", json.dumps(config, indent=2) + "\n")
+    # the staging folder becomes OUT only after this, so a cut write is never seen (and is redone on resume)
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     for path in sorted(src.iterdir()):
         if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".safetensors") \
                 and path.name not in _NOT_CARRIED:
@@ -302,9 +275,3 @@ def _finish(src: Path, out: Path, staging: Path, plan: QuantizationPlan, policy:
             return
         out.rmdir()  # empty: nothing to lose
     os.replace(staging, out)
-
-
-def _write_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)

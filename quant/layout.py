@@ -1,6 +1,7 @@
 """How quantized tensors are named and laid out on disk (format version 1, specified in docs/format.md).
 
-A quantized matrix `X.weight` [out, in] is stored as tensors beside each other:
+A quantized matrix `X.weight` [out, in] is stored as tensors beside each other (the names come from
+qwen3next.checkpoint_names, which owns every tensor name):
   8 bits: `X.weight.q8` I8 [out, in] and `X.weight.scale` F32 [out]
   4 bits: `X.weight.q4` U8 [out, in/2], `X.weight.scale` F16 [out, in/group], `X.weight.min` F16 [out, in/group]
 Every routed expert of every layer is one U8 tensor `P.mlp.experts.E.packed` holding its gate, up and down
@@ -12,26 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwen3next.checkpoint_names import PROJECTIONS, projection_shapes
+
 from . import int4
 
 FORMAT_VERSION = 1
 ALIGN = 64  # bytes: a cache line, and a multiple of every element size in the format
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-SUFFIXES = {8: (".q8", ".scale"), 4: (".q4", ".scale", ".min")}
 
 
 def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
-
-
-def quantized_names(name: str, bits: int) -> tuple[str, ...]:
-    """The stored tensors of matrix `name` at `bits`: codes first, then scales (and minimums)."""
-    return tuple(name + suffix for suffix in SUFFIXES[bits])
-
-
-def packed_expert_name(prefix: str, expert: int) -> str:
-    """The blob of one routed expert: prefix is the layer's checkpoint prefix ("model.layers.3")."""
-    return f"{prefix}.mlp.experts.{expert}.packed"
 
 
 def array_specs(rows: int, cols: int, bits: int, group: int) -> list[tuple[str, tuple[int, ...], int]]:
@@ -69,8 +60,7 @@ class ExpertLayout:
     @classmethod
     def build(cls, hidden: int, intermediate: int, formats: dict[str, dict]) -> "ExpertLayout":
         """formats: projection -> {"bits": 4|8, "group": G} (G is ignored for 8 bits)."""
-        shapes = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
-                  "down_proj": (hidden, intermediate)}
+        shapes = projection_shapes(hidden, intermediate)
         projections, cursor = {}, 0
         for name in PROJECTIONS:
             rows, cols = shapes[name]

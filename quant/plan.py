@@ -11,25 +11,21 @@ converter never needs a projection from a shard it has not seen yet.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from qwen3next.checkpoint_names import PROJECTIONS, expert_layer_prefixes, expert_tensor_name, has_mtp, \
+    is_quantized_name, model_shapes, packed_expert_name, projection_shapes, quantized_names
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.errors import CheckpointError, UsageError
-from qwen3next.loader import expected_shapes, expert_layer_prefixes
-from qwen3next.model import Qwen3NextForCausalLM
-from qwen3next.offload.store import expert_tensor_name
-from qwen3next.weights import DTYPE_NAMES, CheckpointReader
+from qwen3next.weights import SAFETENSORS_DTYPE_NAMES, CheckpointReader, encode_header
 
 from . import int4
-from .layout import FORMAT_VERSION, PROJECTIONS, ExpertLayout, aligned, array_specs, packed_expert_name, \
-    quantized_names
+from .layout import ALIGN, FORMAT_VERSION, ExpertLayout, array_specs
 from .policy import Policy
 
-_QUANTIZED_NAME = re.compile(r"\.(q8|q4|packed)$")
 _FLOAT_DTYPES = {torch.bfloat16, torch.float16, torch.float32}
 
 
@@ -112,7 +108,7 @@ class QuantizationPlan:
 
 
 def check_not_quantized(folder: Path, raw_config: dict, names: list[str]) -> None:
-    if "quantization" in raw_config or any(_QUANTIZED_NAME.search(n) for n in names):
+    if "quantization" in raw_config or any(is_quantized_name(n) for n in names):
         raise UsageError(f"{folder}: is already quantized by qwen3next; quantize a bf16/fp16/fp32 checkpoint")
     if "quantization_config" in raw_config:
         method = raw_config["quantization_config"].get("quant_method", "another tool")
@@ -124,9 +120,8 @@ def build_plan(folder: Path, reader: CheckpointReader, config: Qwen3NextConfig, 
     """Decide every output tensor from the headers; raises on anything the conversion would trip over later."""
     names = reader.names()
     check_not_quantized(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")), names)
-    with_mtp = any(n.startswith("mtp.") for n in names)
-    with torch.device("meta"):
-        reader.validate(expected_shapes(Qwen3NextForCausalLM(config, with_mtp=with_mtp), with_mtp))
+    with_mtp = has_mtp(names)
+    reader.validate(model_shapes(config, with_mtp))
     policy.check_patterns_match(names)
 
     files = sorted({reader.file_of(n) for n in names})
@@ -168,7 +163,7 @@ def _expert_layout(prefix: str, config: Qwen3NextConfig, policy: Policy, group: 
         if len(set(chosen.values())) > 1:
             raise UsageError(f"--bits-for patterns give the experts of {prefix} different bits for {projection}; "
                              "they must treat all experts of a layer alike")
-        cols = config.hidden_size if projection != "down_proj" else config.moe_intermediate_size
+        cols = projection_shapes(config.hidden_size, config.moe_intermediate_size)[projection][1]
         formats[projection] = {"bits": chosen[0], "group": _group(cols, group, prefix)}
     return ExpertLayout.build(config.hidden_size, config.moe_intermediate_size, formats)
 
@@ -185,7 +180,7 @@ def _dense_item(reader: CheckpointReader, name: str, policy: Policy, group: int)
     source_bytes = reader.byte_range(name)[2]
     bits = policy.bits(name)
     if bits is None or len(shape) != 2:
-        stored = DTYPE_NAMES.get(dtype)
+        stored = SAFETENSORS_DTYPE_NAMES.get(dtype)
         if stored is None:
             raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has unsupported dtype {dtype}")
         return Kept(name, [OutputTensor(name, stored, tuple(shape), source_bytes)], source_bytes)
@@ -205,19 +200,12 @@ def _lay_out(shard: ShardPlan) -> None:
     """
     shard.items.sort(key=lambda item: (0, _natural(item.prefix), item.expert) if isinstance(item, Expert)
                      else (1, (), 0, item.name))
-    cursor = 0
-    for tensor in shard.tensors():
-        tensor.offset = cursor
-        cursor += tensor.nbytes
-    entries = {"__metadata__": {"format": "pt", "qwen3next_format": str(FORMAT_VERSION)}}
-    for t in shard.tensors():
-        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.offset, t.offset + t.nbytes]}
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (aligned(8 + len(header)) - 8 - len(header))
-    shard.header = len(header).to_bytes(8, "little") + header
-    for tensor in shard.tensors():
-        tensor.offset += len(shard.header)
-    shard.size = len(shard.header) + cursor
+    tensors = shard.tensors()
+    shard.header, offsets = encode_header(((t.name, t.dtype, t.shape, t.nbytes) for t in tensors),
+                                          {"format": "pt", "qwen3next_format": str(FORMAT_VERSION)}, ALIGN)
+    for tensor, offset in zip(tensors, offsets):
+        tensor.offset = len(shard.header) + offset
+    shard.size = len(shard.header) + sum(t.nbytes for t in tensors)
 
 
 def _natural(prefix: str) -> tuple:

@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from qwen3next.loader import expert_layer_prefixes
+from qwen3next.checkpoint_names import expert_layer_prefixes, expert_tensor_name
 from qwen3next.model import Qwen3NextForCausalLM
-from qwen3next.offload.store import ResidentExpertStore, expert_tensor_name
+from qwen3next.offload.store import ResidentExpertStore
 
 from . import int4, int8
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from qwen3next.engine import load
 from qwen3next.weights import CheckpointReader
 
 from .convert import TensorError
@@ -51,8 +52,6 @@ def fits_in_memory(src: Path, out: Path) -> tuple[bool, int]:
 @torch.no_grad()
 def end_to_end(src: Path, out: Path, text: str = SAMPLE_TEXT, max_tokens: int = 512) -> EndToEnd:
     """Run `text` through both models (bf16 activations) and compare their next-token distributions."""
-    from qwen3next.engine import load  # the engine imports quant; import it only when verifying
-
     source = load(src, progress=False, quiet=True)
     ids = source.tokenizer.encode(text)[:max_tokens]
     if len(ids) < 2:

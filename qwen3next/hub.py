@@ -37,8 +37,12 @@ from huggingface_hub.utils import build_hf_headers, filter_repo_objects, get_ses
 from huggingface_hub.utils import logging as hub_logging
 from tqdm import tqdm
 
+from .config import Qwen3NextConfig
 from .errors import Qwen3NextError, UsageError
-from .inspection import format_bytes
+from .quant.convert import Conversion, check_output
+from .quant.int4 import DEFAULT_GROUP
+from .quant.policy import Policy
+from .weights import CheckpointReader, check_free_space, format_bytes
 
 _API_TIMEOUT = 30.0  # seconds for the file-list call; transfers use huggingface_hub's own timeouts
 _HASH_CHUNK = 8 * 2**20
@@ -91,13 +95,6 @@ def list_files(repo_id: str, revision: str | None = None, include: Sequence[str]
     return Listing(repo_id, revision, info.sha, files)
 
 
-def free_bytes(folder: Path) -> int:
-    """Free bytes on the file system that holds `folder`, or will hold it (its nearest existing parent)."""
-    folder = Path(folder).absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    return shutil.disk_usage(existing).free
-
-
 def download(repo_id: str, revision: str | None = None, out: str | Path | None = None, include: Sequence[str] = (),
              exclude: Sequence[str] = (), quiet: bool = False) -> Path:
     """Fetch a repo revision into `out` (a plain folder) or, when None, the Hugging Face cache; returns the
@@ -124,12 +121,6 @@ def download_quantized(repo_id: str, bits: int, out: str | Path, revision: str |
     tensor checked) before any weight is downloaded. Interrupted, it resumes: finished output shards
     are kept, and only the source shards still needed are fetched again.
     """
-    from qwen3next.config import Qwen3NextConfig
-    from qwen3next.quant.convert import Conversion, check_output
-    from qwen3next.quant.int4 import DEFAULT_GROUP
-    from qwen3next.quant.policy import Policy
-    from qwen3next.weights import CheckpointReader
-
     out = Path(out).expanduser()
     fetch_dir = out.parent / f".{out.name}.download"
     listing = list_files(repo_id, revision, include, exclude)
@@ -167,13 +158,10 @@ def download_quantized(repo_id: str, bits: int, out: str | Path, revision: str |
     return out
 
 
-def _check_source_space(job, shards: list[RemoteFile], fetch_dir: Path, where: str) -> None:
+def _check_source_space(job: Conversion, shards: list[RemoteFile], fetch_dir: Path, where: str) -> None:
     """The quantized output still to write plus the two largest source shards (the most held at once)."""
     needed = sum(s.size for s in job.todo) + sum(sorted((f.size for f in shards), reverse=True)[:2])
-    free = free_bytes(fetch_dir)
-    if needed > free:
-        raise HubError(f"{where}: not enough disk space: quantizing while downloading needs about "
-                       f"{format_bytes(needed)}, {format_bytes(free)} free")
+    check_free_space(fetch_dir, needed, where, "quantizing while downloading needs about")
 
 
 def _fetch_header(listing: Listing, f: RemoteFile) -> bytes:
@@ -196,10 +184,9 @@ def _fetch_header(listing: Listing, f: RemoteFile) -> bytes:
 def _check_space(listing: Listing, out: Path | None, dest: Path, where: str, quiet: bool) -> None:
     """Refuse before writing anything when the files not yet here do not fit."""
     missing = [f for f in listing.files if not _is_complete(_local_copy(listing, f, out), f)]
-    needed, free = sum(f.size for f in missing), free_bytes(dest)
-    if needed > free:
-        raise HubError(f"{where}: not enough disk space: {listing.repo_id} needs {format_bytes(needed)} more "
-                       f"({len(missing)} of {len(listing.files)} files), {format_bytes(free)} free")
+    needed = sum(f.size for f in missing)
+    free = check_free_space(dest, needed, where, f"{listing.repo_id} needs",
+                            f" more ({len(missing)} of {len(listing.files)} files)")
     _say(quiet, f"{listing.repo_id} at {listing.commit[:12]}: {len(listing.files)} files, "
                 f"{format_bytes(listing.total_bytes)}; {len(missing)} to fetch ({format_bytes(needed)}), "
                 f"{format_bytes(free)} free")

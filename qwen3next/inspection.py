@@ -24,10 +24,11 @@ import torch
 
 from .config import FULL_ATTENTION, Qwen3NextConfig
 from .errors import ConfigError
-from .loader import expected_shapes, expert_layer_prefixes
+from .checkpoint_names import expected_shapes, expert_layer_prefixes, has_mtp, meta_model
 from .model import Qwen3NextForCausalLM
 from .model_path import resolve_model_path
-from .weights import CheckpointReader
+from .quant import checkpoint as quantized
+from .weights import CheckpointReader, format_bytes
 
 # Display order; a component appears when it has parameters or bytes.
 COMPONENTS = ("embeddings", "attention", "DeltaNet", "norms", "routers", "shared experts", "routed experts",
@@ -96,13 +97,6 @@ def component_of(name: str) -> str:
     return next((component for marker, component in _LAYER_MARKERS if marker in name), "other")
 
 
-def model_shapes(config: Qwen3NextConfig, with_mtp: bool) -> dict[str, tuple[int, ...]]:
-    """Every tensor the model needs, with its shape, from a model built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = Qwen3NextForCausalLM(config, with_mtp=with_mtp)
-    return expected_shapes(model, with_mtp)
-
-
 def count_parameters(config: Qwen3NextConfig, shapes: Mapping[str, tuple[int, ...]]) -> ParameterCounts:
     components: Counter[str] = Counter()
     for name, shape in shapes.items():
@@ -123,9 +117,10 @@ def inspect(path: str | Path | None) -> Report:
     with CheckpointReader(folder) as reader:
         tensors = [(name, reader.shape(name), reader.dtype(name), reader.byte_range(name)[2]) for name in reader.names()]
         shards = {reader.file_of(name) for name in reader.names()}
-        with_mtp = any(name.startswith("mtp.") for name in reader.names())
-        shapes = model_shapes(config, with_mtp)
-        reader.validate(shapes if quantization is None else _quantized_shapes(config, shapes, reader, with_mtp))
+        with_mtp = has_mtp(reader.names())
+        model = meta_model(config, with_mtp)
+        shapes = expected_shapes(model, with_mtp)
+        reader.validate(shapes if quantization is None else _quantized_shapes(model, reader, with_mtp))
     counts = count_parameters(config, shapes)
     return Report(folder, [
         _model_section(folder, config, raw, with_mtp),
@@ -143,14 +138,6 @@ def format_count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f}{suffix}"
     return str(n)
-
-
-def format_bytes(n: int) -> str:
-    """Decimal units, as the hub shows file sizes."""
-    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def _ranges(layers: Iterable[int]) -> str:
@@ -291,12 +278,10 @@ def _dtypes_section(tensors: list, quantized: bool) -> Section:
     return Section("dtypes", title, data, rows, header=(first, "tensors", "elements", "bytes"))
 
 
-def _quantized_shapes(config: Qwen3NextConfig, shapes: dict, reader: CheckpointReader, with_mtp: bool) -> dict:
+def _quantized_shapes(model: Qwen3NextForCausalLM, reader: CheckpointReader, with_mtp: bool) -> dict:
     """What a `qwen3next quantize` folder must hold (quant/checkpoint.py), so inspect checks it as the loader will."""
-    from qwen3next.quant import checkpoint as quantized
-
-    layouts = quantized.expert_layouts(config, list(expert_layer_prefixes(config, with_mtp).values()))
-    return quantized.expected_shapes(shapes, reader, layouts, config.num_experts)
+    layouts = quantized.expert_layouts(model.config, list(expert_layer_prefixes(model.config, with_mtp).values()))
+    return quantized.expected_shapes(model, reader, layouts)
 
 
 def _disk_section(folder: Path, shards: set[Path], tensor_bytes: int) -> Section:

@@ -14,52 +14,32 @@ from torch import nn
 from tqdm import tqdm
 
 from qwen3next.offload.quantized_store import QuantizedExpertStore
-from qwen3next.offload.store import PROJECTIONS, ResidentExpertStore, expert_tensor_name
+from qwen3next.offload.store import ResidentExpertStore
 from qwen3next.quant import checkpoint as quantized
-from qwen3next.quant.layout import packed_expert_name, quantized_names
 from qwen3next.quant.modules import QuantizedEmbedding, QuantizedLinear
 
+from .checkpoint_names import expected_shapes, expert_layer_prefixes, has_mtp, meta_model, packed_expert_name, \
+    quantized_names
 from .config import Qwen3NextConfig
 from .errors import CheckpointError, UsageError
 from .model import Qwen3NextForCausalLM
 from .moe import ExpertStore
 from .weights import CheckpointReader
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16}
+# what `dtype=` / --dtype accept -> the torch dtype the model computes in
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+                  "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
+        if dtype not in COMPUTE_DTYPES.values():
             raise UsageError(f"dtype {dtype} is not supported (use bfloat16, float16 or float32)")
         return dtype
     try:
-        return DTYPES[str(dtype).lower()]
+        return COMPUTE_DTYPES[str(dtype).lower()]
     except KeyError:
         raise UsageError(f"--dtype {dtype!r} is not one of bfloat16, float16, float32") from None
-
-
-def expert_layer_prefixes(config: Qwen3NextConfig, with_mtp: bool) -> dict[int, str]:
-    """Expert-store layer id -> checkpoint prefix, for every layer with a sparse MoE block."""
-    prefixes = {i: f"model.layers.{i}" for i in range(config.num_hidden_layers) if config.is_moe_layer(i)}
-    if with_mtp and config.num_experts > 0:
-        for i in range(config.num_nextn_predict_layers):
-            prefixes[config.num_hidden_layers + i] = f"mtp.layers.{i}"
-    return prefixes
-
-
-def expected_shapes(model: Qwen3NextForCausalLM, with_mtp: bool) -> dict[str, tuple[int, ...]]:
-    """Every tensor the checkpoint must hold, with its shape (hub names)."""
-    config = model.config
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    hidden, inter = config.hidden_size, config.moe_intermediate_size
-    projection_shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-    for prefix in expert_layer_prefixes(config, with_mtp).values():
-        for e in range(config.num_experts):
-            for p in PROJECTIONS:
-                shapes[expert_tensor_name(prefix, e, p)] = projection_shapes[p]
-    return shapes
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -83,15 +63,13 @@ def load_model(
     device = torch.device(device)
     config = config or Qwen3NextConfig.from_file(folder)
     with CheckpointReader(folder) as reader:
-        with_mtp = any(name.startswith("mtp.") for name in reader.names())
-        with torch.device("meta"):
-            model = Qwen3NextForCausalLM(config, with_mtp=with_mtp)
+        with_mtp = has_mtp(reader.names())
+        model = meta_model(config, with_mtp)
         prefixes = expert_layer_prefixes(config, with_mtp)
         layouts = None
         if config.quantization is not None:
             layouts = quantized.expert_layouts(config, list(prefixes.values()))
-            reader.validate(quantized.expected_shapes(expected_shapes(model, with_mtp), reader, layouts,
-                                                      config.num_experts))
+            reader.validate(quantized.expected_shapes(model, reader, layouts))
         else:
             reader.validate(expected_shapes(model, with_mtp))
 

@@ -3,26 +3,28 @@
 A model folder holds either one ``model.safetensors`` or shards named by
 ``model.safetensors.index.json``. The real model is far larger than RAM, so the reader
 parses only the shard headers up front (struct + json, cheap, and precise about
-truncation) and maps tensor data one tensor at a time through ``safe_open``. The writer
-streams: it holds one shard's worth of tensors and renames every file into place only
-once it is complete.
+truncation) and reads tensor data with pread into memory of its own, one tensor (or one
+chunk of one) at a time: no memory map, whose touched pages would count against the
+process. The writer streams: it holds one shard's worth of tensors and renames every file
+into place only once it is complete. Neither needs numpy (a plain install has none):
+tensor memory is handed to the OS as a ctypes buffer.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import re
+import shutil
 import struct
 from pathlib import Path, PureWindowsPath
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, Qwen3NextError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -31,7 +33,7 @@ _LISTED = 5  # names shown per category in a validate() message
 
 # safetensors dtype strings -> torch; the float8 kinds only where this torch has them.
 # Bit-packed F4/F6 are left out: their header shapes count elements, not bytes.
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
     "U8": torch.uint8,
     "I8": torch.int8,
@@ -55,15 +57,12 @@ for _name, _attr in (
     ("F8_E8M0", "float8_e8m0fnu"),
 ):
     if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
-
-
-DTYPES = _DTYPES  # safetensors dtype name -> torch dtype
-DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # and back
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # and back
 
 
 class _Entry(NamedTuple):
-    """Where one tensor lives: enough to validate it, map it, or pread its bytes."""
+    """Where one tensor lives: enough to validate it or pread its bytes."""
 
     file: Path
     dtype: torch.dtype
@@ -117,7 +116,7 @@ def _entry(path: Path, name: str, info: Any, data_start: int) -> _Entry:
         begin, end = int(begin), int(end)
     except (TypeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from exc
-    dtype = _DTYPES.get(dtype_str)
+    dtype = SAFETENSORS_DTYPES.get(dtype_str)
     if dtype is None:
         raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype_str!r}")
     expected = math.prod(shape) * dtype.itemsize
@@ -183,7 +182,6 @@ class CheckpointReader:
             raise CheckpointError(f"{self.folder}: model folder not found")
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: not a folder")
-        self._handles: dict[Path, Any] = {}
         single, index = self.folder / SINGLE_FILE, self.folder / INDEX_FILE
         if single.is_file() or SINGLE_FILE in self._prefetched:  # the hub's loaders also prefer the single file
             self._entries = _read_header(single, self._prefetched.get(SINGLE_FILE))
@@ -233,26 +231,17 @@ class CheckpointReader:
         entry = self._entry(name)
         return entry.file, entry.start, entry.length
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, memory-mapped from its shard (cast to ``dtype`` if given)."""
-        entry = self._entry(name)
-        try:
-            handle = self._handles.get(entry.file)
-            if handle is None:
-                handle = self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
-            tensor = handle.get_tensor(name)
-        except (OSError, SafetensorError) as exc:
-            raise CheckpointError(f"{entry.file}: cannot read tensor {name!r} ({exc})") from exc
-        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
-
     def read(self, name: str) -> torch.Tensor:
-        """One tensor read with pread into memory of its own (no memory map: mapped pages would count
-        against the process while loading, doubling its apparent size)."""
+        """One tensor, read with pread into memory of its own."""
+        return self.read_flat(name, 0, math.prod(self.shape(name))).view(self.shape(name))
+
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of tensor `name`, flattened: a chunk of a tensor too big to hold whole."""
         entry = self._entry(name)
-        tensor = torch.empty(entry.shape, dtype=entry.dtype)
-        if entry.length:
-            pread_into(entry.file, entry.start, tensor.view(-1).view(torch.uint8), what=f"tensor {name!r}")
-        return tensor
+        chunk = torch.empty(stop - start, dtype=entry.dtype)
+        pread_into(entry.file, entry.start + start * entry.dtype.itemsize, chunk.view(torch.uint8),
+                   what=f"tensor {name!r}")
+        return chunk
 
     def validate(self, expected: dict[str, tuple[int, ...]], optional_prefixes: tuple[str, ...] = ()) -> None:
         """Check the tensor names and shapes against what the model needs, reporting all problems at once.
@@ -278,19 +267,25 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(e.length for e in self._entries.values())
 
-    def close(self) -> None:
-        self._handles.clear()
-
     def __enter__(self) -> "CheckpointReader":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        """Nothing to release: every read opens its shard for just that read."""
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory as a writable byte buffer, without numpy; the buffer keeps the tensor alive."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("tensor_bytes needs a contiguous CPU tensor")
+    buffer = (ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())
+    buffer.owner = tensor
+    return memoryview(buffer).cast("B")
 
 
 def pread_into(path: Path, offset: int, target: torch.Tensor, what: str = "data") -> None:
-    """Fill a contiguous uint8 CPU tensor from `path` at byte `offset` with explicit reads (no memory map)."""
-    view = memoryview(target.numpy()).cast("B")
+    """Fill a contiguous CPU tensor from `path` at byte `offset` with explicit reads (no memory map)."""
+    view = tensor_bytes(target)
     try:
         with open(path, "rb", buffering=0) as f:
             while view:
@@ -302,31 +297,54 @@ def pread_into(path: Path, offset: int, target: torch.Tensor, what: str = "data"
         raise CheckpointError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
 
 
-def _owned_cpu(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
-    """A contiguous CPU tensor with storage of its own: save_file refuses tensors that share memory."""
-    tensor = tensor.detach().to("cpu").contiguous()
-    storage = tensor.untyped_storage()
-    if storage.nbytes() != tensor.nbytes or storage.data_ptr() in seen:
-        tensor = tensor.clone()
-    seen.add(tensor.untyped_storage().data_ptr())
-    return tensor
+def encode_header(tensors: Iterable[tuple[str, str, Sequence[int], int]], metadata: Mapping[str, str],
+                  align: int = 8) -> tuple[bytes, list[int]]:
+    """A safetensors header for (name, dtype string, shape, byte length) laid out back to back in that order.
+
+    Returns the header's bytes (length prefix included) and each tensor's offset from the end of the
+    header. The JSON is padded with spaces so data starts at a multiple of `align` (the format asks
+    for 8; the quantized format for 64).
+    """
+    entries: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offsets, cursor = [], 0
+    for name, dtype, shape, nbytes in tensors:
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + nbytes]}
+        offsets.append(cursor)
+        cursor += nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % align)
+    return struct.pack("<Q", len(text)) + text, offsets
 
 
 def _shards(tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
     """Group the stream into shards of at most max_shard_bytes (a bigger tensor gets a shard alone)."""
     shard: dict[str, torch.Tensor] = {}
-    size, seen, given = 0, set(), set()
+    size, given = 0, set()
     for name, tensor in tensors:
         if name in given:
             raise ValueError(f"tensor {name!r} given twice")
         given.add(name)
         if shard and size + tensor.nbytes > max_shard_bytes:
             yield shard
-            shard, size, seen = {}, 0, set()
-        shard[name] = _owned_cpu(tensor, seen)
+            shard, size = {}, 0
+        shard[name] = tensor.detach().to("cpu").contiguous()
         size += tensor.nbytes
     if shard or not given:
         yield shard
+
+
+def _write_shard(path: Path, shard: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """One safetensors file; wider dtypes first, as safetensors orders them, so every tensor is aligned."""
+    order = sorted(shard, key=lambda name: (-shard[name].element_size(), name))
+    for name in order:
+        if shard[name].dtype not in SAFETENSORS_DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: safetensors has no dtype for {shard[name].dtype}")
+    header, _ = encode_header(((name, SAFETENSORS_DTYPE_NAMES[shard[name].dtype], shard[name].shape,
+                                shard[name].nbytes) for name in order), metadata)
+    with open(path, "wb") as f:
+        f.write(header)
+        for name in order:
+            f.write(tensor_bytes(shard[name]))
 
 
 def write_checkpoint(
@@ -353,8 +371,7 @@ def write_checkpoint(
         for shard in _shards(tensors, max_shard_bytes):
             temp = folder / f".shard-{len(temps) + 1:05d}.{os.getpid()}.tmp"
             temps.append(temp)
-            save_file(shard, str(temp), metadata=header_meta)
-            _give_default_permissions(temp)
+            _write_shard(temp, shard, header_meta)
             shard_names.append(sorted(shard))
             total += sum(t.nbytes for t in shard.values())
             shard.clear()  # release this shard's tensors before the next shard is gathered
@@ -363,13 +380,6 @@ def write_checkpoint(
             temp.unlink(missing_ok=True)
         raise
     return _finish(folder, temps, shard_names, total)
-
-
-def _give_default_permissions(path: Path) -> None:
-    """safetensors writes owner-only files; give the usual rw-r--r-- (what the umask allows)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _finish(folder: Path, temps: list[Path], shard_names: list[list[str]], total: int) -> list[Path]:
@@ -384,9 +394,40 @@ def _finish(folder: Path, temps: list[Path], shard_names: list[list[str]], total
     for temp, final in zip(temps, finals):
         os.replace(temp, final)
     if n > 1:
-        weight_map = {name: final.name for final, names in zip(finals, shard_names) for name in names}
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        temp = folder / f".index.{os.getpid()}.tmp"
-        temp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        os.replace(temp, folder / INDEX_FILE)
+        write_index(folder, {name: final.name for final, names in zip(finals, shard_names) for name in names}, total)
     return finals
+
+
+def write_index(folder: Path, weight_map: Mapping[str, str], total_size: int) -> None:
+    """model.safetensors.index.json as the hub writes it (names sorted), renamed into place once complete."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    temp = folder / f".index.{os.getpid()}.tmp"
+    temp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    os.replace(temp, folder / INDEX_FILE)
+
+
+def format_bytes(n: int) -> str:
+    """Decimal units, as the hub shows file sizes."""
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the file system that holds `folder`, or will hold it (its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def check_free_space(folder: Path, needed: int, where: str | Path, what: str, after: str = "") -> int:
+    """Refuse, before anything is written, when `needed` bytes do not fit where `folder` is; returns the free bytes.
+
+    The message reads "{where}: not enough disk space: {what} {needed}{after}, {free} free".
+    """
+    free = free_bytes(folder)
+    if needed > free:
+        raise Qwen3NextError(f"{where}: not enough disk space: {what} {format_bytes(needed)}{after}, "
+                             f"{format_bytes(free)} free")
+    return free

@@ -1,15 +1,30 @@
-"""Shared fixtures: random Qwen3-Next checkpoints written once per test session."""
+"""Shared fixtures: random Qwen3-Next checkpoints written once per test session.
+
+Only `qwen3next.*` may resolve: the repository's cli/, quant/ and offload/ folders install as
+qwen3next.cli etc., but with the repository root on sys.path (`python -m pytest` puts the current
+folder there) they would also import as top-level `cli`, `quant` and `offload`, and a class could
+exist twice. So the root leaves sys.path before anything is imported from it; `qwen3next` itself
+resolves through the installed package (an editable install maps it by name, not by sys.path).
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
+_ROOT = Path(__file__).resolve().parent.parent
+_TOP_LEVEL = ("cli", "quant", "offload")  # repository folders that are packages only under qwen3next
+_imported = [name for name in _TOP_LEVEL if name in sys.modules]
+if _imported:
+    raise RuntimeError(f"tests/conftest.py: {', '.join(_imported)} already imported as top-level package(s); "
+                       "import them as qwen3next.cli / qwen3next.quant / qwen3next.offload")
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (checkpoints.py, tokenizer_fixture.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from checkpoints import write_model  # noqa: E402
 

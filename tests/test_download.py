@@ -20,9 +20,9 @@ import pytest
 from huggingface_hub import constants
 
 import qwen3next.hub
+import qwen3next.weights
 from fake_hub import FakeHub
-from qwen3next.inspection import format_bytes
-from qwen3next.weights import CheckpointReader
+from qwen3next.weights import CheckpointReader, format_bytes
 from test_cli import run_cli
 
 REPO = "org/tiny"
@@ -179,7 +179,7 @@ def test_no_network_is_one_clear_line(cli, monkeypatch):
 
 def test_not_enough_disk_space_is_refused_before_any_transfer(hub, cli, models, monkeypatch, tmp_path):
     out = tmp_path / "out"
-    monkeypatch.setattr(qwen3next.hub, "free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(qwen3next.weights, "free_bytes", lambda folder: 1000)
     code, _, stderr = cli("download", REPO, "--out", out)
     assert code == 1
     total = format_bytes(sum(p.stat().st_size for p in models("tiny").iterdir()))
@@ -187,10 +187,10 @@ def test_not_enough_disk_space_is_refused_before_any_transfer(hub, cli, models, 
     assert {s.target for s in hub.log} == {"api"} and not out.exists()
 
     # only what is missing has to fit
-    monkeypatch.setattr(qwen3next.hub, "free_bytes", lambda folder: 10**12)
+    monkeypatch.setattr(qwen3next.weights, "free_bytes", lambda folder: 10**12)
     assert cli("download", REPO, "--out", out, "-q")[0] == 0
     (out / SHARD).unlink()
-    monkeypatch.setattr(qwen3next.hub, "free_bytes", lambda folder: (out / "config.json").stat().st_size)
+    monkeypatch.setattr(qwen3next.weights, "free_bytes", lambda folder: (out / "config.json").stat().st_size)
     code, _, stderr = cli("download", REPO, "--out", out)
     assert code == 1 and f"needs {format_bytes((models('tiny') / SHARD).stat().st_size)} more (1 of 19 files)" in stderr
 

@@ -11,8 +11,9 @@ import torch
 from huggingface_hub import constants
 
 from checkpoints import write_model
+from qwen3next.checkpoint_names import model_shapes
 from qwen3next.config import Qwen3NextConfig
-from qwen3next.inspection import count_parameters, model_shapes
+from qwen3next.inspection import count_parameters
 from qwen3next.model_path import DEMO_MODEL
 from qwen3next.weights import CheckpointReader
 from test_cli import run_cli

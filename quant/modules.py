@@ -9,10 +9,10 @@ which at many rows costs little next to the matmul itself.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen3next import cpu_kernels
+from qwen3next.layers import linear
 
 from . import int4, int8
 
@@ -22,14 +22,16 @@ def dequantize(bits: int, arrays: list[torch.Tensor], dtype: torch.dtype) -> tor
     return int8.dequantize(*arrays, dtype=dtype) if bits == 8 else int4.dequantize(*arrays, dtype=dtype)
 
 
-def quantized_matmul(x: torch.Tensor, bits: int, arrays: list[torch.Tensor]) -> torch.Tensor:
-    """x [..., in] @ W.T for a matrix stored as `arrays`: the 8/4-bit CPU kernel for a few bf16 rows,
-    else a dense matmul on the dequantized matrix (many rows reuse it; other devices have no kernel)."""
+def quantized_matmul(x: torch.Tensor, bits: int, arrays: list[torch.Tensor], fp32_out: bool = False) -> torch.Tensor:
+    """x [..., in] @ W.T for a matrix stored as `arrays` (fp32 sums kept with fp32_out, for logits): the
+    8/4-bit CPU kernel for a few bf16 rows, else a dense matmul on the dequantized matrix (many rows
+    reuse it; other devices have no kernel)."""
     codes = arrays[0]
     in_features = codes.shape[1] * (2 if bits == 4 else 1)
-    if x.numel() <= cpu_kernels.MAX_ROWS * in_features and codes.device.type == "cpu" and cpu_kernels.usable(x):
-        return cpu_kernels.linear_q8(x, *arrays) if bits == 8 else cpu_kernels.linear_q4(x, *arrays)
-    return F.linear(x, dequantize(bits, arrays, x.dtype))
+    if codes.device.type == "cpu" and cpu_kernels.usable(x) and x.numel() <= cpu_kernels.MAX_ROWS * in_features:
+        kernel = cpu_kernels.linear_q8 if bits == 8 else cpu_kernels.linear_q4
+        return kernel(x, *arrays, fp32_out=fp32_out)
+    return linear(x, dequantize(bits, arrays, x.dtype), fp32_out)
 
 
 class QuantizedLinear(nn.Module):
@@ -54,8 +56,8 @@ class QuantizedLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.bits, self.arrays, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_matmul(x, self.bits, self.arrays)
+    def forward(self, x: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:
+        return quantized_matmul(x, self.bits, self.arrays, fp32_out)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -76,5 +78,5 @@ class QuantizedEmbedding(QuantizedLinear):
         rows = dequantize(self.bits, [array[flat] for array in self.arrays], self.dtype)
         return rows.view(*ids.shape, self.in_features)
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden)
+    def project(self, hidden: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:
+        return super().forward(hidden, fp32_out)

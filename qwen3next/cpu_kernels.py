@@ -1,33 +1,40 @@
-"""Bandwidth-bound decode kernels (csrc/*.c), built at first use, with a torch fallback.
+"""Bandwidth-bound decode kernels (csrc/*.c), built at model load, with a torch fallback.
 
 Why our own: at decode every linear layer is a matrix-vector product, bound by reading the
 weights. torch's bf16 path on CPU reaches about a third of the read bandwidth there; a plain C
 loop compiled for the host reaches most of it (figures in docs/performance.md). The source is
 compiled once per machine with the system C compiler into a cache folder and loaded with
 ctypes. Without a compiler, or with QWEN3NEXT_NO_KERNELS=1, everything runs through torch:
-same results to bf16 rounding, just slower.
+same results to bf16 rounding, just slower, and a one-line notice on stderr says so.
+
+`prepare()` builds and loads the library (call it at model load: a first build takes seconds);
+`library()` prepares on first use for direct callers. QWEN3NEXT_KERNEL_CFLAGS appends compiler
+flags (part of the cache key), so CI can build the paths its machine would not pick:
+"-mno-avx512f" for AVX2, "-mno-avx" for the portable loops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import hashlib
-import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "decode_kernels.c", CSRC / "quant_kernels.c")  # both include csrc/common.h
-MAX_ROWS = 8  # activation rows up to which the matrix-vector kernel beats a GEMM
-MAX_CONV_KERNEL = 8  # csrc's Q3N_MAX_CONV_KERNEL
+SOURCES = (CSRC / "decode_kernels.c", CSRC / "quant_kernels.c", CSRC / "build_info.c")  # all include common.h
+NO_KERNELS = "QWEN3NEXT_NO_KERNELS"
+EXTRA_CFLAGS = "QWEN3NEXT_KERNEL_CFLAGS"
+SLOWER = "running the torch fallback, decode is several times slower"
 # Tried in order: vector expf from glibc's libmvec, then without it, then without OpenMP or -march.
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-DQ3N_LIBMVEC", "-lmvec"],
@@ -35,6 +42,30 @@ _FLAG_SETS = (
     ["-O3", "-fopenmp"],
     ["-O3"],
 )
+
+
+class KernelMismatch(RuntimeError):
+    """The loaded library's structs or symbols disagree with this module: calling it would corrupt memory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStatus:
+    """What runs the CPU fast paths: a loaded library (isa set) or the torch fallback (reason set).
+
+    `notice` is what the user is told once on stderr (also for a working library, e.g. a cache
+    that could not be written); `describe()` is the short form for --stats.
+    """
+
+    isa: str | None = None  # the widest vector path compiled in, as the library reports it
+    threaded: bool = False  # built with OpenMP
+    path: Path | None = None
+    reason: str = ""  # why there is no library
+    notice: str = ""
+
+    def describe(self) -> str:
+        if self.isa is None:
+            return f"torch fallback ({self.reason})"
+        return f"C kernels ({self.isa}{'' if self.threaded else ', one thread: built without OpenMP'})"
 
 
 def _cache_dir() -> Path:
@@ -52,59 +83,126 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
-def _build() -> ctypes.CDLL | None:
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        log.info("no C compiler found; decode kernels fall back to torch")
-        return None
+def _candidates() -> list[tuple[list[str], Path]]:
+    """Each flag set (QWEN3NEXT_KERNEL_CFLAGS appended) with the cache path its library has."""
+    extra = shlex.split(os.environ.get(EXTRA_CFLAGS, ""))
     source = b"".join(path.read_bytes() for path in (*SOURCES, CSRC / "common.h"))
+    out = []
     for flags in _FLAG_SETS:
+        flags = flags + extra
         key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
-        library = _cache_dir() / f"decode_kernels-{key}.so"
-        if not library.exists() and not _compile(compiler, flags, library):
-            continue
-        try:
-            return ctypes.CDLL(str(library))
-        except OSError as exc:
-            log.info("could not load %s: %s", library, exc)
-    return None
+        out.append((flags, _cache_dir() / f"decode_kernels-{key}.so"))
+    return out
 
 
-def _compile(compiler: str, flags: list[str], library: Path) -> bool:
-    """Compile into a temporary file and rename it into place, so a half-written library is never loaded."""
+def _compiler() -> str | None:
+    return next(filter(None, map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang"))), None)
+
+
+def _open(quiet: bool) -> tuple[ctypes.CDLL | None, KernelStatus]:
+    """The library from the cache, else freshly built; or None and why not."""
+    if os.environ.get(NO_KERNELS, "") not in ("", "0"):
+        return None, KernelStatus(reason=f"{NO_KERNELS}=1", notice=f"{NO_KERNELS}=1: running the torch path by request")
+    candidates = _candidates()
+    # The best flag set already cached wins, so a set that never compiles here is not retried every run.
+    for flags, path in candidates:
+        if path.exists():
+            try:
+                return _load(path)
+            except OSError:  # corrupt or stale (a missing symbol): rebuilt below
+                with contextlib.suppress(OSError):
+                    path.unlink()
+    compiler = _compiler()
+    if compiler is None:
+        asked = f"CC={os.environ['CC']} is not on PATH, nor are" if os.environ.get("CC") else "none of"
+        return None, KernelStatus(reason="no C compiler", notice=(
+            f"no C compiler found ({asked} cc, gcc, clang; install gcc or set CC); {SLOWER}"))
+    if not quiet:
+        _say(f"compiling CPU kernels for this machine (once; cached in {candidates[0][1].parent})")
+    problem = ""
+    for flags, path in candidates:
+        library, status, problem = _build(compiler, flags, path)
+        if library is not None:
+            return library, status
+    return None, KernelStatus(reason="kernel build failed", notice=(
+        f"the CPU kernels did not build with {compiler} ({problem}; set CC to a working compiler, "
+        f"or {NO_KERNELS}=1 to skip the build); {SLOWER}"))
+
+
+def _build(compiler: str, flags: list[str], target: Path) -> tuple[ctypes.CDLL | None, KernelStatus | None, str]:
+    """Compile and load in a temporary folder, then install into the cache (renamed into place, so a
+    half-written library is never loaded; the loaded mapping outlives the folder). A cache that cannot
+    be written costs a rebuild next run, nothing else. Returns (library, status, "") or (None, None, why)."""
     try:
-        library.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(suffix=".so", dir=library.parent)
-        os.close(fd)
+        folder = Path(tempfile.mkdtemp(prefix="qwen3next-kernels-"))
     except OSError as exc:
-        log.info("cannot write the kernel cache %s: %s", library.parent, exc)
-        return False
-    command = [compiler, *flags, "-shared", "-fPIC", *map(str, SOURCES), "-o", temporary, "-lm"]
+        return None, None, f"no temporary folder to build in: {exc}"
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        os.unlink(temporary)
-        log.info("kernel build could not run: %s", exc)
-        return False
-    if done.returncode != 0:
-        os.unlink(temporary)
-        log.info("kernel build failed with %s: %s", " ".join(flags), done.stderr.strip()[:500])
-        return False
-    os.replace(temporary, library)
-    return True
+        built = folder / target.name
+        command = [compiler, *flags, "-shared", "-fPIC", *map(str, SOURCES), "-o", str(built), "-lm"]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, None, f"{compiler} could not run: {exc}"
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            return None, None, next((line for line in lines if "error" in line), lines[0]).strip()[:300]
+        try:  # loaded from the build folder: a stale library at the cache path may still be mapped under that name
+            library, status = _load(built)
+        except OSError as exc:  # e.g. libmvec missing at run time: the next flag set does without
+            return None, None, f"the built library does not load: {exc}"
+        try:
+            _install(built, target)
+        except OSError as exc:
+            return library, dataclasses.replace(status, path=None, notice=(
+                f"kernel cache {target.parent} is not writable ({exc.strerror or exc}); using kernels built in a "
+                f"temporary folder, rebuilt every run (set QWEN3NEXT_CACHE to a writable folder)")), ""
+        return library, dataclasses.replace(status, path=target), ""
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+def _install(built: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(built, temporary)
+        os.chmod(temporary, 0o755)
+        os.replace(temporary, target)
+    except OSError:
+        os.unlink(temporary)
+        raise
+
+
+def _load(path: Path) -> tuple[ctypes.CDLL, KernelStatus]:
+    """Load and declare a library; OSError if it is not one or lacks a symbol (a stale or damaged file).
+
+    Raises KernelMismatch if a struct's size differs between C and its ctypes mirror."""
+    library = ctypes.CDLL(str(path))
+    try:
+        _declare(library)
+        sizes = {name: getattr(library, f"q3n_sizeof_{name}")() for name in MIRRORS}
+    except AttributeError as exc:
+        raise OSError(f"{path}: {exc}") from exc
+    for name, mirror in MIRRORS.items():
+        if sizes[name] != ctypes.sizeof(mirror):
+            raise KernelMismatch(f"{path}: struct {name} is {sizes[name]} bytes in C but {ctypes.sizeof(mirror)} in "
+                                 f"cpu_kernels.{mirror.__name__}; the ctypes mirror is out of date with csrc/")
+    return library, KernelStatus(isa=library.q3n_isa().decode(), threaded=bool(library.q3n_openmp()), path=path)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.q3n_linear_bf16.argtypes = [p, p, p, i64, i64, i64, c_int]
+    lib.q3n_linear_bf16.argtypes = [p, p, p, i64, i64, i64, c_int, c_int]
     lib.q3n_linear_bf16.restype = None
     lib.q3n_swiglu_experts_bf16.argtypes = [p, p, p, i64, p, p, i64, i64, c_int]
     lib.q3n_swiglu_experts_bf16.restype = None
     lib.q3n_moe_block_bf16.argtypes = [p, p, ctypes.POINTER(MoeWeights), i64, p, p, p, c_int]
     lib.q3n_moe_block_bf16.restype = None
-    lib.q3n_linear_q8.argtypes = [p, p, p, p, i64, i64, i64, c_int]
+    lib.q3n_linear_q8.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int]
     lib.q3n_linear_q8.restype = None
-    lib.q3n_linear_q4.argtypes = [p, p, p, i64, p, p, i64, i64, i64, c_int]
+    lib.q3n_linear_q4.argtypes = [p, p, p, i64, p, p, i64, i64, i64, c_int, c_int]
     lib.q3n_linear_q4.restype = None
     lib.q3n_experts_quant.argtypes = [p, ctypes.POINTER(ExpertLayout), p, p, i64, p, p, c_int]
     lib.q3n_experts_quant.restype = None
@@ -114,23 +212,55 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q3n_attend_one_bf16.restype = None
     lib.q3n_gated_delta_bf16.argtypes = [p] * 9 + [i64] * 6 + [ctypes.c_float, c_int]
     lib.q3n_gated_delta_bf16.restype = None
-    return lib
+    lib.q3n_isa.restype = ctypes.c_char_p
+    lib.q3n_openmp.restype = c_int
+    for name in ("q3n_max_rows", "q3n_max_conv_kernel", *(f"q3n_sizeof_{name}" for name in MIRRORS)):
+        getattr(lib, name).restype = i64
 
 
 _lib: ctypes.CDLL | None = None
 _loaded = False
+_status = KernelStatus(reason="not prepared")
+_said: set[str] = set()
+
+
+def _say(text: str) -> None:
+    """A notice on stderr, once per process."""
+    if text and text not in _said:
+        _said.add(text)
+        print(f"qwen3next: {text}", file=sys.stderr)
+
+
+def prepare(quiet: bool = False) -> KernelStatus:
+    """Load the kernels (building them on first use on this machine), once per process; returns what runs.
+
+    Unless quiet, says on stderr (once) that a build is starting, or why the torch fallback runs.
+    Raises KernelMismatch if the library and this module disagree on a struct's layout.
+    """
+    global _lib, _loaded, _status, MAX_ROWS, MAX_CONV_KERNEL
+    if not _loaded:
+        _lib, _status = _open(quiet)
+        _loaded = True
+        # csrc/common.h's limits; 0 without a library, where no call is kernel-sized
+        MAX_ROWS = _lib.q3n_max_rows() if _lib is not None else 0
+        MAX_CONV_KERNEL = _lib.q3n_max_conv_kernel() if _lib is not None else 0
+    if not quiet:
+        _say(_status.notice)
+    return _status
+
+
+def __getattr__(name: str):
+    """MAX_ROWS and MAX_CONV_KERNEL before the first `prepare()`: prepared on first use, like `library()`."""
+    if name in ("MAX_ROWS", "MAX_CONV_KERNEL"):
+        prepare()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (no compiler, build failed, or QWEN3NEXT_NO_KERNELS=1)."""
-    global _lib, _loaded
     if not _loaded:
-        _loaded = True
-        if os.environ.get("QWEN3NEXT_NO_KERNELS", "") not in ("", "0"):
-            _lib = None
-        else:
-            built = _build()
-            _lib = _declare(built) if built is not None else None
+        prepare()
     return _lib
 
 
@@ -147,34 +277,38 @@ def usable(x: torch.Tensor) -> bool:
     )
 
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ weight[out, in].T for a few rows of x (see `usable`)."""
+def _output(x: torch.Tensor, out_features: int, fp32_out: bool) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32 if fp32_out else x.dtype)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:
+    """x [..., in] @ weight[out, in].T for a few rows of x (see `usable`); bf16, or the fp32 sums with fp32_out."""
     x = x.contiguous()
     out_features, in_features = weight.shape
-    y = x.new_empty(*x.shape[:-1], out_features)
-    rows = x.numel() // in_features
-    _lib.q3n_linear_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, out_features, in_features,
-                         torch.get_num_threads())
+    y = _output(x, out_features, fp32_out)
+    _lib.q3n_linear_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), x.numel() // in_features, out_features,
+                         in_features, fp32_out, torch.get_num_threads())
     return y
 
 
-def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:
     """x [..., in] (bf16, a few rows) times int8 weights q [out, in] with fp32 row scales (quant/int8.py)."""
     x = x.contiguous()
     out_features, in_features = q.shape
-    y = x.new_empty(*x.shape[:-1], out_features)
+    y = _output(x, out_features, fp32_out)
     _lib.q3n_linear_q8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), x.numel() // in_features,
-                       out_features, in_features, torch.get_num_threads())
+                       out_features, in_features, fp32_out, torch.get_num_threads())
     return y
 
 
-def linear_q4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+def linear_q4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+              fp32_out: bool = False) -> torch.Tensor:
     """x [..., in] (bf16, a few rows) times 4-bit group-quantized weights (quant/int4.py)."""
     x = x.contiguous()
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    y = x.new_empty(*x.shape[:-1], out_features)
+    y = _output(x, out_features, fp32_out)
     _lib.q3n_linear_q4(packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), in_features // scale.shape[1],
-                       x.data_ptr(), y.data_ptr(), x.numel() // in_features, out_features, in_features,
+                       x.data_ptr(), y.data_ptr(), x.numel() // in_features, out_features, in_features, fp32_out,
                        torch.get_num_threads())
     return y
 
@@ -217,8 +351,6 @@ def moe_block_bf16(x: torch.Tensor, weights: MoeWeights):
     _lib.q3n_moe_block_bf16(x.data_ptr(), out.data_ptr(), ctypes.byref(weights), x.shape[-1], ids.data_ptr(),
                             routing.data_ptr(), logits.data_ptr(), torch.get_num_threads())
     return out, ids, routing, logits
-
-
 
 
 class Projection(ctypes.Structure):
@@ -276,3 +408,9 @@ def gated_delta_bf16(qkvz, ba, conv_weight, conv_state, A_log, dt_bias, norm_wei
         dt_bias.data_ptr(), norm_weight.data_ptr(), state.data_ptr(), out.data_ptr(), qkvz.shape[1], k_heads,
         v_heads, k_dim, v_dim, conv_weight.shape[-1], eps, torch.get_num_threads(),
     )
+
+
+# The structs the ctypes layer mirrors, by their C names: each is checked against q3n_sizeof_<name> at load.
+MIRRORS: dict[str, type[ctypes.Structure]] = {
+    "q3n_moe_weights": MoeWeights, "q3n_projection": Projection, "q3n_expert_layout": ExpertLayout,
+}

@@ -53,12 +53,35 @@ class GatedRMSNorm(nn.Module):
         return (normed * F.silu(z.float())).to(x.dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T; decode-sized bf16 calls on the CPU use the bandwidth-bound kernel."""
-    if weight.dtype == torch.bfloat16 and x.numel() <= cpu_kernels.MAX_ROWS * weight.shape[1] \
-            and weight.is_contiguous() and cpu_kernels.usable(x):
-        return cpu_kernels.linear_bf16(x, weight)
-    return F.linear(x, weight)
+_WIDEN_BYTES = 16 << 20  # bytes of fp32 weight rows `_fp32_matmul` widens at a time on the CPU
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:
+    """x @ weight.T; fp32_out keeps a bf16/fp16 product's fp32 sums unrounded (logits: bf16's step at
+    8-16 is 0.0625, enough to tie close candidates). Decode-sized bf16 calls on the CPU use the
+    bandwidth-bound kernel."""
+    widen = fp32_out and x.dtype != torch.float32
+    if weight.dtype == torch.bfloat16 and cpu_kernels.usable(x) and x.numel() <= cpu_kernels.MAX_ROWS * weight.shape[1] \
+            and weight.is_contiguous():
+        return cpu_kernels.linear_bf16(x, weight, fp32_out=widen)
+    if not widen:
+        return F.linear(x, weight)
+    return _fp32_matmul(x, weight)
+
+
+def _fp32_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in fp32 for bf16/fp16 operands, without an fp32 copy of a large weight."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return F.linear(x.float(), weight.float())  # differentiable (training); the paths below are not
+    flat = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cuda":  # cuBLAS sums into fp32 outputs directly
+        out = torch.mm(flat, weight.T, out_dtype=torch.float32)
+    else:  # torch has no such CPU kernel: widen the weight a block of rows at a time
+        out = torch.empty(flat.shape[0], weight.shape[0], device=x.device)
+        wide_x, step = flat.float(), max(1, _WIDEN_BYTES // (4 * weight.shape[1]))
+        for first in range(0, weight.shape[0], step):
+            torch.mm(wide_x, weight[first : first + step].float().T, out=out[:, first : first + step])
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
@@ -67,8 +90,8 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+    def forward(self, x: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, fp32_out)
 
 
 class SwiGLU(nn.Module):

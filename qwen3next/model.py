@@ -104,10 +104,14 @@ class Qwen3NextForCausalLM(nn.Module):
         return ModelCache([layer.make_cache() for layer in self.model.layers])
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits whatever the activation dtype: rounded to bf16 (a step of 0.0625 at logits of 8-16),
+        close candidates become exact ties and greedy decoding picks the wrong one."""
         if self.lm_head is not None:
-            return self.lm_head(hidden)
+            return self.lm_head(hidden, fp32_out=True)
         embedding = self.model.embed_tokens  # tied: a quantized table projects itself
-        return embedding.project(hidden) if hasattr(embedding, "project") else linear(hidden, embedding.weight)
+        if hasattr(embedding, "project"):
+            return embedding.project(hidden, fp32_out=True)
+        return linear(hidden, embedding.weight, fp32_out=True)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """Final normalised hidden states [B, T, hidden] for input_ids [B, T], advancing `cache`."""
@@ -124,7 +128,7 @@ class Qwen3NextForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only, which skips lm_head on the rest)."""
+        """fp32 logits [B, T, vocab] (or [B, 1, vocab] with last_only, which skips lm_head on the rest)."""
         hidden = self.hidden_states(input_ids, cache)
         if last_only:
             hidden = hidden[:, -1:]

@@ -11,7 +11,14 @@ from qwen3next import cpu_kernels
 from qwen3next.cache import DeltaNetState
 from qwen3next.deltanet import GatedDeltaNet
 
-pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: kernels not built")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels():
+    """Built here, not at collection: a build takes seconds and belongs to the tests that need it."""
+    status = cpu_kernels.prepare()
+    if status.isa is None:
+        pytest.skip(f"kernels not loaded: {status.describe()}")
 
 BF16_EPS = 2**-8  # relative spacing of bf16 numbers
 
@@ -37,6 +44,38 @@ def test_linear(rows):
     x, w = bf16(rows, 96, seed=1), bf16(40, 96, seed=2)
     with torch.inference_mode():
         assert_bf16_close(cpu_kernels.linear_bf16(x, w), x.float() @ w.float().T)
+
+
+def test_linear_fp32_output_is_the_unrounded_sum():
+    """fp32_out (logits) returns the fp32 accumulation itself: far inside one bf16 rounding."""
+    x, w = bf16(3, 200, seed=1), bf16(70, 200, seed=2)
+    exact = x.double() @ w.double().T
+    with torch.inference_mode():
+        y = cpu_kernels.linear_bf16(x, w, fp32_out=True)
+    assert y.dtype == torch.float32 and y.shape == (3, 70)
+    assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5  # bf16 output: ~2e-3
+
+
+def test_limits_come_from_the_library():
+    """csrc/common.h owns the limits; the Python side reads them from the loaded library."""
+    library = cpu_kernels.library()
+    assert cpu_kernels.MAX_ROWS == library.q3n_max_rows() > 0
+    assert cpu_kernels.MAX_CONV_KERNEL == library.q3n_max_conv_kernel() > 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_fp32_output_is_the_unrounded_sum(bits):
+    """The 8/4-bit kernels' fp32_out (quantized lm_head) skips the bf16 rounding, nothing else."""
+    from qwen3next.quant import int4, int8
+
+    x, w = bf16(2, 256, seed=3), torch.randn(50, 256, generator=torch.Generator().manual_seed(4))
+    arrays = int8.quantize(w) if bits == 8 else int4.quantize(w, 64)
+    kernel = cpu_kernels.linear_q8 if bits == 8 else cpu_kernels.linear_q4
+    with torch.inference_mode():
+        wide, rounded = kernel(x, *arrays, fp32_out=True), kernel(x, *arrays)
+    assert wide.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert torch.equal(wide.bfloat16(), rounded)  # the same sums, rounded once
+    assert not torch.equal(wide, rounded.float())
 
 
 def test_swiglu_experts_sum_the_chosen_experts():

@@ -1,11 +1,34 @@
-/* Helpers shared by the CPU kernel sources (decode_kernels.c, quant_kernels.c): number conversions
- * and the fp32-accumulating bf16 dot product. Everything is static inline: each source gets its own copy. */
+/* Shared by the CPU kernel sources (decode_kernels.c, quant_kernels.c, build_info.c): the limits the
+ * Python side reads back, which vector paths a build takes, number conversions and the fp32-accumulating
+ * bf16 dot product. Functions are static inline: each source gets its own copy. */
 #ifndef Q3N_COMMON_H
 #define Q3N_COMMON_H
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Defined here only: cpu_kernels.py reads them from the loaded library (build_info.c). */
+#define Q3N_MAX_ROWS 8        /* activation rows up to which the matrix-vector kernels beat a GEMM */
+#define Q3N_MAX_CONV_KERNEL 8 /* the longest causal conv the DeltaNet kernel takes; longer ones run in torch */
+
+/* The vector paths of this build, from the compiler's target macros (-march=native, narrowed by
+ * QWEN3NEXT_KERNEL_CFLAGS); q3n_isa() reports the same choice. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define Q3N_AVX512 1
+#if defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define Q3N_VNNI 1 /* integer dot products for the quantized kernels */
+#endif
+#elif defined(__AVX2__) && defined(__FMA__)
+#define Q3N_AVX2 1
+#endif
+#if defined(Q3N_AVX512) || defined(Q3N_AVX2) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+/* int64_t q3n_sizeof_TYPE(void): the Python side compares it with its ctypes mirror of TYPE at load. */
+#define Q3N_EXPORT_SIZEOF(type) \
+    int64_t q3n_sizeof_##type(void) { return (int64_t)sizeof(type); }
 
 #ifdef Q3N_LIBMVEC
 /* glibc's libmvec has vector versions of expf; declaring them lets loops that call silu vectorise
@@ -45,8 +68,13 @@ static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+/* y[i] = v, as fp32 (f32_out: logits, unrounded) or rounded to bf16 (every other output). */
+static inline void store_output(void *y, int64_t i, float v, int f32_out) {
+    if (f32_out) ((float *)y)[i] = v;
+    else ((uint16_t *)y)[i] = f32_to_bf16(v);
+}
+
 #if defined(__F16C__)
-#include <immintrin.h>
 static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); } /* one instruction */
 #else
 static inline float f16_to_f32(uint16_t h) {

@@ -5,7 +5,8 @@
  * machine's read bandwidth on these shapes; a plain loop that widens bf16 to fp32 and lets the
  * compiler vectorise the multiply-add reaches most of it (docs/performance.md has the figures).
  * Activations are widened to fp32 once per call and accumulated in fp32; outputs are rounded to
- * bf16 (round to nearest even), as a bf16 GEMM with fp32 accumulation would.
+ * bf16 (round to nearest even), as a bf16 GEMM with fp32 accumulation would (except logits, which
+ * q3n_linear_bf16 can return in fp32).
  *
  * Built at first use with the system C compiler (qwen3next/cpu_kernels.py) and called through
  * ctypes with raw pointers; the Python side checks dtypes, shapes and contiguity.
@@ -17,13 +18,6 @@
 #else /* built without OpenMP: one thread */
 static inline int omp_get_thread_num(void) { return 0; }
 static inline int omp_get_num_threads(void) { return 1; }
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define Q3N_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define Q3N_AVX2 1
 #endif
 
 /* w[:n] . x[:n] with fp32 accumulation, for the expert kernels.
@@ -88,19 +82,18 @@ static inline void thread_share(int64_t total, int64_t *begin, int64_t *end) {
     *end = total * (t + 1) / n;
 }
 
-/* y[m, r] = sum_c w[r, c] * x[m, c] for m < rows_x: w [out, in], x [rows_x, in], y [rows_x, out]. */
-void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out, int64_t in,
-                     int threads) {
+/* y[m, r] = sum_c w[r, c] * x[m, c] for m < rows_x: w [out, in], x [rows_x, in], y [rows_x, out] in bf16,
+ * or in fp32 with f32_out. */
+void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in,
+                     int f32_out, int threads) {
     float *xf = widen(x, rows_x * in);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < out; r++) {
         const uint16_t *row = w + r * in;
-        for (int64_t m = 0; m < rows_x; m++) y[m * out + r] = f32_to_bf16(dot_bf16_f32(row, xf + m * in, in));
+        for (int64_t m = 0; m < rows_x; m++) store_output(y, m * out + r, dot_bf16_f32(row, xf + m * in, in), f32_out);
     }
     free(xf);
 }
-
-#define Q3N_MAX_CONV_KERNEL 8 /* the Python side routes longer convs to torch */
 
 /* One SwiGLU expert as the expert kernels see it: gate and up [inter, hidden], down [hidden, inter]. */
 typedef struct {
@@ -210,6 +203,7 @@ typedef struct {
     int64_t shared_inter;
     const uint16_t *shared_expert_gate; /* [1, hidden] */
 } q3n_moe_weights;
+Q3N_EXPORT_SIZEOF(q3n_moe_weights)
 
 /* A whole sparse MoE block for one token: router, top-k routed SwiGLU experts and the shared expert
  * scaled by sigmoid(shared_expert_gate x). Writes the block output and, for router statistics, the

@@ -14,13 +14,6 @@
  */
 #include "common.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
-#define Q3N_VNNI 1
-#else
-#define Q3N_VNNI 0
-#endif
-
 #define XBLOCK 64 /* activation values sharing one int16 scale */
 
 /* An activation vector x [n] in the forms the row dots read. */
@@ -77,7 +70,7 @@ static void release(prepared *p) { free(p->f); }
 /* ---- one row of an int8 matrix (one fp32 scale per row, applied by the caller) ---- */
 
 static inline float q8_row_dot(const int8_t *row, const prepared *x) {
-#if Q3N_VNNI
+#ifdef Q3N_VNNI
     if (x->n % XBLOCK == 0) {
         __m512 acc = _mm512_setzero_ps(), acc2 = acc; /* two accumulators: short rows are latency-bound */
         for (int64_t b = 0; b < x->n / XBLOCK; b++) {
@@ -102,7 +95,7 @@ static inline float q8_row_dot(const int8_t *row, const prepared *x) {
  * minimum per group: sum_g scale[g] * sum_i q[g, i] x[g, i] + minimum[g] * sum_i x[g, i] ---- */
 
 static inline float q4_minimum_share(const uint16_t *minimum, const prepared *x, int64_t groups) {
-#if Q3N_VNNI
+#ifdef Q3N_VNNI
     __m512 sum = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g += 16) {
         __mmask16 lanes = groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
@@ -119,7 +112,7 @@ static inline float q4_minimum_share(const uint16_t *minimum, const prepared *x,
 
 static inline float q4_row_dot(const uint8_t *row, const uint16_t *scale, const uint16_t *minimum, const prepared *x) {
     const int64_t group = x->group, groups = x->n / group, half_group = group / 2;
-#if Q3N_VNNI
+#ifdef Q3N_VNNI
     if (group == XBLOCK && groups % 2 == 0) {
         /* 4-bit codes are coarse enough that int8 activation codes lose nothing that matters (their step is
          * 1/127 of the block's largest value; the weights' is 1/15 of their group's range), and bytes
@@ -174,27 +167,28 @@ static inline float q4_row_dot(const uint8_t *row, const uint16_t *scale, const 
 
 /* ---- dense matrices: y [rows_x, out] = x [rows_x, in] @ W.T ---- */
 
-/* int8 weights q [out, in] with one fp32 scale per row. */
-void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out,
-                   int64_t in, int threads) {
+/* int8 weights q [out, in] with one fp32 scale per row; y in bf16, or in fp32 with f32_out. */
+void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, void *y, int64_t rows_x, int64_t out,
+                   int64_t in, int f32_out, int threads) {
     prepared xs[rows_x];
     for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, 0);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < out; r++)
-        for (int64_t m = 0; m < rows_x; m++) y[m * out + r] = f32_to_bf16(q8_row_dot(q + r * in, &xs[m]) * scale[r]);
+        for (int64_t m = 0; m < rows_x; m++) store_output(y, m * out + r, q8_row_dot(q + r * in, &xs[m]) * scale[r], f32_out);
     for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
 }
 
-/* 4-bit weights: packed [out, in / 2], scale and minimum [out, in / group] (fp16). */
+/* 4-bit weights: packed [out, in / 2], scale and minimum [out, in / group] (fp16); y as in q3n_linear_q8. */
 void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t *minimum, int64_t group,
-                   const uint16_t *x, uint16_t *y, int64_t rows_x, int64_t out, int64_t in, int threads) {
+                   const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in, int f32_out, int threads) {
     const int64_t groups = in / group;
     prepared xs[rows_x];
     for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, group);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < out; r++)
         for (int64_t m = 0; m < rows_x; m++)
-            y[m * out + r] = f32_to_bf16(q4_row_dot(packed + r * in / 2, scale + r * groups, minimum + r * groups, &xs[m]));
+            store_output(y, m * out + r, q4_row_dot(packed + r * in / 2, scale + r * groups, minimum + r * groups, &xs[m]),
+                         f32_out);
     for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
 }
 
@@ -209,6 +203,8 @@ typedef struct {
 typedef struct {
     q3n_projection gate, up, down;
 } q3n_expert_layout;
+Q3N_EXPORT_SIZEOF(q3n_projection)
+Q3N_EXPORT_SIZEOF(q3n_expert_layout)
 
 /* Row r of a projection inside `blob` times a vector prepared for that projection's format. */
 static inline float projection_row_dot(const uint8_t *blob, const q3n_projection *p, int64_t r, const prepared *x) {

@@ -20,7 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import httpx2
 from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
@@ -47,6 +47,7 @@ from .weights import CheckpointReader, check_free_space, format_bytes
 _API_TIMEOUT = 30.0  # seconds for the file-list call; transfers use huggingface_hub's own timeouts
 _HASH_CHUNK = 8 * 2**20
 _MAX_HEADER = 100 * 2**20  # safetensors caps headers at 100 MB
+_FIRST_RANGE = 512 * 2**10  # bytes asked for first: Qwen3-Next-80B's shard headers should be ~200 kB
 _RESUME_HINT = "run the command again to resume (finished files are kept)"
 
 
@@ -134,7 +135,7 @@ def download_quantized(repo_id: str, bits: int, out: str | Path, revision: str |
         check_output(out, force)
         _fetch_verified(replace(listing, files=tuple(f for f in listing.files if f not in shards)), fetch_dir, quiet)
         pending = {f.path: f for f in shards if not _is_complete(fetch_dir / f.path, f)}
-        headers = {path: (_fetch_header(listing, f), f.size) for path, f in pending.items()}
+        headers = _fetch_headers(listing, pending.values())
         config = Qwen3NextConfig.from_file(fetch_dir)
         with CheckpointReader(fetch_dir, prefetched=headers) as reader:
             job = Conversion(fetch_dir, out, reader, config, Policy(bits), group or DEFAULT_GROUP, False, say,
@@ -164,8 +165,18 @@ def _check_source_space(job: Conversion, shards: list[RemoteFile], fetch_dir: Pa
     check_free_space(fetch_dir, needed, where, "quantizing while downloading needs about")
 
 
+def _fetch_headers(listing: Listing, files: Iterable[RemoteFile]) -> dict[str, tuple[bytes, int]]:
+    """Shard name -> (header bytes, file size), as CheckpointReader's `prefetched` takes them.
+
+    Not huggingface_hub's get_safetensors_metadata: it returns parsed headers without the header
+    length, so the tensors' file offsets (and the check that they fit in the file) would be lost;
+    docs/architecture.md has the comparison.
+    """
+    return {f.path: (_fetch_header(listing, f), f.size) for f in files}
+
+
 def _fetch_header(listing: Listing, f: RemoteFile) -> bytes:
-    """A remote safetensors file's first 8 + header-length bytes, by two range requests."""
+    """A remote safetensors file's first 8 + header-length bytes: one range request, two if the header is long."""
     url = hf_hub_url(listing.repo_id, f.path, revision=listing.commit)
     session, headers = get_session(), build_hf_headers()
 
@@ -174,11 +185,13 @@ def _fetch_header(listing: Listing, f: RemoteFile) -> bytes:
         hf_raise_for_status(response)
         return response.content[:last - first + 1]
 
-    prefix = fetch(0, 7)
-    length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+    data = fetch(0, min(f.size, _FIRST_RANGE) - 1)
+    length = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
     if not 0 < length <= min(f.size - 8, _MAX_HEADER):
         raise HubError(f"{listing.repo_id}: {f.path} does not start with a safetensors header")
-    return prefix + fetch(8, 7 + length)
+    if len(data) < 8 + length:
+        data += fetch(len(data), 7 + length)
+    return data[:8 + length]
 
 
 def _check_space(listing: Listing, out: Path | None, dest: Path, where: str, quiet: bool) -> None:

@@ -41,6 +41,30 @@ class ExpertStore(Protocol):
         ...
 
 
+class RoutingObserver(Protocol):
+    """Sees every MoE block's routing, whichever path computed it: router statistics, expert prefetch.
+
+    Set with set_routing_observer(). It must only read what it is given: the model's output
+    never depends on it. Rows are tokens in sequence order (the engine runs one sequence).
+    """
+
+    def before_routing(self, layer: int, x: torch.Tensor) -> None:
+        """x [N, hidden] is about to be routed by `layer` (a prefetcher can apply layer + 1's router to it)."""
+        ...
+
+    def routed(self, layer: int, ids: torch.Tensor) -> None:
+        """`layer` chose ids [N, k] (int64, in the router's order) for x's N tokens; nobody modifies ids later,
+        so an observer may keep them rather than copy."""
+        ...
+
+
+def set_routing_observer(model: nn.Module, observer: RoutingObserver | None) -> None:
+    """Report every SparseMoE's routing in `model` (MTP layers included) to `observer`; None detaches."""
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            module.observer = observer
+
+
 class StackedExperts(nn.Module):
     """All routed experts of one layer as two tensors: gate|up [E, 2I, H] (one matmul, not two) and down [E, H, I].
 
@@ -104,6 +128,7 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = Linear(config.hidden_size, 1)
         self.store: ExpertStore | None = None
         self.last_routing: Routing | None = None  # kept for router statistics and the training loss
+        self.observer: RoutingObserver | None = None
 
     def route(self, x: torch.Tensor) -> Routing:
         """Softmax over all experts in fp32, top-k, renormalised when norm_topk_prob.
@@ -122,13 +147,20 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        observer = self.observer
+        if observer is not None:
+            observer.before_routing(self.layer, x)
         table = self.fused_decode_table(x)
         if table is not None:
-            return self._fused_decode(x, table).view(shape)
-        routing = self.route(x)
-        self.last_routing = routing
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return (self.store.run(self.layer, x, routing.ids, routing.weights) + shared).view(shape)
+            out = self._fused_decode(x, table)
+        else:
+            routing = self.route(x)
+            self.last_routing = routing
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            out = self.store.run(self.layer, x, routing.ids, routing.weights) + shared
+        if observer is not None:
+            observer.routed(self.layer, self.last_routing.ids)
+        return out.view(shape)
 
     def _fused_decode(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """One token through router, routed experts and shared expert in one CPU kernel call."""

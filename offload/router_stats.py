@@ -345,10 +345,11 @@ class RouterStatistics:
         if metadata.get("identity") != self.identity:
             raise _BadFile(f"statistics of another model (identity {metadata.get('identity')!r}, "
                            f"expected {self.identity!r})")
-        shape = {key: metadata.get(key) for key in ("layers", "main_layers", "experts", "top_k")}
-        if shape != {key: value for key, value in self._metadata().items() if key in shape}:
-            raise _BadFile(f"counts for {shape}, expected {self.layers} layers ({self.main_layers} main), "
-                           f"{self.experts} experts, top-{self.top_k}")
+        described = "{} layers ({} main), {} experts, top-{}"
+        keys = ("layers", "main_layers", "experts", "top_k")
+        if [metadata.get(key) for key in keys] != [str(getattr(self, key)) for key in keys]:
+            raise _BadFile(f"counts for {described.format(*(metadata.get(key) for key in keys))}, "
+                           f"expected {described.format(*(getattr(self, key) for key in keys))}")
         tensors = {}
         for name, zero in self._zeros().items():
             entry = header.get(name)

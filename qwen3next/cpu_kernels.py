@@ -45,7 +45,7 @@ _FLAG_SETS = (
 
 
 class KernelMismatch(RuntimeError):
-    """The loaded library's structs or symbols disagree with this module: calling it would corrupt memory."""
+    """The library's structs disagree with their ctypes mirrors here: calling it would corrupt memory."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +124,10 @@ def _open(quiet: bool) -> tuple[ctypes.CDLL | None, KernelStatus]:
         library, status, problem = _build(compiler, flags, path)
         if library is not None:
             return library, status
+    remedy = f"check {EXTRA_CFLAGS}" if os.environ.get(EXTRA_CFLAGS) else "set CC to a working compiler"
     return None, KernelStatus(reason="kernel build failed", notice=(
-        f"the CPU kernels did not build with {compiler} ({problem}; set CC to a working compiler, "
-        f"or {NO_KERNELS}=1 to skip the build); {SLOWER}"))
+        f"the CPU kernels did not build with {compiler} ({problem}; {remedy}, or {NO_KERNELS}=1 to skip "
+        f"the build); {SLOWER}"))
 
 
 def _build(compiler: str, flags: list[str], target: Path) -> tuple[ctypes.CDLL | None, KernelStatus | None, str]:

@@ -32,6 +32,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_said", set())
     monkeypatch.setenv("QWEN3NEXT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(cpu_kernels.NO_KERNELS, raising=False)
+    monkeypatch.delenv(cpu_kernels.EXTRA_CFLAGS, raising=False)  # CI's variants: the build logic is the same
     return tmp_path / "cache" / "kernels"
 
 
@@ -73,24 +74,29 @@ def test_no_compiler(fresh, monkeypatch, tmp_path, capsys):
     assert_models_still_compute(expect_kernels=False)
 
 
-@pytest.mark.parametrize("broken", ["script", "false"])
+@pytest.mark.parametrize("broken", ["script", "false", "bad flag"])
 def test_a_compiler_that_fails(fresh, monkeypatch, tmp_path, capsys, broken):
     if broken == "script":
         script = tmp_path / "cc"
         script.write_text("#!/bin/sh\necho 'decode_kernels.c:1:1: error: this compiler is broken' >&2\nexit 1\n")
         script.chmod(0o755)
         monkeypatch.setenv("CC", str(script))
-    else:
+        expected, remedy = "(decode_kernels.c:1:1: error: this compiler is broken;", "set CC to a working compiler"
+    elif broken == "false":
         if shutil.which("false") is None:
             pytest.skip("no `false` on PATH")
         monkeypatch.setenv("CC", "false")
+        expected, remedy = "(exit status 1;", "set CC to a working compiler"
+    else:
+        compiler_or_skip()
+        monkeypatch.setenv(cpu_kernels.EXTRA_CFLAGS, "-mno-such-option")
+        expected, remedy = "-mno-such-option", "check QWEN3NEXT_KERNEL_CFLAGS"
     status = cpu_kernels.prepare()
     assert status.describe() == "torch fallback (kernel build failed)"
     compiling, failed = notices(capsys)
     assert compiling.startswith("compiling CPU kernels for this machine (once; cached in ")
     assert failed.startswith("the CPU kernels did not build with ")
-    assert ("error: this compiler is broken" if broken == "script" else "(exit status 1;") in failed
-    assert "set CC to a working compiler" in failed and "running the torch fallback" in failed
+    assert expected in failed and remedy in failed and "running the torch fallback" in failed
     assert_models_still_compute(expect_kernels=False)
 
 

@@ -8,21 +8,20 @@ from pathlib import Path
 
 import click
 
-from qwen3next.engine import load
 from qwen3next.errors import UsageError
 from qwen3next.evaluate import Evaluation, evaluate
 
+from .options import load_engine, load_options
+
 
 @click.command("eval")
-@click.option("--model", "-m", "model_path", metavar="PATH", help="Model folder or downloaded hub id [default: the demo model].")
+@load_options(default_dtype="float32")
 @click.option("--text", "text_path", required=True, type=click.Path(path_type=Path), help="UTF-8 text file to score.")
 @click.option("--window", type=click.IntRange(min=3), default=256, show_default=True, help="Tokens per scored window.")
 @click.option("--max-tokens", type=click.IntRange(min=3), help="Score only the first N tokens of the text.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="float32", show_default=True)
-@click.option("--device", help="cpu, cuda, ... [default: cuda if available]")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or notices on stderr.")
-def eval_command(model_path, text_path, window, max_tokens, dtype, device, as_json, quiet):
+def eval_command(text_path, window, max_tokens, as_json, quiet, **options):
     """Score a text: perplexity, next-next-token accuracy of the MTP head, routing statistics."""
     try:
         text = text_path.read_text(encoding="utf-8")
@@ -30,8 +29,8 @@ def eval_command(model_path, text_path, window, max_tokens, dtype, device, as_js
         raise UsageError(f"--text {text_path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--text {text_path}: cannot read it as UTF-8 text ({exc})") from None
-    engine = load(model_path, dtype=dtype, device=device, progress=not quiet, quiet=quiet)
-    result = evaluate(engine, text, window=window, max_tokens=max_tokens)
+    with load_engine(options, quiet) as engine:
+        result = evaluate(engine, text, window=window, max_tokens=max_tokens)
     click.echo(json.dumps(dataclasses.asdict(result), indent=2) if as_json else report(result))
 
 

@@ -8,10 +8,11 @@ from typing import TextIO
 
 import click
 
-from qwen3next.engine import Engine, load
+from qwen3next.engine import Engine
 from qwen3next.errors import Qwen3NextError, RequestError, UsageError
 from qwen3next.request import MAX_NEW_TOKENS, PREFILL_CHUNK, Request, Token
 
+from .options import as_flags, load_engine, load_options
 from .stats import format_stats
 
 # run's options that are Request fields (the flag is the field name with dashes).
@@ -20,8 +21,7 @@ _REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", 
 
 
 @click.command()
-@click.option("--model", "-m", "model_path", metavar="PATH",
-              help="Model folder, or a hub id already downloaded [default: the embedded demo model].")
+@load_options(default_dtype="bfloat16")
 @click.option("--prompt", "-p", help="The prompt; read from stdin when omitted.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as a user message.")
 @click.option("--system", help="System message (implies --chat).")
@@ -33,43 +33,32 @@ _REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", 
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True))
 @click.option("--seed", type=int, help="Make sampling reproducible.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--device", help="cpu, cuda, cuda:1, ... [default: cuda if available]")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=PREFILL_CHUNK, show_default=True,
               help="Prompt tokens per prefill step (bounds peak memory on long prompts).")
 @click.option("--jsonl", is_flag=True, help='Read one JSON request per stdin line ({"prompt": ..., ...}); '
               "answer each with one JSON line.")
 @click.option("--stats", is_flag=True, help="Print token counts, speeds and peak memory to stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or notices on stderr.")
-def run(model_path, prompt, dtype, device, jsonl, stats, quiet, **fields):
+def run(prompt, jsonl, stats, quiet, **options):
     """Generate text: the prompt from --prompt or stdin, only the generated text on stdout."""
     if jsonl and prompt is not None:
         raise UsageError("--jsonl reads requests from stdin; it cannot be combined with --prompt")
-    fields = {name: fields[name] for name in _REQUEST_OPTIONS if fields[name] not in (None, ())}
+    fields = {name: options[name] for name in _REQUEST_OPTIONS if options[name] not in (None, ())}
     request = None
     if not jsonl:
-        request = _as_flags(lambda: Request(prompt=_read_stdin_prompt() if prompt is None else prompt, **fields))
-    engine = load(model_path, dtype=dtype, device=device, progress=not quiet, quiet=quiet)
-    if jsonl:
-        failures = _serve_jsonl(engine, fields, sys.stdin, stats)
-        if failures:
-            raise click.exceptions.Exit(1)
-        return
-    for event in _as_flags(lambda: engine.stream(request)):
-        if isinstance(event, Token):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        elif stats:
-            click.echo(format_stats(event, engine), err=True)
-    sys.stdout.write("\n")
-
-
-def _as_flags(make):
-    """Call make(); a RequestError names the field, which on the command line is a flag."""
-    try:
-        return make()
-    except RequestError as exc:
-        raise UsageError(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.rule}") from None
+        request = as_flags(lambda: Request(prompt=_read_stdin_prompt() if prompt is None else prompt, **fields))
+    with load_engine(options, quiet) as engine:
+        if jsonl:
+            if _serve_jsonl(engine, fields, sys.stdin, stats):
+                raise click.exceptions.Exit(1)
+            return
+        for event in as_flags(lambda: engine.stream(request)):
+            if isinstance(event, Token):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif stats:
+                click.echo(format_stats(event, engine), err=True)
+        sys.stdout.write("\n")
 
 
 def _read_stdin_prompt() -> str:

@@ -18,9 +18,16 @@ from .errors import ContextLengthError, RequestError, UsageError
 from .generate import StopStrings, generate_ids
 from .loader import load_model
 from .model_path import DEMO_NOTICE, resolve_model_path
+from .moe import set_routing_observer
+from .offload.budget import ExpertPlan
+from .offload.placement import Placement, resolve_device
+from .offload.router_stats import RouterStatistics
 from .request import PREFILL_CHUNK, Request, Result, Token, Usage
 from .sampling import Sampler, generation_defaults
 from .tokenizer import Tokenizer
+
+
+ROUTER_STATS_SAVE_SECONDS = 300.0
 
 
 class Engine:
@@ -29,8 +36,11 @@ class Engine:
     `stream(request)` is the one generation call; `complete` and `generate` are thin layers on it.
     """
 
-    def __init__(self, model, expert_store, tokenizer: Tokenizer, folder: Path):
+    def __init__(self, model, expert_store, tokenizer: Tokenizer, folder: Path,
+                 router_stats: RouterStatistics | None = None, plan: ExpertPlan | None = None):
         self.model = model
+        self.router_stats = router_stats
+        self.plan = plan  # the memory split of a quantized folder (None: everything resident, unplanned)
         self.expert_store = expert_store
         self.tokenizer = tokenizer
         self.folder = folder
@@ -44,6 +54,9 @@ class Engine:
 
     @property
     def context_length(self) -> int:
+        """The model's context, or less when the memory plan reserved less."""
+        if self.plan is not None:
+            return min(self.plan.max_context, self.config.max_position_embeddings)
         return self.config.max_position_embeddings
 
     def prompt_ids(self, request: Request) -> list[int]:
@@ -103,6 +116,8 @@ class Engine:
         texts = []
         tokens = generate_ids(self.model, ids, sampler, request.max_new_tokens, self.eos_ids, self.context_length,
                               result.timings, request.prefill_chunk)
+        if self.router_stats is not None:
+            self.router_stats.start_sequence()
         for token, finish in tokens:
             piece = detokenizer.add(token) + (detokenizer.flush() if finish else "")
             text, stopped = stops.feed(piece)
@@ -119,7 +134,23 @@ class Engine:
                 break
         result.text = "".join(texts)
         result.usage.completion_tokens = len(result.tokens)
+        if self.router_stats is not None:
+            self.router_stats.maybe_save(ROUTER_STATS_SAVE_SECONDS)  # a long-lived process saves now and then
         yield result
+
+    def close(self) -> None:
+        """Save the router statistics and stop the expert reads; the CLI calls this as it exits."""
+        if self.router_stats is not None:
+            self.router_stats.save()
+        close = getattr(self.expert_store, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def logits(self, token_ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
         """Full-sequence logits [len(token_ids), vocab] in fp32, computed chunk by chunk."""
@@ -129,6 +160,8 @@ class Engine:
         self._check_context(len(ids), room=0)
         cache = self.model.make_cache()
         tensor = torch.tensor([ids], device=self.device)
+        if self.router_stats is not None:
+            self.router_stats.start_sequence()
         outputs = []
         for start in range(0, len(ids), chunk):
             with torch.inference_mode():
@@ -157,18 +190,32 @@ def load(
     device: str | torch.device | None = None,
     progress: bool = False,
     quiet: bool = False,
+    cpu_mem: int | str | None = None,
+    gpu_mem: int | str | None = None,
+    max_context: int | None = None,
+    expert_policy: str = "stats",
+    router_stats: bool = True,
 ) -> Engine:
     """Load a Qwen3-Next model folder (or a hub id already in the local Hugging Face cache).
 
     path None: the small demo model shipped in the package (a notice on stderr says so unless
     quiet). dtype: "bfloat16" (default), "float16", "float32" or a torch dtype. device: "cpu",
-    "cuda", ...; None picks CUDA when available.
+    "cuda", ...; None picks CUDA when available. cpu_mem / gpu_mem: memory budgets ("12G", bytes;
+    None: what is free; gpu_mem 0: no GPU); under a budget smaller than the model, routed experts
+    are cached in RAM and read from the checkpoint as needed (offload/placement.py). max_context:
+    tokens the budget reserves KV cache for. expert_policy: the cache's eviction policy (lru, lfu,
+    stats). router_stats: count routing into the per-model statistics cache (used for prefetch).
     """
+    placement = Placement(cpu_mem=cpu_mem, gpu_mem=gpu_mem, max_context=max_context, expert_policy=expert_policy)
     folder = resolve_model_path(path)
     if path is None and not quiet:
         print(f"qwen3next: {DEMO_NOTICE}", file=sys.stderr)
-    device = _resolve_device(device)
+    requested = None if device is None else _resolve_device(device)
+    device = resolve_device(placement, requested) or _resolve_device(None)
     config = Qwen3NextConfig.from_file(folder)  # the cheap checks first: config, then tokenizer, then weights
     tokenizer = Tokenizer.from_folder(folder)
-    model, store = load_model(folder, dtype, device, progress=progress, config=config)
-    return Engine(model, store, tokenizer, folder)
+    statistics = RouterStatistics.for_model(folder, config) if router_stats else None
+    model, store, plan = load_model(folder, dtype, device, progress=progress, config=config, placement=placement,
+                                    statistics=statistics, quiet=quiet)
+    set_routing_observer(model, statistics)
+    return Engine(model, store, tokenizer, folder, statistics, plan)

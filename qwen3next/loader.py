@@ -13,13 +13,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qwen3next.offload.quantized_store import QuantizedExpertStore
+from qwen3next.offload.budget import ExpertPlan
+from qwen3next.offload.placement import Placement, check_resident_fits, plan_quantized, quantized_expert_cache
+from qwen3next.offload.router_stats import RouterStatistics
 from qwen3next.offload.store import ResidentExpertStore
 from qwen3next.quant import checkpoint as quantized
 from qwen3next.quant.modules import QuantizedEmbedding, QuantizedLinear
 
-from .checkpoint_names import expected_shapes, expert_layer_prefixes, has_mtp, meta_model, packed_expert_name, \
-    quantized_names
+from .checkpoint_names import expected_shapes, expert_layer_prefixes, has_mtp, meta_model, quantized_names
 from .config import Qwen3NextConfig
 from .errors import CheckpointError, UsageError
 from .model import Qwen3NextForCausalLM
@@ -53,12 +54,18 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     config: Qwen3NextConfig | None = None,
-) -> tuple[Qwen3NextForCausalLM, ExpertStore]:
-    """Load weights (and config.json, unless given) from a Hugging Face-layout folder; returns (model, store).
+    placement: Placement | None = None,
+    statistics: RouterStatistics | None = None,
+    quiet: bool = True,
+) -> tuple[Qwen3NextForCausalLM, ExpertStore, ExpertPlan | None]:
+    """Load weights (and config.json, unless given) from a Hugging Face-layout folder; returns
+    (model, store, plan): plan is the memory split of a quantized folder, None for bf16 folders.
 
     A folder written by `qwen3next quantize` loads the same way: its quantized matrices become
-    QuantizedLinear / QuantizedEmbedding modules and its expert blobs a QuantizedExpertStore.
+    QuantizedLinear / QuantizedEmbedding modules and its expert blobs go into an expert cache sized
+    by `placement` (offload/placement.py), filled hottest first by the router `statistics`.
     """
+    placement = placement or Placement()
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
     config = config or Qwen3NextConfig.from_file(folder)
@@ -77,6 +84,11 @@ def load_model(
             return reader.read(name).to(device=device, dtype=dtype)
 
         dense_names = list(model.state_dict())
+        plan = None
+        if layouts is not None:
+            plan = plan_quantized(placement, reader, config, dense_names, layouts, dtype, with_mtp, quiet)
+        elif placement.limited:
+            check_resident_fits(placement, reader)
         total = len(dense_names) + len(prefixes) * config.num_experts
         with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False, delay=1.0) as bar:
             for name in dense_names:
@@ -90,12 +102,12 @@ def load_model(
             if layouts is None:
                 store = ResidentExpertStore.from_tensors(prefixes, config.num_experts, read, bar.update)
             else:
-                ranges = {layer: (layouts[prefix], [reader.byte_range(packed_expert_name(prefix, e))
-                                                    for e in range(config.num_experts)])
-                          for layer, prefix in prefixes.items()}
-                store = QuantizedExpertStore.from_files(ranges, device, bar.update)
+                routers = {layer: model.model.layers[layer].mlp.gate for layer in prefixes
+                           if layer < config.num_hidden_layers}
+                store = quantized_expert_cache(plan, placement, reader, prefixes, layouts, config, device, routers,
+                                               statistics, bar.update)
     model.set_expert_store(store)
-    return model.eval(), store
+    return model.eval(), store, plan
 
 
 def _swap_in_quantized(model: nn.Module, name: str, bits: int, arrays: list[torch.Tensor], dtype: torch.dtype) -> None:

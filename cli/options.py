@@ -1,0 +1,60 @@
+"""The options every command that loads a model shares (run, eval, and the coming serve): one definition.
+
+Each flag is a `qwen3next.load()` keyword with dashes; a library error naming the keyword is
+reported as the flag (`as_flags`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import click
+
+from qwen3next.engine import Engine, load
+from qwen3next.errors import RequestError, UsageError
+from qwen3next.offload.expert_cache import POLICIES
+
+LOAD_KEYWORDS = ("model_path", "dtype", "device", "cpu_mem", "gpu_mem", "max_context", "expert_policy", "router_stats")
+
+
+def load_options(default_dtype: str) -> Callable:
+    """Decorate a command with the model and placement flags (passed on as LOAD_KEYWORDS)."""
+    flags = [
+        click.option("--model", "-m", "model_path", metavar="PATH",
+                     help="Model folder, or a hub id already downloaded [default: the embedded demo model]."),
+        click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=default_dtype,
+                     show_default=True),
+        click.option("--device", help="cpu, cuda, cuda:1, ... [default: cuda if available]"),
+        click.option("--cpu-mem", metavar="SIZE", help="RAM the model may use, e.g. 12G or 512M (weights, context, "
+                     "expert cache) [default: what is free]; routed experts that do not fit are read from disk."),
+        click.option("--gpu-mem", metavar="SIZE", help="GPU memory the model may use; 0 means use no GPU."),
+        click.option("--max-context", type=int, metavar="N",
+                     help="Tokens of context the memory budget reserves [default: what the budget leaves room for, "
+                          "at most 32768 or the model's context]."),
+        click.option("--expert-policy", type=click.Choice(POLICIES), default="stats", show_default=True,
+                     help="Which cached expert to evict first."),
+        click.option("--no-router-stats", "router_stats", flag_value=False, default=True,
+                     help="Do not read or update the per-model router statistics (~/.cache/qwen3next)."),
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        for flag in reversed(flags):
+            command = flag(command)
+        return command
+
+    return decorate
+
+
+def load_engine(options: dict, quiet: bool) -> Engine:
+    """Load with the LOAD_KEYWORDS popped from a command's options."""
+    keywords = {name: options.pop(name) for name in LOAD_KEYWORDS}
+    path = keywords.pop("model_path")
+    return as_flags(lambda: load(path, progress=not quiet, quiet=quiet, **keywords))
+
+
+def as_flags(make: Callable):
+    """Call make(); a RequestError names a library field, which on the command line is a flag."""
+    try:
+        return make()
+    except RequestError as exc:
+        raise UsageError(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.rule}") from None

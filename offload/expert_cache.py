@@ -1,0 +1,278 @@
+"""Where routed experts live: fixed-size RAM slots filled from the checkpoint, under an eviction policy.
+
+Placement only: the cache hands the MoE block an address table in which the experts it asked for
+are resident (`acquire`), and the compute (offload/quantized_compute.py) runs exactly the kernels the
+fully resident case runs, in the router's order, so where an expert came from cannot change a bit
+of the result. Reads run in the background (offload/disk.py); `prefetch` starts them ahead of need
+(the prefetcher decides what), `acquire` waits only for what is still missing.
+
+Slots are one contiguous arena of equal-sized blobs (an expert blob is one contiguous tensor in the
+quantized format). Every step needs one token's top-k experts at once, so the arena never has fewer
+slots than that: those are the read buffers, and a budget that holds no more still runs, reading
+every expert from disk. Eviction is global across layers by default, or per layer (the slots split
+evenly); the policy scores slots (lowest score goes first):
+  lru    least recently used
+  lfu    fewest uses (ties: least recent)
+  stats  fewest uses plus the expert's long-run share from the router statistics, so a cold start
+         keeps the experts the statistics say are hot (the default)
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from qwen3next.quant.layout import ExpertLayout
+
+from .disk import BlobReader
+
+POLICIES = ("lru", "lfu", "stats")
+_STATS_WEIGHT = 8.0  # how many uses an expert's long-run share (1.0 = the layer's busiest) is worth
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """Where one layer's expert blobs are on disk: the layout and (file, offset, length) per expert."""
+
+    layout: ExpertLayout
+    ranges: tuple[tuple[Path, int, int], ...]
+
+
+@dataclass
+class CacheCounters:
+    """What --stats reports: a hit is an expert resident when its layer computes."""
+
+    hits: int = 0
+    misses: int = 0
+    late: int = 0  # prefetched, but the read had not finished when the layer needed it (counted as misses)
+    prefetched: int = 0  # reads started by prefetch
+    prefetch_used: int = 0  # of those, experts later acquired before being evicted
+    stall_seconds: float = 0.0  # time acquire() waited for reads
+    evictions: int = 0
+    by_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [hits, misses]
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 1.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        return self.prefetch_used / self.prefetched if self.prefetched else 0.0
+
+
+class ExpertCache:
+    """Routed experts in RAM slots. `tables[layer]` [experts] int64 holds each resident expert's blob
+    address (0 when absent): the kernels index it by expert id."""
+
+    def __init__(self, sources: dict[int, LayerSource], slots: int, min_slots: int, reader: BlobReader,
+                 policy: str = "stats", scope: str = "global", priors: dict[int, torch.Tensor] | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"eviction policy {policy!r} is not one of {', '.join(POLICIES)}")
+        if scope not in ("global", "layer"):
+            raise ValueError(f"eviction scope {scope!r} is not global or layer")
+        self.sources, self.reader, self.policy = sources, reader, policy
+        self.layers = list(sources)
+        self.experts = len(next(iter(sources.values())).ranges)
+        total = self.experts * len(sources)
+        per_layer_minimum = min_slots * (len(sources) if scope == "layer" else 1)
+        self.slot_count = min(total, max(slots, per_layer_minimum))
+        self.slot_bytes = max(s.layout.nbytes for s in sources.values())
+        self.arena = torch.empty(self.slot_count, self.slot_bytes, dtype=torch.uint8)
+        self._base = self.arena.data_ptr()
+        self.tables = {layer: torch.zeros(self.experts, dtype=torch.int64) for layer in self.layers}
+        self.slot_of = {layer: [-1] * self.experts for layer in self.layers}
+        self.owner: list[tuple[int, int] | None] = [None] * self.slot_count
+        self.vacant = torch.ones(self.slot_count, dtype=torch.bool)
+        self.pending: dict[int, Future] = {}  # slot -> its read in flight
+        self.prefetched_slots: set[int] = set()
+        self.pinned = torch.zeros(self.slot_count, dtype=torch.bool)
+        self.last_used = torch.zeros(self.slot_count, dtype=torch.float64)
+        self.uses = torch.zeros(self.slot_count, dtype=torch.float64)
+        self.prior = torch.zeros(self.slot_count, dtype=torch.float64)  # the stats policy's share of the owner
+        self.priors = priors or {}
+        self.partition = None
+        if scope == "layer":
+            index = {layer: i for i, layer in enumerate(self.layers)}
+            self.partition = torch.tensor([index[self.layers[s * len(self.layers) // self.slot_count]]
+                                           for s in range(self.slot_count)])
+            self._layer_index = index
+        self.clock = 0.0
+        self.counters = CacheCounters()
+        self.complete = False  # every expert resident: acquire() has nothing to do
+
+    # -- placement -------------------------------------------------------------------------------
+
+    def fill(self, order: dict[int, Sequence[int]] | None = None, wait: bool = True, progress=lambda n: None) -> None:
+        """Fill free slots, hottest first (`order`: per layer, experts by preference; default: id order),
+        round-robin over layers so every layer gets its share. With every expert fitting, the cache is
+        complete and later steps read nothing."""
+        queues = {layer: [e for e in (order or {}).get(layer, range(self.experts)) if self.slot_of[layer][e] < 0]
+                  for layer in self.layers}
+        free: dict[int | None, list[int]] = {}
+        for slot in self.vacant.nonzero().flatten().tolist()[::-1]:  # reversed: pop() hands out low slots first
+            free.setdefault(self._partition_of(slot), []).append(slot)
+        while any(queues[layer] and free.get(self._partition_key(layer)) for layer in self.layers):
+            for layer in self.layers:
+                slots = free.get(self._partition_key(layer))
+                if queues[layer] and slots:
+                    self._start_read(slots.pop(), layer, queues[layer].pop(0))
+        if wait:
+            for slot in list(self.pending):
+                self._finish(slot)
+                progress(1)
+        self.complete = all(min(self.slot_of[layer]) >= 0 for layer in self.layers)
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> None:
+        """Make `experts` of `layer` resident and pinned (a hit when already read); waits for missing reads."""
+        if self.complete:
+            self.counters.hits += len(experts)
+            return
+        self.clock += 1
+        hits_misses = self.counters.by_layer.setdefault(layer, [0, 0])
+        missing = []
+        for e in experts:
+            slot = self.slot_of[layer][e]
+            if slot >= 0 and slot not in self.pending:
+                self.counters.hits += 1
+                hits_misses[0] += 1
+            else:
+                self.counters.misses += 1
+                hits_misses[1] += 1
+                if slot >= 0:
+                    self.counters.late += 1
+                else:
+                    missing.append(e)
+            if slot >= 0:
+                self._use(slot)
+        if missing:
+            for e, slot in zip(missing, self._victims(layer, len(missing))):
+                self._start_read(slot, layer, e)
+                self._use(slot)
+        started = time.perf_counter()
+        for e in experts:
+            slot = self.slot_of[layer][e]
+            if slot in self.pending:
+                self._finish(slot)
+        self.counters.stall_seconds += time.perf_counter() - started
+
+    def release(self, layer: int, experts: Sequence[int]) -> None:
+        if self.complete:
+            return
+        for e in experts:
+            self.pinned[self.slot_of[layer][e]] = False
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Start background reads of the experts of `layer` that are not resident, into evictable slots."""
+        if self.complete or layer not in self.slot_of:
+            return
+        wanted = [e for e in dict.fromkeys(experts) if self.slot_of[layer][e] < 0]
+        if not wanted:
+            return
+        victims = self._victims(layer, len(wanted), strict=False)
+        for e, slot in zip(wanted, victims):
+            self._start_read(slot, layer, e)
+            self.prefetched_slots.add(slot)
+            self.counters.prefetched += 1
+
+    def view(self, layer: int, expert: int) -> torch.Tensor:
+        """The resident blob of an acquired expert (a view into the arena)."""
+        return self.arena[self.slot_of[layer][expert], : self.sources[layer].layout.nbytes]
+
+    def resident_share(self) -> float:
+        return int((~self.vacant).sum()) / (self.experts * len(self.layers))
+
+    def nbytes(self) -> int:
+        return self.arena.nbytes
+
+    def close(self) -> None:
+        for slot in list(self.pending):
+            self.pending.pop(slot).cancel()
+        self.reader.close()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _use(self, slot: int) -> None:
+        self.pinned[slot] = True
+        self.last_used[slot] = self.clock
+        self.uses[slot] += 1
+        if slot in self.prefetched_slots:
+            self.prefetched_slots.discard(slot)
+            self.counters.prefetch_used += 1
+
+    def _score(self) -> torch.Tensor:
+        if self.policy == "lru":
+            return self.last_used.clone()
+        tie = self.last_used / (self.clock + 1)  # in [0, 1): recency breaks ties between equal counts
+        if self.policy == "lfu":
+            return self.uses + tie
+        return self.uses + _STATS_WEIGHT * self.prior + tie
+
+    def _victims(self, layer: int, n: int, strict: bool = True) -> list[int]:
+        """n slots to (re)use for `layer`: free ones first, then the policy's lowest scores among slots that
+        are neither pinned nor being read. strict: the caller needs all n (acquire); else as many as there are."""
+        candidates = self._evictable(layer)
+        if len(candidates) < n and strict and self.pending:
+            for slot in list(self.pending):  # prefetches hold the slots the step needs: let them land first
+                self._finish(slot)
+            candidates = self._evictable(layer)
+        if len(candidates) < n and strict:
+            raise RuntimeError(f"expert cache: {n} slots needed for layer {layer}, {len(candidates)} evictable")
+        vacant = self.vacant[candidates]
+        free = candidates[vacant][:n].tolist()
+        if len(free) < n:
+            occupied = candidates[~vacant]
+            score = self._score()[occupied]
+            free += occupied[torch.argsort(score, stable=True)[: n - len(free)]].tolist()
+        return free
+
+    def _evictable(self, layer: int) -> torch.Tensor:
+        evictable = ~self.pinned
+        if self.pending:
+            evictable[list(self.pending)] = False
+        if self.partition is not None:
+            evictable &= self.partition == self._layer_index[layer]
+        return evictable.nonzero().flatten()
+
+    def _partition_key(self, layer: int) -> int | None:
+        return None if self.partition is None else self._layer_index[layer]
+
+    def _partition_of(self, slot: int) -> int | None:
+        return None if self.partition is None else int(self.partition[slot])
+
+    def _start_read(self, slot: int, layer: int, expert: int) -> None:
+        previous = self.owner[slot]
+        if previous is not None:
+            old_layer, old_expert = previous
+            self.slot_of[old_layer][old_expert] = -1
+            self.tables[old_layer][old_expert] = 0
+            self.counters.evictions += 1
+            self.prefetched_slots.discard(slot)
+        self.owner[slot] = (layer, expert)
+        self.vacant[slot] = False
+        self.slot_of[layer][expert] = slot
+        self.uses[slot] = 0
+        self.last_used[slot] = self.clock
+        prior = self.priors.get(layer)
+        self.prior[slot] = float(prior[expert]) if prior is not None else 0.0
+        path, offset, length = self.sources[layer].ranges[expert]
+        self.pending[slot] = self.reader.submit(path, offset, length, self.arena[slot],
+                                                f"expert {expert} of layer {layer}")
+
+    def _finish(self, slot: int) -> None:
+        """Wait for a slot's read; only then does its expert appear in the address table."""
+        future = self.pending.pop(slot)
+        try:
+            future.result()
+        except BaseException:
+            layer, expert = self.owner[slot]
+            self.owner[slot] = None
+            self.vacant[slot] = True
+            self.slot_of[layer][expert] = -1
+            raise
+        layer, expert = self.owner[slot]
+        self.tables[layer][expert] = self._base + slot * self.slot_bytes

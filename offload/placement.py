@@ -1,0 +1,161 @@
+"""Placement: how `load()` splits a model over the memory it may use, and the store that results.
+
+`Placement` is the one options object for where weights go (`load(..., cpu_mem=, gpu_mem=,
+max_context=, expert_policy=)` and the `--cpu-mem`, `--gpu-mem`, `--max-context`, `--expert-policy`
+flags build it). The always-active weights go to the compute device; under a CPU budget the
+routed experts of a quantized folder get the RAM slots the rest of the budget pays for, and the
+checkpoint itself is the disk tier (nothing is copied). When every expert fits, every expert gets a
+slot at load and the cache never reads again: today's fully resident speed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from qwen3next.checkpoint_names import packed_expert_name, quantized_names
+from qwen3next.config import FULL_ATTENTION, Qwen3NextConfig
+from qwen3next.errors import RequestError
+from qwen3next.quant.checkpoint import stored_bits
+from qwen3next.quant.layout import ExpertLayout
+from qwen3next.weights import CheckpointReader
+
+from .budget import (ExpertPlan, check_cpu_budget, context_for_budget, default_cpu_budget, format_size, parse_size,
+                     plan_experts)
+from .disk import BlobReader
+from .expert_cache import POLICIES, ExpertCache, LayerSource
+from .prefetch import Prefetcher
+from .quantized_experts import CachedQuantizedExperts
+from .router_stats import RouterStatistics
+
+DEFAULT_MAX_CONTEXT = 32768  # tokens of KV cache a default budget reserves (less if the model's context is shorter)
+PREFETCH_EXTRA = 4  # gating candidates beyond top-k: more recall for a few more reads
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where weights go. cpu_mem/gpu_mem: budgets ("12G", bytes, None for what is free); gpu_mem 0
+    means no GPU. max_context: tokens the KV cache is sized for. expert_policy: lru, lfu or stats."""
+
+    cpu_mem: int | str | None = None
+    gpu_mem: int | str | None = None
+    max_context: int | None = None
+    expert_policy: str = "stats"
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_mem", "gpu_mem"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse_size(value, name))
+        if self.max_context is not None and (type(self.max_context) is not int or self.max_context < 1):
+            raise RequestError("max_context", self.max_context, "must be an integer >= 1")
+        if self.expert_policy not in POLICIES:
+            raise RequestError("expert_policy", self.expert_policy, f"must be one of {', '.join(POLICIES)}")
+
+    @property
+    def limited(self) -> bool:
+        return self.cpu_mem is not None
+
+
+def resolve_device(placement: Placement, device: torch.device | None) -> torch.device | None:
+    """gpu_mem 0 means "use no GPU"; a GPU budget without a GPU is an error naming the field."""
+    if placement.gpu_mem is None:
+        return device
+    if not torch.cuda.is_available():
+        raise RequestError("gpu_mem", placement.gpu_mem, "there is no CUDA device here (use 0, or leave it unset)")
+    if placement.gpu_mem == 0:
+        if device is not None and device.type == "cuda":
+            raise RequestError("gpu_mem", 0, "0 means no GPU, but the device asked for is CUDA")
+        return torch.device("cpu")
+    return device
+
+
+def kv_bytes_per_token(config: Qwen3NextConfig, dtype: torch.dtype, with_mtp: bool) -> int:
+    """Keys and values of every full-attention layer (the MTP layer's included) for one position."""
+    layers = sum(t == FULL_ATTENTION for t in config.layer_types) + (config.num_nextn_predict_layers if with_mtp else 0)
+    return layers * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+def recurrent_state_bytes(config: Qwen3NextConfig, dtype: torch.dtype) -> int:
+    """Every DeltaNet layer's fp32 delta-rule state and conv window, which do not grow with the context."""
+    layers = sum(t != FULL_ATTENTION for t in config.layer_types)
+    k, v = config.linear_num_key_heads * config.linear_key_head_dim, config.linear_num_value_heads * config.linear_value_head_dim
+    recurrent = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
+    conv = (2 * k + v) * (config.linear_conv_kernel_dim - 1) * dtype.itemsize
+    return layers * (recurrent + conv)
+
+
+def dense_bytes(reader: CheckpointReader, names: list[str], dtype: torch.dtype) -> int:
+    """What the always-active weights take once loaded: quantized matrices as stored, the rest in `dtype`."""
+    total = 0
+    for name in names:
+        bits = stored_bits(reader, name)
+        if bits is None:
+            shape = reader.shape(name)
+            total += int(torch.Size(shape).numel()) * (dtype.itemsize if reader.dtype(name).is_floating_point
+                                                       else reader.dtype(name).itemsize)
+        else:
+            total += sum(reader.byte_range(stored)[2] for stored in quantized_names(name, bits))
+    return total
+
+
+def plan_quantized(placement: Placement, reader: CheckpointReader, config: Qwen3NextConfig, dense_names: list[str],
+                   layouts: dict[str, ExpertLayout], dtype: torch.dtype, with_mtp: bool, quiet: bool) -> ExpertPlan:
+    """The CPU split for a quantized folder (checked before any weight is read)."""
+    budget = placement.cpu_mem if placement.cpu_mem is not None else default_cpu_budget()
+    if placement.cpu_mem is not None and not quiet:
+        warning = check_cpu_budget(budget)
+        if warning:
+            print(f"qwen3next: warning: {warning}", file=sys.stderr)
+    always = dense_bytes(reader, dense_names, dtype)
+    fixed = recurrent_state_bytes(config, dtype)
+    per_token = kv_bytes_per_token(config, dtype, with_mtp)
+    slot = max(layout.nbytes for layout in layouts.values())
+    top_k = config.num_experts_per_tok
+    if placement.max_context is not None:
+        if placement.max_context > config.max_position_embeddings:
+            raise RequestError("max_context", placement.max_context,
+                               f"the model's context (max_position_embeddings) is {config.max_position_embeddings}")
+        context = placement.max_context
+    else:
+        room = context_for_budget(budget, always, fixed, per_token, slot, top_k, config.max_position_embeddings)
+        context = max(1, min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT, room))
+    return plan_experts(budget, always, fixed, per_token, context, slot, config.num_experts * len(layouts), top_k)
+
+
+def check_resident_fits(placement: Placement, reader: CheckpointReader) -> None:
+    """A bf16/fp32 folder loads whole: under a budget it cannot hold, say so and how to get under it."""
+    needed = reader.total_bytes()
+    if placement.cpu_mem is not None and placement.cpu_mem < needed:
+        raise RequestError("cpu_mem", format_size(placement.cpu_mem), (
+            f"this unquantized folder loads whole ({format_size(needed)}); the expert cache runs quantized "
+            "folders: qwen3next quantize SRC OUT --bits 4, then run -m OUT"))
+
+
+def quantized_expert_cache(plan: ExpertPlan, placement: Placement, reader: CheckpointReader,
+                           prefixes: dict[int, str], layouts: dict[str, ExpertLayout], config: Qwen3NextConfig,
+                           device: torch.device, routers: dict, statistics: RouterStatistics | None = None,
+                           progress=lambda n: None) -> CachedQuantizedExperts:
+    """The expert cache for a quantized folder, filled (all of it when everything fits, else the experts the
+    router statistics say are hottest first), with prefetch when experts come from disk."""
+    experts = config.num_experts
+    sources = {layer: LayerSource(layouts[prefix], tuple(reader.byte_range(packed_expert_name(prefix, e))
+                                                         for e in range(experts)))
+               for layer, prefix in prefixes.items()}
+    order = priors = None
+    if statistics is not None:
+        order = {layer: list(dict.fromkeys(statistics.hottest(layer, experts) + list(range(experts))))
+                 for layer in prefixes}
+        counts = statistics.counts.double()
+        priors = {layer: counts[layer] / counts[layer].max().clamp(min=1) for layer in prefixes}
+    cache = ExpertCache(sources, plan.slots, config.num_experts_per_tok, BlobReader(drop_pages=not plan.fully_resident),
+                        policy=placement.expert_policy, priors=priors)
+    cache.fill(order=order, progress=progress)
+    prefetcher = None
+    if placement.prefetch and not cache.complete:
+        predictor = statistics.predict_next_layer if statistics is not None else None
+        prefetcher = Prefetcher(routers, config.num_experts_per_tok, PREFETCH_EXTRA, statistics=predictor)
+    return CachedQuantizedExperts(cache, device, prefetcher)

@@ -1,0 +1,128 @@
+"""The tiered expert cache: budgets, placement apart from compute, identical output under every budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen3next.errors import RequestError
+from qwen3next.offload.budget import parse_size, plan_experts
+
+
+@pytest.mark.parametrize("text, expected", [("12G", 12 * 2**30), ("12GiB", 12 * 2**30), ("512M", 512 * 2**20),
+                                            ("1.5G", int(1.5 * 2**30)), ("12GB", 12 * 10**9), ("0", 0),
+                                            ("4096", 4096), (" 2 g ", 2 * 2**30), (7, 7)])
+def test_sizes_as_users_write_them(text, expected):
+    assert parse_size(text, "cpu_mem") == expected
+
+
+@pytest.mark.parametrize("text", ["12X", "-1G", "1.2.3G", "", "G", "twelve", -5, "1e9"])
+def test_malformed_sizes_name_the_flag(text):
+    with pytest.raises(RequestError, match="^cpu_mem "):
+        parse_size(text, "cpu_mem")
+
+
+def test_a_budget_below_the_always_active_weights_names_the_bytes_needed():
+    with pytest.raises(RequestError, match=r"^cpu_mem '0 B': too small; the model needs at least .* \(1300 bytes"):
+        plan_experts(0, always_active=1000, state_bytes_fixed=100, kv_bytes_per_token=1, max_context=100,
+                     slot_bytes=50, experts=64, min_slots=2)
+    plan = plan_experts(1300 + 5 * 50 + 10, 1000, 100, 1, 100, 50, 64, 2)
+    assert plan.slots == 5 + 2 and not plan.fully_resident
+    assert plan_experts(10**9, 1000, 100, 1, 100, 50, 64, 2).slots == 64
+
+
+@pytest.fixture(scope="module")
+def quantized(models, tmp_path_factory):
+    """The small fixture model at 4 bits (16 experts top-4 in 8 layers, plus the MTP layer's)."""
+    from qwen3next.quant.convert import quantize_checkpoint
+    from qwen3next.quant.policy import Policy
+
+    folder = tmp_path_factory.mktemp("offload") / "q4"
+    quantize_checkpoint(models("small"), folder, Policy(4), progress=False)
+    return folder
+
+
+def slot_budget(folder, slots: int) -> int:
+    """A CPU budget that leaves exactly `slots` expert slots (the plan of a fully resident load, less the rest)."""
+    import qwen3next
+
+    plan = qwen3next.load(folder, router_stats=False).plan
+    return plan.always_active + plan.context_state + slots * plan.slot_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy, slots", [("lru", 4), ("lfu", 24), ("stats", 4)])  # 4: one token's experts only
+def test_output_is_identical_under_every_budget_and_policy(quantized, policy, slots):
+    import torch
+
+    import qwen3next
+
+    resident = qwen3next.load(quantized, router_stats=False)
+    assert resident.plan.fully_resident and resident.expert_store.cache.complete
+    budget = slot_budget(quantized, slots)
+    cached = qwen3next.load(quantized, cpu_mem=budget, max_context=resident.plan.max_context, expert_policy=policy,
+                            router_stats=False)
+    assert cached.expert_store.cache.slot_count == slots and not cached.expert_store.cache.complete
+    ids = list(range(3, 140))
+    assert torch.equal(cached.logits(ids), resident.logits(ids))
+    request = qwen3next.Request(prompt="Hello there", max_new_tokens=12, temperature=0, prefill_chunk=5)
+    assert cached.complete(request).tokens == resident.complete(request).tokens
+    counters = cached.expert_store.cache.counters
+    assert counters.misses > 0 and counters.hits > 0
+
+
+def test_a_budget_too_small_is_one_error_naming_the_bytes(quantized):
+    import qwen3next
+
+    with pytest.raises(RequestError, match=r"^cpu_mem '0 B': too small; the model needs at least .* bytes"):
+        qwen3next.load(quantized, cpu_mem=0, router_stats=False)
+    with pytest.raises(RequestError, match="^max_context 100000: the model's context"):
+        qwen3next.load(quantized, cpu_mem="1G", max_context=100000, router_stats=False)
+
+
+def test_an_unquantized_folder_under_a_small_budget_points_to_quantize(models):
+    import qwen3next
+
+    with pytest.raises(RequestError, match="qwen3next quantize"):
+        qwen3next.load(models("small"), cpu_mem="1M", router_stats=False)
+
+
+def test_a_shard_truncated_mid_run_stops_with_the_file_named(quantized, tmp_path):
+    import shutil
+
+    import qwen3next
+    from qwen3next.errors import CheckpointError
+
+    folder = shutil.copytree(quantized, tmp_path / "q4")
+    engine = qwen3next.load(folder, cpu_mem=slot_budget(folder, 4), router_stats=False)
+    shards = sorted(folder.glob("*.safetensors"))
+    for shard in shards:
+        with open(shard, "r+b") as f:
+            f.truncate(200)
+    with pytest.raises(CheckpointError, match=r"\.safetensors: (ends before|cannot read) expert"):
+        engine.complete(qwen3next.Request(prompt="Hello there", max_new_tokens=8, temperature=0))
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--cpu-mem", "12X"], "--cpu-mem '12X': not a size"),
+    (["--cpu-mem", "-1G"], "--cpu-mem '-1G': a size cannot be negative"),
+    (["--cpu-mem", "1.2.3G"], "--cpu-mem '1.2.3G': not a size"),
+    (["--cpu-mem", "0"], "--cpu-mem '0 B': too small; the model needs at least"),
+    (["--max-context", "0"], "--max-context 0: must be an integer >= 1"),
+])
+def test_bad_budget_flags_are_one_line_usage_errors(quantized, capsys, flags, fragment):
+    from qwen3next.cli.main import main
+
+    code = main(["run", "-m", str(quantized), "-p", "Hello", "-n", "2", "--no-router-stats", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+
+
+def test_gpu_mem_without_a_gpu_is_a_usage_error(quantized, capsys):
+    import torch
+
+    from qwen3next.cli.main import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code = main(["run", "-m", str(quantized), "-p", "Hello", "-n", "2", "--gpu-mem", "4G"])
+    assert code == 2 and "--gpu-mem" in capsys.readouterr().err

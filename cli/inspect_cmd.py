@@ -7,8 +7,11 @@ import re
 
 import click
 
+from qwen3next.errors import UsageError
 from qwen3next.inspection import Report, Section, inspect
-from qwen3next.model_path import DEMO_NOTICE
+from qwen3next.model_path import DEMO_NOTICE, resolve_model_path
+from qwen3next.offload.router_report import format_table, layer_summaries, plot_heatmap
+from qwen3next.offload.router_stats import RouterStatistics
 
 _NUMBER = re.compile(r"[\d.,]+ ?[A-Za-z%]*")  # 12, 79,674,391,296, 311.16M, 622.3 MB, 0.4%
 
@@ -16,14 +19,26 @@ _NUMBER = re.compile(r"[\d.,]+ ?[A-Za-z%]*")  # 12, 79,674,391,296, 311.16M, 622
 @click.command("inspect")
 @click.argument("path", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as one JSON object.")
+@click.option("--router-stats", "router_stats", is_flag=True,
+              help="Show the model's router statistics (~/.cache/qwen3next/router-stats) instead.")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="With --router-stats: draw a layer x expert heatmap (needs qwen3next[plot]).")
 @click.option("--quiet", "-q", is_flag=True, help="No notices on stderr.")
-def inspect_command(path, as_json, quiet):
+def inspect_command(path, as_json, router_stats, plot, quiet):
     """Show PATH's layer layout, parameter counts, bytes per component and dtype, disk size, quantization.
 
     PATH is a model folder or a hub id already downloaded [default: the demo model].
     """
+    if plot is not None and not router_stats:
+        raise UsageError("--plot draws the router statistics: add --router-stats")
     if path is None and not quiet:
         click.echo(f"qwen3next: {DEMO_NOTICE}", err=True)
+    if router_stats:
+        stats = RouterStatistics.for_model(resolve_model_path(path))
+        if plot is not None:
+            plot_heatmap(stats, plot)
+        click.echo(json.dumps(layer_summaries(stats), indent=2) if as_json else format_table(stats))
+        return
     report = inspect(path)
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else render(report))
 

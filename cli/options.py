@@ -49,7 +49,10 @@ def load_engine(options: dict, quiet: bool) -> Engine:
     """Load with the LOAD_KEYWORDS popped from a command's options."""
     keywords = {name: options.pop(name) for name in LOAD_KEYWORDS}
     path = keywords.pop("model_path")
-    return as_flags(lambda: load(path, progress=not quiet, quiet=quiet, **keywords))
+    engine = as_flags(lambda: load(path, progress=not quiet, quiet=quiet, **keywords))
+    if engine.plan is not None and not quiet:
+        click.echo(f"qwen3next: {engine.plan.summary()}", err=True)
+    return engine
 
 
 def as_flags(make: Callable):

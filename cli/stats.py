@@ -21,8 +21,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def format_stats(result: Result, engine: Engine) -> str:
     usage, timings, device = result.usage, result.timings, engine.device
-    return (
+    line = (
         f"prompt: {usage.prompt_tokens} tokens, prefill {timings.prefill_tokens_per_second(usage.prompt_tokens):.1f} tok/s | "
         f"generated: {usage.completion_tokens} tokens, decode {timings.decode_tokens_per_second:.1f} tok/s | "
-        f"finish: {result.finish_reason} | peak memory ({device.type}): {peak_memory_bytes(device) / 2**20:.0f} MiB"
+        f"finish: {result.finish_reason} | peak memory ({device.type}): {peak_memory_bytes(device) / 2**20:.0f} MiB | "
+        f"compute: {engine.compute}"
     )
+    if result.experts is not None:
+        e = result.experts
+        line += (f"\nexperts: RAM hit rate {e['hit_rate']:.1%} ({e['hits']} hits, {e['misses']} misses) | disk "
+                 f"{e['disk_bytes'] / 2**20:.1f} MiB, {e['disk_bytes_per_token'] / 2**20:.2f} MiB/token | prefetch "
+                 f"precision {e['prefetch_precision']:.1%}, recall {e['prefetch_recall']:.1%} | I/O stall "
+                 f"{e['stall_seconds']:.2f} s")
+    return line

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -52,8 +52,10 @@ class CacheCounters:
     late: int = 0  # prefetched, but the read had not finished when the layer needed it (counted as misses)
     prefetched: int = 0  # reads started by prefetch
     prefetch_used: int = 0  # of those, experts later acquired before being evicted
+    prefetch_hits: int = 0  # acquired experts that were there only because prefetch read them in time
     stall_seconds: float = 0.0  # time acquire() waited for reads
     evictions: int = 0
+    disk_bytes: int = 0  # read from the checkpoint
     by_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [hits, misses]
 
     @property
@@ -63,6 +65,16 @@ class CacheCounters:
     @property
     def prefetch_precision(self) -> float:
         return self.prefetch_used / self.prefetched if self.prefetched else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Of the experts not left resident by earlier steps, the share prefetch delivered in time."""
+        return self.prefetch_hits / (self.prefetch_hits + self.misses) if self.prefetch_hits + self.misses else 0.0
+
+    def minus(self, earlier: "CacheCounters") -> "CacheCounters":
+        """The counts since `earlier` (a copy taken then): what one request did."""
+        names = [f.name for f in fields(self) if f.name != "by_layer"]
+        return CacheCounters(**{name: getattr(self, name) - getattr(earlier, name) for name in names})
 
 
 class ExpertCache:
@@ -140,6 +152,7 @@ class ExpertCache:
             if slot >= 0 and slot not in self.pending:
                 self.counters.hits += 1
                 hits_misses[0] += 1
+                self.counters.prefetch_hits += slot in self.prefetched_slots
             else:
                 self.counters.misses += 1
                 hits_misses[1] += 1
@@ -260,6 +273,7 @@ class ExpertCache:
         prior = self.priors.get(layer)
         self.prior[slot] = float(prior[expert]) if prior is not None else 0.0
         path, offset, length = self.sources[layer].ranges[expert]
+        self.counters.disk_bytes += length
         self.pending[slot] = self.reader.submit(path, offset, length, self.arena[slot],
                                                 f"expert {expert} of layer {layer}")
 

@@ -15,7 +15,6 @@ counts in batches, with one set of tensor ops per layer however many tokens it h
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -30,6 +29,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from qwen3next.checkpoint_names import checkpoint_identity
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.errors import ConfigError
 from qwen3next.weights import CheckpointReader, encode_header, tensor_bytes
@@ -77,9 +77,7 @@ def model_identity(folder: str | os.PathLike) -> str:
                               "(32 lowercase hex digits)")
         return recorded
     reader = CheckpointReader(folder)
-    tensors = [[name, list(reader.shape(name))] for name in reader.names()]
-    text = json.dumps({"config": config, "tensors": tensors}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return checkpoint_identity(config, ((name, reader.shape(name)) for name in reader.names()))
 
 
 def _warn(message: str) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from qwen3next.checkpoint_names import PROJECTIONS, expert_layer_prefixes, expert_tensor_name, has_mtp, \
-    is_quantized_name, model_shapes, packed_expert_name, projection_shapes, quantized_names
+from qwen3next.checkpoint_names import PROJECTIONS, checkpoint_identity, expert_layer_prefixes, expert_tensor_name, \
+    has_mtp, is_quantized_name, model_shapes, packed_expert_name, projection_shapes, quantized_names
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.errors import CheckpointError, UsageError
 from qwen3next.weights import SAFETENSORS_DTYPE_NAMES, CheckpointReader, encode_header
@@ -99,12 +99,14 @@ class QuantizationPlan:
     shards: list[ShardPlan]
     expert_layouts: dict[str, ExpertLayout]  # layer prefix -> blob layout
     sharded: bool  # write an index (the source had one)
+    source_identity: str  # the source model's checkpoint_identity: the quantized folder shares its statistics
 
     def config_section(self, policy: Policy, group: int) -> dict:
         """config.json's `quantization` entry: the format, the settings, and every layer's expert layout."""
         return {"format": "qwen3next", "format_version": FORMAT_VERSION, "bits": policy.expert_bits,
                 "group_size": group, **{k: v for k, v in policy.describe().items() if k != "bits"},
-                "experts": {prefix: layout.spec() for prefix, layout in self.expert_layouts.items()}}
+                "experts": {prefix: layout.spec() for prefix, layout in self.expert_layouts.items()},
+                "source_identity": self.source_identity}
 
 
 def check_not_quantized(folder: Path, raw_config: dict, names: list[str]) -> None:
@@ -119,7 +121,8 @@ def build_plan(folder: Path, reader: CheckpointReader, config: Qwen3NextConfig, 
                group: int) -> QuantizationPlan:
     """Decide every output tensor from the headers; raises on anything the conversion would trip over later."""
     names = reader.names()
-    check_not_quantized(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")), names)
+    raw_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    check_not_quantized(folder, raw_config, names)
     with_mtp = has_mtp(names)
     reader.validate(model_shapes(config, with_mtp))
     policy.check_patterns_match(names)
@@ -146,7 +149,8 @@ def build_plan(folder: Path, reader: CheckpointReader, config: Qwen3NextConfig, 
             shards[shard_of_file[reader.file_of(name)]].items.append(_dense_item(reader, name, policy, group))
     for shard in shards:
         _lay_out(shard)
-    return QuantizationPlan(shards, layouts, sharded=len(files) > 1 or files[0].name != "model.safetensors")
+    return QuantizationPlan(shards, layouts, sharded=len(files) > 1 or files[0].name != "model.safetensors",
+                            source_identity=checkpoint_identity(raw_config, ((n, reader.shape(n)) for n in names)))
 
 
 def _require_float(reader: CheckpointReader, name: str) -> None:

@@ -9,6 +9,8 @@ their names and shapes are made here from the config.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Iterable
 
 import torch
@@ -90,3 +92,13 @@ def expected_shapes(model: Qwen3NextForCausalLM, with_mtp: bool) -> dict[str, tu
 def model_shapes(config: Qwen3NextConfig, with_mtp: bool) -> dict[str, tuple[int, ...]]:
     """expected_shapes for a config alone."""
     return expected_shapes(meta_model(config, with_mtp), with_mtp)
+
+
+def checkpoint_identity(raw_config: dict, shapes: Iterable[tuple[str, tuple[int, ...]]]) -> str:
+    """What makes two folders the same model: config.json (less any `quantization` section) and the
+    tensor names and shapes, hashed. `qwen3next quantize` records its source's identity, so every
+    quantization of a model shares that model's router statistics."""
+    config = {k: v for k, v in raw_config.items() if k != "quantization"}
+    tensors = sorted([name, list(shape)] for name, shape in shapes)
+    text = json.dumps({"config": config, "tensors": tensors}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -6,6 +6,7 @@ do from Python with the same defaults.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import cpu_kernels
 from .config import Qwen3NextConfig
 from .errors import ContextLengthError, RequestError, UsageError
 from .generate import StopStrings, generate_ids
@@ -20,6 +22,7 @@ from .loader import load_model
 from .model_path import DEMO_NOTICE, resolve_model_path
 from .moe import set_routing_observer
 from .offload.budget import ExpertPlan
+from .offload.expert_cache import CacheCounters
 from .offload.placement import Placement, resolve_device
 from .offload.router_stats import RouterStatistics
 from .request import PREFILL_CHUNK, Request, Result, Token, Usage
@@ -30,6 +33,14 @@ from .tokenizer import Tokenizer
 ROUTER_STATS_SAVE_SECONDS = 300.0
 
 
+def expert_figures(counts: CacheCounters, tokens: int) -> dict[str, float]:
+    """What --stats reports of the expert cache for one request."""
+    return {"hit_rate": counts.hit_rate, "hits": counts.hits, "misses": counts.misses,
+            "disk_bytes": counts.disk_bytes, "disk_bytes_per_token": counts.disk_bytes / max(tokens, 1),
+            "prefetch_precision": counts.prefetch_precision, "prefetch_recall": counts.prefetch_recall,
+            "stall_seconds": counts.stall_seconds}
+
+
 class Engine:
     """A loaded model with its tokenizer and generation defaults.
 
@@ -37,8 +48,10 @@ class Engine:
     """
 
     def __init__(self, model, expert_store, tokenizer: Tokenizer, folder: Path,
-                 router_stats: RouterStatistics | None = None, plan: ExpertPlan | None = None):
+                 router_stats: RouterStatistics | None = None, plan: ExpertPlan | None = None,
+                 compute: str = ""):
         self.model = model
+        self.compute = compute  # what runs the math, for --stats: "C kernels (avx512-vnni)", "torch fallback (...)"
         self.router_stats = router_stats
         self.plan = plan  # the memory split of a quantized folder (None: everything resident, unplanned)
         self.expert_store = expert_store
@@ -118,6 +131,8 @@ class Engine:
                               result.timings, request.prefill_chunk)
         if self.router_stats is not None:
             self.router_stats.start_sequence()
+        cache = getattr(self.expert_store, "cache", None)
+        before = copy.copy(cache.counters) if cache is not None and not cache.complete else None
         for token, finish in tokens:
             piece = detokenizer.add(token) + (detokenizer.flush() if finish else "")
             text, stopped = stops.feed(piece)
@@ -134,6 +149,8 @@ class Engine:
                 break
         result.text = "".join(texts)
         result.usage.completion_tokens = len(result.tokens)
+        if before is not None:
+            result.experts = expert_figures(cache.counters.minus(before), len(result.tokens))
         if self.router_stats is not None:
             self.router_stats.maybe_save(ROUTER_STATS_SAVE_SECONDS)  # a long-lived process saves now and then
         yield result
@@ -212,10 +229,11 @@ def load(
         print(f"qwen3next: {DEMO_NOTICE}", file=sys.stderr)
     requested = None if device is None else _resolve_device(device)
     device = resolve_device(placement, requested) or _resolve_device(None)
+    compute = cpu_kernels.prepare(quiet).describe() if device.type == "cpu" else f"torch on {device}"
     config = Qwen3NextConfig.from_file(folder)  # the cheap checks first: config, then tokenizer, then weights
     tokenizer = Tokenizer.from_folder(folder)
     statistics = RouterStatistics.for_model(folder, config) if router_stats else None
     model, store, plan = load_model(folder, dtype, device, progress=progress, config=config, placement=placement,
                                     statistics=statistics, quiet=quiet)
     set_routing_observer(model, statistics)
-    return Engine(model, store, tokenizer, folder, statistics, plan)
+    return Engine(model, store, tokenizer, folder, statistics, plan, compute)

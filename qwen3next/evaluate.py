@@ -59,6 +59,8 @@ def evaluate(engine: Engine, text: str, window: int = 256, max_tokens: int | Non
     nll, predicted, mtp_hits, mtp_count = 0.0, 0, 0, 0
     routes: list[list[torch.Tensor]] = [[] for _ in moe_layers]
     for chunk in windows(ids, window):
+        if engine.router_stats is not None:
+            engine.router_stats.start_sequence()  # windows are independent texts: no reuse across them
         tensor = torch.tensor([chunk], device=engine.device)
         with torch.inference_mode():
             hidden = model.hidden_states(tensor)

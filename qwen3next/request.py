@@ -232,6 +232,7 @@ class Result:
     finish_reason: str = "length"
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
+    experts: dict[str, float] | None = None  # the expert cache's counts for this call, when experts come from disk
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -26,6 +26,21 @@ sys.path.insert(0, str(Path(__file__).parent))  # test helpers (checkpoints.py, 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+def _isolated_cache() -> None:
+    """Tests write router statistics into a cache folder of their own (inherited by subprocesses), while
+    the compiled kernels stay in the user's cache, so each session does not compile them again."""
+    import tempfile
+
+    user = Path(os.environ.get("QWEN3NEXT_CACHE") or Path.home() / ".cache" / "qwen3next")
+    (user / "kernels").mkdir(parents=True, exist_ok=True)
+    isolated = Path(tempfile.mkdtemp(prefix="qwen3next-test-cache-"))
+    (isolated / "kernels").symlink_to(user / "kernels", target_is_directory=True)
+    os.environ["QWEN3NEXT_CACHE"] = str(isolated)
+
+
+_isolated_cache()
+
 from checkpoints import write_model  # noqa: E402
 
 torch.set_num_threads(2)

@@ -10,7 +10,7 @@ import torch
 
 from qwen3next.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3NextConfig
 from qwen3next.errors import ConfigError
-from qwen3next.loader import expected_shapes
+from qwen3next.checkpoint_names import expected_shapes
 from qwen3next.model import Qwen3NextForCausalLM
 
 # config.json of Qwen/Qwen3-Next-80B-A3B-Instruct, as the hub ships it (written by transformers 4.57)

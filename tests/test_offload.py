@@ -126,3 +126,24 @@ def test_gpu_mem_without_a_gpu_is_a_usage_error(quantized, capsys):
         pytest.skip("this machine has a GPU")
     code = main(["run", "-m", str(quantized), "-p", "Hello", "-n", "2", "--gpu-mem", "4G"])
     assert code == 2 and "--gpu-mem" in capsys.readouterr().err
+
+
+def test_a_quantized_folder_shares_its_sources_router_statistics(models, quantized):
+    from qwen3next.offload.router_stats import model_identity
+
+    assert model_identity(quantized) == model_identity(models("small")) != model_identity(models("tiny"))
+
+
+def test_eval_and_run_add_to_the_statistics_file(quantized, tmp_path, monkeypatch):
+    import qwen3next
+    from qwen3next.evaluate import evaluate
+    from qwen3next.offload.router_stats import RouterStatistics
+
+    monkeypatch.setenv("QWEN3NEXT_CACHE", str(tmp_path))
+    with qwen3next.load(quantized) as engine:
+        evaluate(engine, "the cat sat on the mat and looked at the dog " * 8, window=32)
+        engine.complete(qwen3next.Request(prompt="Hello", max_new_tokens=4, temperature=0))
+    saved = RouterStatistics.for_model(quantized)
+    tokens = len(engine.tokenizer.encode("the cat sat on the mat and looked at the dog " * 8))
+    assert int(saved.tokens[0]) >= tokens
+    assert int(saved.counts[0].sum()) == int(saved.tokens[0]) * engine.config.num_experts_per_tok

@@ -37,8 +37,8 @@ from tokenizer_fixture import QWEN_SPECIAL_TOKENS, write_tokenizer_files  # noqa
 from qwen3next.config import Qwen3NextConfig  # noqa: E402
 from qwen3next.model import Qwen3NextForCausalLM  # noqa: E402
 from qwen3next.moe import SparseMoE, StackedExperts  # noqa: E402
-from qwen3next.offload.store import PROJECTIONS, ResidentExpertStore, expert_tensor_name  # noqa: E402
-from qwen3next.loader import expert_layer_prefixes  # noqa: E402
+from qwen3next.checkpoint_names import PROJECTIONS, expert_layer_prefixes, expert_tensor_name  # noqa: E402
+from qwen3next.offload.store import ResidentExpertStore  # noqa: E402
 from qwen3next.tokenizer import Tokenizer  # noqa: E402
 from qwen3next.weights import write_checkpoint  # noqa: E402
 from record_demo import record  # noqa: E402  (tools/, beside this file)

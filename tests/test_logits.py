@@ -9,7 +9,7 @@ import qwen3next
 from qwen3next import cpu_kernels
 
 PROMPT = "It is a truth universally acknowledged, that"
-SHOULD_OR_HAVE = PROMPT + "\nI am sure I"  # fp32: ' should' 8.64 vs ' have' 8.60, both 8.625 in bf16
+SHOULD_OR_HAVE = PROMPT + "\nI am sure I"  # fp32: ' should' 8.64 vs ' have' 8.60: 8.625 both, in bf16
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_close_candidates_stay_apart(demo, monkeypatch, path):
         logits = decode_logits(engine, SHOULD_OR_HAVE)
     should, have = (logits[engine.tokenizer.encode(word)[0]] for word in (" should", " have"))
     assert logits.dtype == torch.float32
-    assert should.bfloat16() == have.bfloat16()  # the premise: bf16 logits would tie them
+    assert should - have < 0.0625  # the premise: within one bf16 step, so bf16 logits can tie them
     assert should - have > 0.01
 
 

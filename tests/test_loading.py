@@ -37,7 +37,8 @@ def rewrite_tensor(folder, name, change):
 def test_loads_sharded_checkpoint_with_mtp(models):
     folder = models("tiny")
     assert len(list(folder.glob("model-*-of-*.safetensors"))) >= 3
-    model, store = load_model(folder, "float32", progress=False)
+    model, store, plan = load_model(folder, "float32", progress=False)
+    assert plan is None  # an unquantized folder loads whole
     assert model.mtp is not None
     layers = model.config.num_hidden_layers
     mtp_experts = store.layers[layers]  # the MTP layer's experts come after the main layers
@@ -46,7 +47,7 @@ def test_loads_sharded_checkpoint_with_mtp(models):
 
 
 def test_loads_checkpoint_without_mtp_and_tied_head(models):
-    model, _ = load_model(models("tied"), "bfloat16", progress=False)
+    model, _, _ = load_model(models("tied"), "bfloat16", progress=False)
     assert model.mtp is None and model.lm_head is None
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 

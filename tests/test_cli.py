@@ -26,6 +26,7 @@ def cli(monkeypatch, capsys):
     return lambda args, stdin=None: run_cli(args, stdin, monkeypatch, capsys)
 
 
+@pytest.mark.slow
 def test_pipeline_prompt_on_stdin_text_on_stdout_stats_on_stderr(models):
     """A real subprocess: stdin in, only generated text out, stats on stderr, exit 0."""
     folder = models("tiny")

@@ -100,6 +100,7 @@ def test_download_to_a_folder(hub, cli, models, tmp_path):
     assert any(s.url.startswith("/cdn/") for s in hub.log)
 
 
+@pytest.mark.slow
 def test_download_into_the_cache_then_inspect_by_hub_id(hub, models, tmp_path):
     """The whole path a user takes, in real processes: download (quiet), then use the hub id."""
     done = hub_process(hub, tmp_path / "home", "download", REPO, "-q")
@@ -144,6 +145,7 @@ def test_a_server_error_mid_file_stops_and_the_next_run_resumes(hub, cli, models
     assert len(hub.gets(SHARD)) == 3
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_file_then_a_rerun_completes(hub, cli, models, tmp_path):
     out = tmp_path / "out"
     hub.fault(SHARD, stall_after=50_000)
@@ -318,6 +320,7 @@ def test_download_quantize_streams_shards_and_equals_quantizing_afterwards(hub, 
         assert ranges == [_first_range(models("tiny") / name), None]
 
 
+@pytest.mark.slow
 def test_download_quantize_killed_midway_resumes_without_downloading_done_shards_again(hub, models, tmp_path):
     out = tmp_path / "q4"
     staging = tmp_path / ".q4.partial"

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 _WITHOUT_NUMPY = """
 import sys
 sys.modules["numpy"] = None  # `import numpy` now fails, and torch runs as it does without numpy installed
@@ -22,6 +24,7 @@ for argv in (["run", "-m", src, "-p", "The river", "-n", "3", "-q"], ["quantize"
 """
 
 
+@pytest.mark.slow
 def test_runs_without_numpy(models, tmp_path):
     done = subprocess.run([sys.executable, "-c", _WITHOUT_NUMPY, str(models("tiny")), str(tmp_path / "q4"),
                            str(tmp_path / "written")], capture_output=True, text=True, timeout=300)

@@ -86,6 +86,7 @@ def test_an_unquantized_folder_under_a_small_budget_points_to_quantize(models):
         qwen3next.load(models("small"), cpu_mem="1M", router_stats=False)
 
 
+@pytest.mark.slow
 def test_a_shard_truncated_mid_run_stops_with_the_file_named(quantized, tmp_path):
     import shutil
 
@@ -134,6 +135,7 @@ def test_a_quantized_folder_shares_its_sources_router_statistics(models, quantiz
     assert model_identity(quantized) == model_identity(models("small")) != model_identity(models("tiny"))
 
 
+@pytest.mark.slow
 def test_eval_and_run_add_to_the_statistics_file(quantized, tmp_path, monkeypatch):
     import qwen3next
     from qwen3next.evaluate import evaluate

@@ -37,6 +37,7 @@ def test_logits_match_reference_across_prefill_chunks(models, name):
     assert relative_error(ours, theirs) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_greedy_continuation_matches_reference_until_a_near_tie(models):
     folder = models("small")
     engine = qwen3next.load(folder, dtype="float32")
@@ -79,6 +80,7 @@ def test_batch_of_two_equals_each_alone(models):
     assert relative_error(together, alone) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_bfloat16_loses_no_more_than_the_reference_does(models):
     """Random weights amplify bf16 rounding, so the bar is the reference's own bf16 error, not a constant."""
     folder = models("small")

@@ -62,6 +62,7 @@ class Recorder:
         self.seen.append((layer, ids.shape[0], routing.weights.dtype))
 
 
+@pytest.mark.slow
 def test_observer_sees_the_fused_decode_kernel_and_the_torch_path(engine):
     if cpu_kernels.library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.prepare(quiet=True).describe()}")
@@ -86,6 +87,7 @@ def test_observer_sees_the_fused_decode_kernel_and_the_torch_path(engine):
     assert all(m.observer is None for m in recorder.blocks.values())
 
 
+@pytest.mark.slow
 def test_statistics_of_a_generation_add_up(engine, cache):
     stats = RouterStatistics.for_model(engine.folder, engine.config)
     plain = [t.token for t in engine.generate("Once upon", max_new_tokens=6, temperature=0)]

@@ -278,15 +278,11 @@ def usable(x: torch.Tensor) -> bool:
     )
 
 
-def _output(x: torch.Tensor, out_features: int, fp32_out: bool) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32 if fp32_out else x.dtype)
-
-
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T for a few rows of x (see `usable`); bf16, or the fp32 sums with fp32_out."""
     x = x.contiguous()
     out_features, in_features = weight.shape
-    y = _output(x, out_features, fp32_out)
+    y = x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32 if fp32_out else x.dtype)
     _lib.q3n_linear_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), x.numel() // in_features, out_features,
                          in_features, fp32_out, torch.get_num_threads())
     return y
@@ -296,7 +292,7 @@ def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fp32_out: b
     """x [..., in] (bf16, a few rows) times int8 weights q [out, in] with fp32 row scales (quant/int8.py)."""
     x = x.contiguous()
     out_features, in_features = q.shape
-    y = _output(x, out_features, fp32_out)
+    y = x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32 if fp32_out else x.dtype)
     _lib.q3n_linear_q8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), x.numel() // in_features,
                        out_features, in_features, fp32_out, torch.get_num_threads())
     return y
@@ -307,7 +303,7 @@ def linear_q4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimu
     """x [..., in] (bf16, a few rows) times 4-bit group-quantized weights (quant/int4.py)."""
     x = x.contiguous()
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    y = _output(x, out_features, fp32_out)
+    y = x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32 if fp32_out else x.dtype)
     _lib.q3n_linear_q4(packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), in_features // scale.shape[1],
                        x.data_ptr(), y.data_ptr(), x.numel() // in_features, out_features, in_features, fp32_out,
                        torch.get_num_threads())

@@ -61,8 +61,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool = False) -> tor
     8-16 is 0.0625, enough to tie close candidates). Decode-sized bf16 calls on the CPU use the
     bandwidth-bound kernel."""
     widen = fp32_out and x.dtype != torch.float32
-    if weight.dtype == torch.bfloat16 and cpu_kernels.usable(x) and x.numel() <= cpu_kernels.MAX_ROWS * weight.shape[1] \
-            and weight.is_contiguous():
+    if weight.dtype == torch.bfloat16 and cpu_kernels.usable(x) \
+            and x.numel() <= cpu_kernels.MAX_ROWS * weight.shape[1] and weight.is_contiguous():
         return cpu_kernels.linear_bf16(x, weight, fp32_out=widen)
     if not widen:
         return F.linear(x, weight)

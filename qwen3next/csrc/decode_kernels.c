@@ -90,7 +90,8 @@ void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t rows
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < out; r++) {
         const uint16_t *row = w + r * in;
-        for (int64_t m = 0; m < rows_x; m++) store_output(y, m * out + r, dot_bf16_f32(row, xf + m * in, in), f32_out);
+        for (int64_t m = 0; m < rows_x; m++)
+            store_output(y, m * out + r, dot_bf16_f32(row, xf + m * in, in), f32_out);
     }
     free(xf);
 }

@@ -174,7 +174,8 @@ void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, void 
     for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, 0);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < out; r++)
-        for (int64_t m = 0; m < rows_x; m++) store_output(y, m * out + r, q8_row_dot(q + r * in, &xs[m]) * scale[r], f32_out);
+        for (int64_t m = 0; m < rows_x; m++)
+            store_output(y, m * out + r, q8_row_dot(q + r * in, &xs[m]) * scale[r], f32_out);
     for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
 }
 
@@ -187,8 +188,8 @@ void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < out; r++)
         for (int64_t m = 0; m < rows_x; m++)
-            store_output(y, m * out + r, q4_row_dot(packed + r * in / 2, scale + r * groups, minimum + r * groups, &xs[m]),
-                         f32_out);
+            store_output(y, m * out + r,
+                         q4_row_dot(packed + r * in / 2, scale + r * groups, minimum + r * groups, &xs[m]), f32_out);
     for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
 }
 

@@ -46,6 +46,8 @@ class CachedQuantizedExperts:
         return self._per_expert(layer, x, ids, weights)
 
     def _token(self, layer, x, ids, weights, n, kernel) -> torch.Tensor:
+        if self.cache.complete:  # every expert resident: nothing to acquire, nothing to prefetch
+            return cpu_kernels.experts_quant(x[n], self.cache.tables[layer], kernel, ids[n], weights[n])
         chosen = ids[n].tolist()
         self.cache.acquire(layer, chosen)
         try:

@@ -15,19 +15,25 @@ _KV_MIN_CAPACITY = 256  # tokens; capacity then doubles, so decode and chunked p
 
 
 class KVCache:
-    """Keys and values [B, kv_heads, T, head_dim] of one attention layer, in a growing buffer."""
+    """Keys and values [B, kv_heads, T, head_dim] of one attention layer, in a growing buffer.
 
-    def __init__(self) -> None:
+    `limit` caps the buffer (the context a memory budget reserved room for), so doubling never
+    allocates past it.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.length = 0
+        self.limit = limit
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add new positions; return views of all cached keys and values."""
         new_length = self.length + k.shape[2]
         if self.keys is None or new_length > self.keys.shape[2]:
             capacity = 0 if self.keys is None else self.keys.shape[2]
-            self._grow(k, v, max(new_length, 2 * capacity, _KV_MIN_CAPACITY))
+            wanted = max(2 * capacity, _KV_MIN_CAPACITY)
+            self._grow(k, v, max(new_length, wanted if self.limit is None else min(wanted, self.limit)))
         self.keys[:, :, self.length : new_length] = k
         self.values[:, :, self.length : new_length] = v
         self.length = new_length

@@ -175,7 +175,7 @@ class Engine:
             raise RequestError("chunk", chunk, "must be an integer >= 1")
         ids = self.prompt_ids(Request(prompt=list(token_ids)))
         self._check_context(len(ids), room=0)
-        cache = self.model.make_cache()
+        cache = self.model.make_cache(self.context_length)
         tensor = torch.tensor([ids], device=self.device)
         if self.router_stats is not None:
             self.router_stats.start_sequence()

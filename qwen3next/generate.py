@@ -42,7 +42,7 @@ def generate_ids(
     if limit <= 0:
         return
     eos = set(eos_ids)
-    cache = model.make_cache()
+    cache = model.make_cache(context_length)
     history = list(prompt_ids)
     use_history = sampler.params.repetition_penalty != 1.0
 

@@ -33,8 +33,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def make_cache(self) -> KVCache | DeltaNetState:
-        return KVCache() if self.layer_type == FULL_ATTENTION else DeltaNetState()
+    def make_cache(self, max_length: int | None = None) -> KVCache | DeltaNetState:
+        return KVCache(max_length) if self.layer_type == FULL_ATTENTION else DeltaNetState()
 
     def forward(self, x: torch.Tensor, cos_sin, cache) -> torch.Tensor:
         h = self.input_layernorm(x)
@@ -100,8 +100,9 @@ class Qwen3NextForCausalLM(nn.Module):
             if isinstance(module, SparseMoE):
                 module.store = store
 
-    def make_cache(self) -> ModelCache:
-        return ModelCache([layer.make_cache() for layer in self.model.layers])
+    def make_cache(self, max_length: int | None = None) -> ModelCache:
+        """Empty per-layer states; max_length caps the KV buffers (the context the memory plan reserved)."""
+        return ModelCache([layer.make_cache(max_length) for layer in self.model.layers])
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits whatever the activation dtype: rounded to bf16 (a step of 0.0625 at logits of 8-16),

@@ -149,3 +149,14 @@ def test_eval_and_run_add_to_the_statistics_file(quantized, tmp_path, monkeypatc
     tokens = len(engine.tokenizer.encode("the cat sat on the mat and looked at the dog " * 8))
     assert int(saved.tokens[0]) >= tokens
     assert int(saved.counts[0].sum()) == int(saved.tokens[0]) * engine.config.num_experts_per_tok
+
+
+def test_the_kv_cache_never_grows_past_the_reserved_context():
+    import torch
+
+    from qwen3next.cache import KVCache
+
+    cache = KVCache(limit=300)
+    for _ in range(3):
+        cache.append(torch.zeros(1, 2, 100, 8), torch.zeros(1, 2, 100, 8))
+    assert cache.length == 300 and cache.keys.shape[2] == 300  # doubling would have allocated 512

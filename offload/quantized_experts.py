@@ -39,8 +39,8 @@ class CachedQuantizedExperts:
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel_layouts[layer]
-        if kernel is not None and x.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.usable(x) \
-                and self.device.type == "cpu":
+        if kernel is not None and self.device.type == "cpu" and cpu_kernels.usable(x) \
+                and x.shape[0] <= cpu_kernels.MAX_ROWS:
             ids, weights = ids.to(torch.int64).contiguous(), weights.float().contiguous()  # C reads raw memory
             return torch.stack([self._token(layer, x, ids, weights, n, kernel) for n in range(x.shape[0])])
         return self._per_expert(layer, x, ids, weights)

@@ -60,7 +60,7 @@ class ResidentExpertStore:
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         experts, table = self.layers[layer], self._address_tables[layer]
-        if table is not None and x.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.usable(x):
+        if table is not None and cpu_kernels.usable(x) and x.shape[0] <= cpu_kernels.MAX_ROWS:
             ids, weights = ids.to(torch.int64).contiguous(), weights.float().contiguous()  # the C side reads raw memory
             rows = [cpu_kernels.swiglu_experts_bf16(x[n], table, ids[n], weights[n], experts.intermediate_size)
                     for n in range(x.shape[0])]

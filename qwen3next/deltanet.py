@@ -87,8 +87,8 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, state: DeltaNetState | None) -> torch.Tensor:
         B, T, _ = x.shape
-        if B == 1 and self.conv1d.weight.dtype == torch.bfloat16 and self.kernel <= cpu_kernels.MAX_CONV_KERNEL \
-                and cpu_kernels.usable(x):
+        if B == 1 and self.conv1d.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x) \
+                and self.kernel <= cpu_kernels.MAX_CONV_KERNEL:  # usable() first: only CPU inputs touch the library
             return self._fused_cpu(x, DeltaNetState() if state is None else state)
         conv_input, z, b, a = self._project(x)
         mixed = self._conv(conv_input, state)

@@ -37,6 +37,7 @@ def test_demo_model_has_every_qwen3_next_feature(engine):
     assert sum(f.stat().st_size for f in DEMO_MODEL.iterdir()) < 45 * 2**20
 
 
+@pytest.mark.slow
 def test_heldout_perplexity_matches_the_record(heldout):
     recorded = RECORD["heldout"]["perplexity"]
     assert abs(heldout.perplexity - recorded) / recorded < 0.02
@@ -49,16 +50,19 @@ def test_greedy_continuation_is_stable(engine):
     assert [t.token for t in tokens] == greedy["tokens"]
 
 
+@pytest.mark.slow
 def test_mtp_head_beats_a_unigram_baseline(heldout):
     assert heldout.mtp_accuracy > 1.5 * heldout.unigram_accuracy
 
 
+@pytest.mark.slow
 def test_routing_is_balanced_overall_yet_not_uniform(heldout):
     for layer in heldout.routing:
         assert layer.experts_for_90_percent > 0.5  # no layer collapsed onto a few experts
         assert layer.busiest_to_mean_load < 4
 
 
+@pytest.mark.slow
 def test_cli_uses_the_demo_model_by_default_and_says_so():
     done = subprocess.run([sys.executable, "-m", "qwen3next", "run", "-p", "It is a truth", "-n", "8", "-t", "0"],
                           capture_output=True, text=True, timeout=120)

@@ -80,7 +80,7 @@ def test_each_expert_is_one_aligned_byte_range_that_decodes_per_the_spec(models,
                 arrays.append(torch.from_numpy(blob[cursor:cursor + size].view(dtype).copy()))
                 cursor = -(-(cursor + size) // 64) * 64
             codes, scale, minimum = arrays
-            source = reader.get(f"model.layers.2.mlp.experts.5.{projection}.weight").float()
+            source = reader.read(f"model.layers.2.mlp.experts.5.{projection}.weight").float()
             expected = int4.quantize(source, group)
             assert torch.equal(codes.view(rows, cols // 2), expected[0])
             assert torch.equal(scale.view(rows, -1), expected[1]) and torch.equal(minimum.view(rows, -1), expected[2])
@@ -89,12 +89,13 @@ def test_each_expert_is_one_aligned_byte_range_that_decodes_per_the_spec(models,
 
 def test_dense_matrices_and_kept_tensors(models, quantized):
     with CheckpointReader(models("tiny")) as src, CheckpointReader(quantized[8]) as out:
-        q, scale = out.get("model.layers.3.self_attn.q_proj.weight.q8"), out.get("model.layers.3.self_attn.q_proj.weight.scale")
-        expected = int8.quantize(src.get("model.layers.3.self_attn.q_proj.weight").float())
+        name = "model.layers.3.self_attn.q_proj.weight"
+        q, scale = out.read(f"{name}.q8"), out.read(f"{name}.scale")
+        expected = int8.quantize(src.read(name).float())
         assert torch.equal(q, expected[0]) and torch.equal(scale, expected[1])
         for kept in ("model.layers.0.mlp.gate.weight", "model.layers.0.linear_attn.A_log", "model.norm.weight",
                      "model.layers.0.linear_attn.conv1d.weight", "model.layers.0.mlp.shared_expert_gate.weight"):
-            assert kept in out and torch.equal(out.get(kept), src.get(kept)), kept
+            assert kept in out and torch.equal(out.read(kept), src.read(kept)), kept
         assert not any(n.endswith("_proj.weight") and ".experts." in n for n in out.names())
 
 
@@ -117,12 +118,14 @@ def test_quantized_model_equals_the_source_with_round_tripped_weights(models, qu
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_decode_kernels_agree_with_the_dequantized_weights(quantized, bits):
+def test_decode_kernels_agree_with_the_dequantized_weights(models, tmp_path, bits):
     """One bf16 token on the CPU runs the 4/8-bit kernels: compare them with fp32 math on the dequantized weights."""
-    engine = qwen3next.load(quantized[bits], dtype="bfloat16")
+    folder = tmp_path / f"q{bits}"  # lm_head at --bits too, so a dense matrix runs each kernel
+    quantize_checkpoint(models("tiny"), folder, Policy(bits, bits_for=[("lm_head.weight", bits)]), progress=False)
+    engine = qwen3next.load(folder, dtype="bfloat16")
     generator = torch.Generator().manual_seed(bits)
     linears = [m for m in engine.model.modules() if type(m) is QuantizedLinear]
-    assert {m.bits for m in linears} == {8, bits}  # the default policy: dense matrices at 8 bits, lm_head at --bits
+    assert {m.bits for m in linears} == {8, bits}
     with torch.no_grad():
         for module in linears:
             x = torch.randn(1, module.in_features, generator=generator).bfloat16()
@@ -137,6 +140,7 @@ def test_decode_kernels_agree_with_the_dequantized_weights(quantized, bits):
         assert store.layouts[layer].projections["down_proj"].bits == bits
 
 
+@pytest.mark.slow
 def test_8_bit_costs_little_more_than_bf16_rounding_on_random_weights(models, tmp_path):
     """Random fixtures have sharp, fragile logits (bf16 rounding alone moves them): compare against that."""
     src, ids = models("small"), list(range(3, 131))
@@ -150,17 +154,40 @@ def test_8_bit_costs_little_more_than_bf16_rounding_on_random_weights(models, tm
     assert kl(tmp_path / "q8", "float32") < 4 * kl(src, "bfloat16")
 
 
-@pytest.mark.parametrize("bits, max_perplexity_change", [(8, 0.005), (4, 0.03)])
-def test_demo_model_quantized_keeps_its_perplexity(tmp_path, bits, max_perplexity_change):
-    """The trained demo model: 8-bit within 0.5% and 4-bit within 3% of bf16 perplexity on held-out text."""
+DEMO_TEXTS = {"heldout.txt": 4096, "heldout_modern.txt": None}  # tests/data file: tokens scored (None: all)
+
+
+def demo_perplexities(folder: Path) -> dict[str, float]:
+    """Perplexity of a demo model folder on each held-out text, float32, windows of 256."""
     from qwen3next.evaluate import evaluate
+
+    engine = qwen3next.load(folder, dtype="float32", quiet=True)
+    return {name: evaluate(engine, (Path(__file__).parent / "data" / name).read_text(encoding="utf-8"),
+                           window=256, max_tokens=tokens).perplexity for name, tokens in DEMO_TEXTS.items()}
+
+
+@pytest.fixture(scope="module")
+def demo_source_perplexities():
     from qwen3next.model_path import DEMO_MODEL
 
-    text = (Path(__file__).parent / "data" / "heldout.txt").read_text(encoding="utf-8")
-    quantize_checkpoint(DEMO_MODEL, tmp_path / "demo", Policy(bits), progress=False)
-    source = evaluate(qwen3next.load(DEMO_MODEL, quiet=True), text, window=256, max_tokens=2048).perplexity
-    quantized = evaluate(qwen3next.load(tmp_path / "demo"), text, window=256, max_tokens=2048).perplexity
-    assert abs(quantized / source - 1) < max_perplexity_change, (source, quantized)
+    return demo_perplexities(DEMO_MODEL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits, lm_head_bits, bound", [
+    (8, None, 0.005),  # the 8-bit target; measured -0.00% / +0.13%
+    (4, None, 0.005),  # measured +0.08% / +0.21%; lm_head at 4 bits (+0.92% on modern text) would fail it
+    (4, 4, 0.03),  # the speed trade docs/quantization.md offers, within the 4-bit target of 3%
+])
+def test_demo_model_quantized_keeps_its_perplexity(demo_source_perplexities, tmp_path, bits, lm_head_bits, bound):
+    """The trained demo model through `qwen3next quantize`: perplexity change on in-domain and modern held-out text."""
+    from qwen3next.model_path import DEMO_MODEL
+
+    policy = Policy(bits, bits_for=[("lm_head.weight", lm_head_bits)] if lm_head_bits else ())
+    quantize_checkpoint(DEMO_MODEL, tmp_path / "demo", policy, progress=False)
+    quantized = demo_perplexities(tmp_path / "demo")
+    change = {name: quantized[name] / demo_source_perplexities[name] - 1 for name in DEMO_TEXTS}
+    assert all(abs(c) < bound for c in change.values()), change
 
 
 def test_run_and_inspect_work_on_a_quantized_folder(quantized, capsys):
@@ -200,6 +227,7 @@ def _staged_shards(staging: Path) -> list[Path]:
     return [p for p in staging.glob("*.safetensors")] if staging.is_dir() else []
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_bytes(tmp_path):
     src = write_model(tmp_path / "src", size="small", seed=7, max_shard_bytes=400_000, num_experts=32)
     reference = tmp_path / "reference"
@@ -229,6 +257,7 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_peak_memory_is_bounded_by_the_chunk_not_the_model(tmp_path):
     """A ~290 MB fp32 checkpoint with two 134 MB matrices converts within 8 chunks (128 MB) of its import baseline."""
     src = write_model(tmp_path / "big", size="small", seed=3, vocab_size=262144, max_shard_bytes=100 * 2**20)

@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from checkpoints import make_config  # noqa: E402
 
-from qwen3next.checkpoint_names import model_shapes  # noqa: E402
+from qwen3next.checkpoint_names import is_routed_expert, model_shapes  # noqa: E402
 from qwen3next.cli.quantize import quantize_command  # noqa: E402
 from qwen3next.config import Qwen3NextConfig  # noqa: E402
 from qwen3next.quant import int4  # noqa: E402
 from qwen3next.quant.layout import array_specs  # noqa: E402
-from qwen3next.quant.policy import Policy, is_routed_expert, parse_bits_for  # noqa: E402
+from qwen3next.quant.policy import Policy, parse_bits_for  # noqa: E402
 
 POLICIES = [
     "--bits 4",

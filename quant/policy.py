@@ -18,6 +18,7 @@ import fnmatch
 import re
 from typing import Iterable
 
+from qwen3next.checkpoint_names import is_routed_expert
 from qwen3next.errors import UsageError
 
 KEEP = None  # stored as in the source checkpoint
@@ -25,20 +26,15 @@ KEEP = None  # stored as in the source checkpoint
 _FULL_PRECISION = re.compile(
     r"(\.mlp\.gate\.weight|shared_expert_gate\.weight|(^|\.)\w*norm\w*\.weight|conv1d\.weight|A_log|dt_bias)$"
 )
-_ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 
 
 def default_bits(name: str, expert_bits: int) -> int | None:
     """Bits for tensor `name` (a hub name) under the default policy, or KEEP."""
     if _FULL_PRECISION.search(name):
         return KEEP
-    if _ROUTED_EXPERT.search(name):
+    if is_routed_expert(name):
         return expert_bits
     return 8
-
-
-def is_routed_expert(name: str) -> bool:
-    return _ROUTED_EXPERT.search(name) is not None
 
 
 class Policy:

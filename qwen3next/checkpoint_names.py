@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Iterable
 
 import torch
@@ -22,6 +23,14 @@ MTP_PREFIX = "mtp."  # the multi-token-prediction head; optional in a checkpoint
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # of a routed expert, in blob order
 QUANTIZED_SUFFIXES = {8: (".q8", ".scale"), 4: (".q4", ".scale", ".min")}  # codes first
 _PACKED = ".packed"
+
+
+_ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(" + "|".join(PROJECTIONS) + r")\.weight$")
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether hub tensor `name` is one projection of a routed expert (expert_tensor_name's pattern)."""
+    return _ROUTED_EXPERT.search(name) is not None
 
 
 def has_mtp(names: Iterable[str]) -> bool:

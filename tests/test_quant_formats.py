@@ -62,9 +62,11 @@ def test_int4_refuses_a_ragged_group():
         int4.quantize(weights(4, 100), 64)
 
 
-@pytest.mark.skipif(kernels.library() is None, reason="no C compiler: kernels not built")
 @pytest.mark.parametrize("rows, group", [(1, 64), (4, 64), (1, 8)])  # group 8: the kernel's portable loop
 def test_cpu_kernels_multiply_by_the_dequantized_weights(rows, group):
+    status = kernels.prepare()  # here, not at collection: a build takes seconds
+    if status.isa is None:
+        pytest.skip(f"kernels not loaded: {status.describe()}")
     w = weights(40, 256, seed=3)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
     q, scale = int8.quantize(w)

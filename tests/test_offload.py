@@ -67,7 +67,7 @@ def test_output_is_identical_under_every_budget_and_policy(quantized, policy, sl
     request = qwen3next.Request(prompt="Hello there", max_new_tokens=12, temperature=0, prefill_chunk=5)
     assert cached.complete(request).tokens == resident.complete(request).tokens
     counters = cached.expert_store.cache.counters
-    assert counters.misses > 0 and counters.hits > 0
+    assert counters.misses > 0 and counters.disk_bytes >= counters.misses * cached.expert_store.cache.slot_bytes // 2
 
 
 def test_a_budget_too_small_is_one_error_naming_the_bytes(quantized):

@@ -9,11 +9,19 @@ models give logits that are not all near-ties.
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
 import torch
 
-from qwen3next.weights import write_checkpoint
+from qwen3next.checkpoint_names import (PROJECTIONS, expert_layer_prefixes, expert_tensor_name, meta_model,
+                                        packed_expert_name, quantized_names)
+from qwen3next.config import Qwen3NextConfig
+from qwen3next.quant import int4
+from qwen3next.quant.layout import ALIGN, FORMAT_VERSION, ExpertLayout, array_specs
+from qwen3next.quant.policy import Policy
+from qwen3next.weights import encode_header, tensor_bytes, write_checkpoint, write_index
 from tokenizer_fixture import QWEN_SPECIAL_TOKENS, write_tokenizer_files
 
 SIZES = {
@@ -164,3 +172,100 @@ def write_model(
     tensors = ((name, t.to(dtype)) for name, t in random_tensors(config, seed, mtp))
     write_checkpoint(folder, tensors, max_shard_bytes=max_shard_bytes)
     return folder
+
+
+QUANTIZED_SHARD_BYTES = 4 * 2**30
+
+
+def write_quantized_model(folder: Path, layers: int, bits: int = 4, seed: int = 0, size: str = "real",
+                          vocab_size: int = 151936) -> Path:
+    """A random folder straight in the quantized format (no bf16 source), `layers` layers plus the MTP layer:
+    random codes with scales that keep activations bounded, random bf16 routers, the default policy's bits.
+    For models larger than RAM (benchmarks/bench_offload.py) and the memory-budget tests."""
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = write_tokenizer_files(folder)
+    raw = make_config(size, vocab_size, tokens - len(QWEN_SPECIAL_TOKENS), num_hidden_layers=layers,
+                      max_position_embeddings=262144)
+    config = Qwen3NextConfig.from_dict(raw)
+    policy = Policy(bits)
+    model = meta_model(config, with_mtp=True)
+    dense = []  # (name, dtype, shape, nbytes, fill)
+    for name, t in model.state_dict().items():
+        shape = tuple(t.shape)
+        matrix_bits = policy.bits(name) if len(shape) == 2 else None
+        if matrix_bits is None:
+            dense.append((name, "BF16", shape, 2 * math.prod(shape), _kept(name, shape)))
+            continue
+        rows, cols = shape
+        group = int4.group_for(cols, int4.DEFAULT_GROUP) if matrix_bits == 4 else cols
+        for stored, (dtype, stored_shape, nbytes) in zip(quantized_names(name, matrix_bits),
+                                                         array_specs(rows, cols, matrix_bits, group)):
+            dense.append((stored, dtype, stored_shape, nbytes, _quantized(stored, dtype, stored_shape, cols, matrix_bits)))
+    layouts = {}
+    for prefix in expert_layer_prefixes(config, with_mtp=True).values():
+        formats = {p: {"bits": policy.bits(expert_tensor_name(prefix, 0, p)), "group": int4.DEFAULT_GROUP}
+                   for p in PROJECTIONS}
+        layouts[prefix] = ExpertLayout.build(config.hidden_size, config.moe_intermediate_size, formats)
+    raw["quantization"] = {"format": "qwen3next", "format_version": FORMAT_VERSION, "bits": bits,
+                           "group_size": int4.DEFAULT_GROUP, **{k: v for k, v in policy.describe().items() if k != "bits"},
+                           "experts": {prefix: layout.spec() for prefix, layout in layouts.items()}}
+    experts = [(packed_expert_name(prefix, e), "U8", (layout.nbytes,), layout.nbytes, _blob(layout))
+               for prefix, layout in layouts.items() for e in range(config.num_experts)]
+    shards, current, size = [], [], 0
+    for item in experts + dense:  # blobs first: each is a multiple of ALIGN, so they all stay aligned
+        if current and size + item[3] > QUANTIZED_SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item[3]
+    shards.append(current)
+    weight_map = {}
+    for i, items in enumerate(shards, start=1):
+        path = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        header, _ = encode_header([(n, d, s, b) for n, d, s, b, _ in items], {"format": "pt"}, align=ALIGN)
+        with open(path, "wb") as f:
+            f.write(header)
+            for name, _, _, nbytes, fill in items:
+                f.write(tensor_bytes(fill()))
+                weight_map[name] = path.name
+        print(f"wrote {path.name} ({sum(b for _, _, _, b, _ in items) / 1e9:.2f} GB)", file=sys.stderr)
+    write_index(folder, weight_map, sum(b for s in shards for _, _, _, b, _ in s))
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+    eos = [raw["eos_token_id"]]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "do_sample": False}))
+    return folder
+
+
+def _kept(name: str, shape: tuple[int, ...]):
+    """Values a working model would hold: norms at their neutral scale, small random routers and convs."""
+    if name.endswith("linear_attn.norm.weight") or name.endswith("dt_bias"):
+        return lambda: torch.ones(shape, dtype=torch.bfloat16)
+    if "norm" in name or name.endswith("A_log"):
+        return lambda: torch.zeros(shape, dtype=torch.bfloat16)
+    std = 2 * shape[-1] ** -0.5 if len(shape) == 2 else 0.5
+    return lambda: (torch.randn(shape) * std).to(torch.bfloat16)
+
+
+def _quantized(name: str, dtype: str, shape: tuple[int, ...], cols: int, bits: int):
+    """Random codes; scales (and minimums) chosen so a matrix keeps its input's scale roughly."""
+    step = 1.0 / (math.sqrt(cols) * (127 if bits == 8 else 7.5))
+    if name.endswith((".q4", ".q8")):
+        return lambda: torch.randint(0, 256, shape, dtype=torch.uint8)
+    if name.endswith(".min"):
+        return lambda: torch.full(shape, -7.5 * step, dtype=torch.float16)
+    return lambda: torch.full(shape, step, dtype=torch.float32 if dtype == "F32" else torch.float16)
+
+
+def _blob(layout: ExpertLayout):
+    """One expert blob: random codes, every projection's scales and minimums as in _quantized."""
+    def fill() -> torch.Tensor:
+        blob = torch.randint(0, 256, (layout.nbytes,), dtype=torch.uint8)
+        for p in layout.projections.values():
+            step = 1.0 / (math.sqrt(p.cols) * (127 if p.bits == 8 else 7.5))
+            specs = array_specs(p.rows, p.cols, p.bits, p.group)
+            for (dtype, _, nbytes), offset, value in zip(specs[1:], p.offsets[1:], (step, -7.5 * step)):
+                kind = torch.float32 if dtype == "F32" else torch.float16
+                blob[offset:offset + nbytes] = torch.full((nbytes // kind.itemsize,), value, dtype=kind).view(torch.uint8)
+        return blob
+    return fill

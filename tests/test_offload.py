@@ -160,3 +160,34 @@ def test_the_kv_cache_never_grows_past_the_reserved_context():
     for _ in range(3):
         cache.append(torch.zeros(1, 2, 100, 8), torch.zeros(1, 2, 100, 8))
     assert cache.length == 300 and cache.keys.shape[2] == 300  # doubling would have allocated 512
+
+
+_PEAK_RSS = """
+import resource, sys
+import qwen3next
+folder, budget = sys.argv[1], int(sys.argv[2])
+engine = qwen3next.load(folder, cpu_mem=budget, max_context=1024, router_stats=False, quiet=True)
+assert not engine.expert_store.cache.complete
+engine.complete(qwen3next.Request(prompt=list(range(100, 140)), max_new_tokens=4, temperature=0))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_peak_rss_stays_within_the_budget_plus_the_runtime_overhead(tmp_path):
+    """A model three times the budget (real widths: 2 MoE layers of 512 experts, 1.8 GB of experts) runs in it."""
+    import subprocess
+    import sys
+
+    from checkpoints import write_quantized_model
+    from qwen3next.offload.budget import RUNTIME_OVERHEAD
+
+    folder = write_quantized_model(tmp_path / "q4", layers=1, vocab_size=32000)
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    budget = 640 * 2**20
+    assert size > 3 * budget
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(folder), str(budget)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    peak = int(done.stdout.split()[-1])
+    assert peak <= budget + RUNTIME_OVERHEAD, f"peak RSS {peak / 2**20:.0f} MiB"

@@ -13,7 +13,7 @@ from qwen3next.errors import Qwen3NextError, RequestError, UsageError
 from qwen3next.request import MAX_NEW_TOKENS, PREFILL_CHUNK, Request, Token
 
 from .options import as_flags, load_engine, load_options
-from .stats import format_stats
+from .stats import format_stats, stats_object
 
 # run's options that are Request fields (the flag is the field name with dashes).
 _REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
@@ -38,8 +38,10 @@ _REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", 
 @click.option("--jsonl", is_flag=True, help='Read one JSON request per stdin line ({"prompt": ..., ...}); '
               "answer each with one JSON line.")
 @click.option("--stats", is_flag=True, help="Print token counts, speeds and peak memory to stderr.")
+@click.option("--stats-json", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Write the same figures as one JSON object to FILE (one line per request with --jsonl).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or notices on stderr.")
-def run(prompt, jsonl, stats, quiet, **options):
+def run(prompt, jsonl, stats, stats_json, quiet, **options):
     """Generate text: the prompt from --prompt or stdin, only the generated text on stdout."""
     if jsonl and prompt is not None:
         raise UsageError("--jsonl reads requests from stdin; it cannot be combined with --prompt")
@@ -47,18 +49,38 @@ def run(prompt, jsonl, stats, quiet, **options):
     request = None
     if not jsonl:
         request = as_flags(lambda: Request(prompt=_read_stdin_prompt() if prompt is None else prompt, **fields))
+    report = _Report(stats, stats_json)
     with load_engine(options, quiet) as engine:
         if jsonl:
-            if _serve_jsonl(engine, fields, sys.stdin, stats):
+            if _serve_jsonl(engine, fields, sys.stdin, report):
                 raise click.exceptions.Exit(1)
             return
         for event in as_flags(lambda: engine.stream(request)):
             if isinstance(event, Token):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
-            elif stats:
-                click.echo(format_stats(event, engine), err=True)
+            else:
+                report(event, engine)
         sys.stdout.write("\n")
+
+
+class _Report:
+    """--stats (a line on stderr) and --stats-json (a JSON object per request, appended to a file)."""
+
+    def __init__(self, text: bool, path: str | None):
+        self.text, self.path = text, path
+        if path is not None:
+            try:
+                open(path, "w").close()
+            except OSError as exc:
+                raise UsageError(f"--stats-json {path}: cannot write it ({exc.strerror})") from None
+
+    def __call__(self, result, engine: Engine, prefix: str = "") -> None:
+        if self.text:
+            click.echo(prefix + format_stats(result, engine), err=True)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(stats_object(result, engine)) + "\n")
 
 
 def _read_stdin_prompt() -> str:
@@ -74,7 +96,7 @@ def _read_stdin_prompt() -> str:
     return text
 
 
-def _serve_jsonl(engine: Engine, defaults: dict, lines: TextIO, stats: bool) -> int:
+def _serve_jsonl(engine: Engine, defaults: dict, lines: TextIO, report: "_Report") -> int:
     """Answer each request line with one JSON line (the Result); a bad line gets {"error": ...,
     "field": ..., "line": ...}. The flags given on the command line are the defaults of every line.
     Returns the failure count."""
@@ -85,8 +107,7 @@ def _serve_jsonl(engine: Engine, defaults: dict, lines: TextIO, stats: bool) -> 
         try:
             result = engine.complete(Request.from_dict(_decode_line(line, number), defaults))
             answer = {k: v for k, v in result.as_dict().items() if k != "timings"}  # timings: --stats, on stderr
-            if stats:
-                click.echo(f"line {number}: " + format_stats(result, engine), err=True)
+            report(result, engine, prefix=f"line {number}: ")
         except Qwen3NextError as exc:
             failures += 1
             answer = {"error": str(exc), "line": number}

@@ -34,3 +34,11 @@ def format_stats(result: Result, engine: Engine) -> str:
                  f"precision {e['prefetch_precision']:.1%}, recall {e['prefetch_recall']:.1%} | I/O stall "
                  f"{e['stall_seconds']:.2f} s")
     return line
+
+
+def stats_object(result: Result, engine: Engine) -> dict:
+    """--stats-json: the request's result less its text, with the compute path, peak memory and the memory plan."""
+    out = {k: v for k, v in result.as_dict().items() if k not in ("text", "tokens")}
+    out.update(compute=engine.compute, device=engine.device.type, peak_memory_bytes=peak_memory_bytes(engine.device),
+               memory_plan=None if engine.plan is None else engine.plan.summary())
+    return out

@@ -191,3 +191,19 @@ def test_peak_rss_stays_within_the_budget_plus_the_runtime_overhead(tmp_path):
     assert done.returncode == 0, done.stderr
     peak = int(done.stdout.split()[-1])
     assert peak <= budget + RUNTIME_OVERHEAD, f"peak RSS {peak / 2**20:.0f} MiB"
+
+
+def test_stats_json_reports_the_cache_of_a_budgeted_run(quantized, tmp_path, capsys):
+    import json
+
+    from qwen3next.cli.main import main
+
+    path = tmp_path / "stats.json"
+    budget = str(slot_budget(quantized, 8))
+    assert main(["run", "-m", str(quantized), "-p", "Hello there", "-n", "4", "-t", "0", "-q", "--no-router-stats",
+                 "--cpu-mem", budget, "--stats", "--stats-json", str(path)]) == 0
+    figures = json.loads(path.read_text())
+    assert figures["usage"]["completion_tokens"] == 4 and figures["memory_plan"].startswith("memory plan:")
+    assert figures["experts"]["misses"] > 0 and figures["experts"]["disk_bytes_per_token"] > 0
+    assert "RAM hit rate" in capsys.readouterr().err
+    assert main(["run", "-m", str(quantized), "-p", "x", "--stats-json", str(tmp_path / "no" / "x.json")]) == 2

@@ -58,26 +58,28 @@ def disk_read_speed(folder: Path, samples: int = 256) -> float:
     return sum(r[2] for r in ranges) / seconds / 1e9
 
 
-def decode(folder: Path, cpu_mem: str, tokens: int, policy: str) -> dict:
+def decode(folder: Path, cpu_mem: str, tokens: int, policy: str, prefetch: bool) -> dict:
     import qwen3next
 
     for shard in folder.glob("*.safetensors"):
         drop_cached_pages(shard)
     started = time.perf_counter()
     engine = qwen3next.load(folder, cpu_mem=cpu_mem, max_context=4096, expert_policy=policy, router_stats=False,
-                            quiet=True)
+                            quiet=True, prefetch=prefetch)
     load_seconds = time.perf_counter() - started
     engine.eos_ids = []
     prompt = list(range(1000, 1016))
     result = engine.complete(qwen3next.Request(prompt=prompt, max_new_tokens=tokens, temperature=0))
     e = result.experts or {}
     decode_seconds = result.timings.decode_seconds
-    return {"plan": engine.plan.summary(), "load_seconds": load_seconds,
+    plan = engine.plan.summary()
+    engine.close()
+    return {"plan": plan, "load_seconds": load_seconds,
             "prefill_seconds": result.timings.prefill_seconds, "decode_tok_s": result.timings.decode_tokens_per_second,
             "hit_rate": e.get("hit_rate"), "disk_bytes_per_token": e.get("disk_bytes_per_token"),
             "disk_gb_s": e.get("disk_bytes", 0) / max(decode_seconds + result.timings.prefill_seconds, 1e-9) / 1e9,
             "stall_seconds": e.get("stall_seconds"),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gib (the process's, so of every run so far)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def main() -> None:
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--cpu-mem", default="12G")
     parser.add_argument("--tokens", type=int, default=16, help="tokens to decode")
     parser.add_argument("--policy", default="stats", choices=("lru", "lfu", "stats"))
+    parser.add_argument("--prefetch", choices=("on", "off", "both"), default="on",
+                        help="with both, one decode with prefetch and one without, alternating")
     parser.add_argument("--delete", action="store_true", help="delete the checkpoint afterwards")
     args = parser.parse_args()
     folder = args.workdir / f"q{args.bits}-{args.layers}layers"
@@ -99,10 +103,11 @@ def main() -> None:
         print(f"written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     try:
         size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-        ceiling = disk_read_speed(folder)
-        figures = decode(folder, args.cpu_mem, args.tokens, args.policy)
-        print(json.dumps({"checkpoint_gb": size / 1e9, "disk_read_gb_s": ceiling, **figures,
-                          "fraction_of_io_ceiling": figures["disk_gb_s"] / ceiling}, indent=2))
+        for prefetch in {"on": [True], "off": [False], "both": [True, False]}[args.prefetch]:
+            ceiling = disk_read_speed(folder)
+            figures = decode(folder, args.cpu_mem, args.tokens, args.policy, prefetch)
+            print(json.dumps({"checkpoint_gb": size / 1e9, "prefetch": prefetch, "disk_read_gb_s": ceiling, **figures,
+                              "fraction_of_io_ceiling": figures["disk_gb_s"] / ceiling}, indent=2))
     finally:
         if args.delete:
             shutil.rmtree(folder)

@@ -15,10 +15,12 @@ reads still work and the page cache is left to the OS (said once).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
+import queue
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -29,27 +31,54 @@ READ_THREADS = 8  # reads in flight: 4-8 saturate the SSDs measured here
 _F_NOCACHE = 48  # macOS fcntl command; Python's fcntl module does not name it on every version
 
 
+DEMAND, PREFETCH = 0, 1  # read priorities: what a step waits for goes before what it may want next
+
+
 class BlobReader:
     """Reads byte ranges of checkpoint files into CPU tensors, synchronously or in the background.
 
-    `drop_pages` (default on) removes each range from the page cache after it is read, so the
-    memory budget means what it says and repeated runs measure the disk.
+    Background reads are served by priority (DEMAND before PREFETCH, then in order of submission), so a
+    step's own misses never queue behind speculative reads. `drop_pages` (default on) removes each
+    range from the page cache after it is read, so the memory budget means what it says and repeated
+    runs measure the disk.
     """
 
     def __init__(self, threads: int = READ_THREADS, drop_pages: bool = True):
         self.drop_pages = drop_pages
         self._files: dict[Path, int] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qwen3next-read")
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._workers = [threading.Thread(target=self._work, name="qwen3next-read", daemon=True)
+                         for _ in range(threads)]
+        for worker in self._workers:
+            worker.start()
         self.bytes_read = 0
         self._can_fadvise = hasattr(os, "posix_fadvise")
         if drop_pages and not self._can_fadvise and sys.platform != "darwin":
             print("qwen3next: this system cannot drop read pages from its page cache; expert reads may be "
                   "cached by the OS beyond the memory budget", file=sys.stderr)
 
-    def submit(self, path: Path, offset: int, length: int, target: torch.Tensor, what: str) -> Future:
+    def submit(self, path: Path, offset: int, length: int, target: torch.Tensor, what: str,
+               priority: int = DEMAND) -> Future:
         """Start reading `length` bytes of `path` at `offset` into the uint8 CPU tensor `target`."""
-        return self._pool.submit(self.read, path, offset, length, target, what)
+        future: Future = Future()
+        self._queue.put((priority, next(self._order), future, (path, offset, length, target, what)))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            _, _, future, job = self._queue.get()
+            if future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                self.read(*job)
+            except BaseException as exc:  # handed to whoever waits for the read
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
 
     def read(self, path: Path, offset: int, length: int, target: torch.Tensor, what: str) -> None:
         """Read now (on the calling thread). A short read or an I/O error is a CheckpointError naming the file."""
@@ -77,6 +106,8 @@ class BlobReader:
             fd = self._files.get(path)
             if fd is None:
                 fd = self._files[path] = os.open(path, os.O_RDONLY)
+                if self._can_fadvise and self.drop_pages:  # no readahead: it would cache neighbouring experts
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                 if not self._can_fadvise and self.drop_pages and sys.platform == "darwin":
                     import fcntl
 
@@ -84,7 +115,10 @@ class BlobReader:
             return fd
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        for _ in self._workers:
+            self._queue.put((PREFETCH + 1, next(self._order), None, None))
+        for worker in self._workers:
+            worker.join()
         with self._lock:
             for fd in self._files.values():
                 os.close(fd)
@@ -100,6 +134,7 @@ def drop_cached_pages(path: str | os.PathLike) -> bool:
         return False
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)  # pages still dirty from writing the file would stay cached
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

@@ -29,7 +29,7 @@ import torch
 
 from qwen3next.quant.layout import ExpertLayout
 
-from .disk import BlobReader
+from .disk import DEMAND, PREFETCH, BlobReader
 
 POLICIES = ("lru", "lfu", "stats")
 _STATS_WEIGHT = 8.0  # how many uses an expert's long-run share (1.0 = the layer's busiest) is worth
@@ -158,6 +158,7 @@ class ExpertCache:
                 hits_misses[1] += 1
                 if slot >= 0:
                     self.counters.late += 1
+                    self._hurry(slot, layer, e)
                 else:
                     missing.append(e)
             if slot >= 0:
@@ -188,7 +189,7 @@ class ExpertCache:
             return
         victims = self._victims(layer, len(wanted), strict=False)
         for e, slot in zip(wanted, victims):
-            self._start_read(slot, layer, e)
+            self._start_read(slot, layer, e, PREFETCH)
             self.prefetched_slots.add(slot)
             self.counters.prefetched += 1
 
@@ -257,7 +258,7 @@ class ExpertCache:
     def _partition_of(self, slot: int) -> int | None:
         return None if self.partition is None else int(self.partition[slot])
 
-    def _start_read(self, slot: int, layer: int, expert: int) -> None:
+    def _start_read(self, slot: int, layer: int, expert: int, priority: int = DEMAND) -> None:
         previous = self.owner[slot]
         if previous is not None:
             old_layer, old_expert = previous
@@ -275,7 +276,14 @@ class ExpertCache:
         path, offset, length = self.sources[layer].ranges[expert]
         self.counters.disk_bytes += length
         self.pending[slot] = self.reader.submit(path, offset, length, self.arena[slot],
-                                                f"expert {expert} of layer {layer}")
+                                                f"expert {expert} of layer {layer}", priority)
+
+    def _hurry(self, slot: int, layer: int, expert: int) -> None:
+        """A prefetch the step now waits for: if it has not started, read it again at demand priority."""
+        if self.pending[slot].cancel():
+            path, offset, length = self.sources[layer].ranges[expert]
+            self.pending[slot] = self.reader.submit(path, offset, length, self.arena[slot],
+                                                    f"expert {expert} of layer {layer}", DEMAND)
 
     def _finish(self, slot: int) -> None:
         """Wait for a slot's read; only then does its expert appear in the address table."""

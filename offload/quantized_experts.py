@@ -86,6 +86,9 @@ class CachedQuantizedExperts:
         if guess is not None:
             self.cache.prefetch(*guess)
 
+    def close(self) -> None:
+        self.cache.close()
+
     def address_table(self, layer: int) -> None:
         return None  # the one-call bf16 MoE kernel does not read quantized blobs
 

@@ -14,7 +14,8 @@ from qwen3next.engine import Engine, load
 from qwen3next.errors import RequestError, UsageError
 from qwen3next.offload.expert_cache import POLICIES
 
-LOAD_KEYWORDS = ("model_path", "dtype", "device", "cpu_mem", "gpu_mem", "max_context", "expert_policy", "router_stats")
+LOAD_KEYWORDS = ("model_path", "dtype", "device", "cpu_mem", "gpu_mem", "max_context", "expert_policy", "router_stats",
+                 "prefetch")
 
 
 def load_options(default_dtype: str) -> Callable:
@@ -33,6 +34,8 @@ def load_options(default_dtype: str) -> Callable:
                           "at most 32768 or the model's context]."),
         click.option("--expert-policy", type=click.Choice(POLICIES), default="stats", show_default=True,
                      help="Which cached expert to evict first."),
+        click.option("--prefetch/--no-prefetch", default=False, show_default=True,
+                     help="Read the next layer's likely experts ahead when experts come from disk."),
         click.option("--no-router-stats", "router_stats", flag_value=False, default=True,
                      help="Do not read or update the per-model router statistics (~/.cache/qwen3next)."),
     ]

@@ -43,7 +43,7 @@ class Placement:
     gpu_mem: int | str | None = None
     max_context: int | None = None
     expert_policy: str = "stats"
-    prefetch: bool = True
+    prefetch: bool = False  # measured so far, it reads more than it saves (docs/offload.md)
 
     def __post_init__(self) -> None:
         for name in ("cpu_mem", "gpu_mem"):

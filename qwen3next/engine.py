@@ -212,7 +212,7 @@ def load(
     max_context: int | None = None,
     expert_policy: str = "stats",
     router_stats: bool = True,
-    prefetch: bool = True,
+    prefetch: bool = False,
 ) -> Engine:
     """Load a Qwen3-Next model folder (or a hub id already in the local Hugging Face cache).
 
@@ -223,7 +223,8 @@ def load(
     are cached in RAM and read from the checkpoint as needed (offload/placement.py). max_context:
     tokens the budget reserves KV cache for. expert_policy: the cache's eviction policy (lru, lfu,
     stats). router_stats: count routing into the per-model statistics cache (used for prefetch).
-    prefetch: read the next layer's likely experts ahead when experts come from disk.
+    prefetch: read the next layer's likely experts ahead when experts come from disk (off by default:
+    as measured so far it costs more reads than it saves; docs/offload.md).
     """
     placement = Placement(cpu_mem=cpu_mem, gpu_mem=gpu_mem, max_context=max_context, expert_policy=expert_policy,
                           prefetch=prefetch)

@@ -50,8 +50,9 @@ def slot_budget(folder, slots: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy, slots", [("lru", 4), ("lfu", 24), ("stats", 4)])  # 4: one token's experts only
-def test_output_is_identical_under_every_budget_and_policy(quantized, policy, slots):
+@pytest.mark.parametrize("policy, slots, prefetch", [("lru", 4, False), ("lfu", 24, True), ("stats", 4, True)])
+def test_output_is_identical_under_every_budget_and_policy(quantized, policy, slots, prefetch):
+    """4 slots: one token's experts only, fewer than a prefill chunk needs of a layer."""
     import torch
 
     import qwen3next
@@ -60,7 +61,8 @@ def test_output_is_identical_under_every_budget_and_policy(quantized, policy, sl
     assert resident.plan.fully_resident and resident.expert_store.cache.complete
     budget = slot_budget(quantized, slots)
     cached = qwen3next.load(quantized, cpu_mem=budget, max_context=resident.plan.max_context, expert_policy=policy,
-                            router_stats=False)
+                            router_stats=False, prefetch=prefetch)
+    assert (cached.expert_store.prefetcher is not None) == prefetch
     assert cached.expert_store.cache.slot_count == slots and not cached.expert_store.cache.complete
     ids = list(range(3, 140))
     assert torch.equal(cached.logits(ids), resident.logits(ids))

@@ -53,7 +53,6 @@ class BlobReader:
                          for _ in range(threads)]
         for worker in self._workers:
             worker.start()
-        self.bytes_read = 0
         self._can_fadvise = hasattr(os, "posix_fadvise")
         if drop_pages and not self._can_fadvise and sys.platform != "darwin":
             print("qwen3next: this system cannot drop read pages from its page cache; expert reads may be "
@@ -98,8 +97,6 @@ class BlobReader:
                 os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
-        with self._lock:
-            self.bytes_read += length
 
     def _open(self, path: Path) -> int:
         with self._lock:

@@ -1,7 +1,7 @@
 """Where routed experts live: fixed-size RAM slots filled from the checkpoint, under an eviction policy.
 
 Placement only: the cache hands the MoE block an address table in which the experts it asked for
-are resident (`acquire`), and the compute (offload/quantized_compute.py) runs exactly the kernels the
+are resident (`acquire`), and the compute (offload/quantized_experts.py) runs exactly the kernels the
 fully resident case runs, in the router's order, so where an expert came from cannot change a bit
 of the result. Reads run in the background (offload/disk.py); `prefetch` starts them ahead of need
 (the prefetcher decides what), `acquire` waits only for what is still missing.
@@ -9,8 +9,8 @@ of the result. Reads run in the background (offload/disk.py); `prefetch` starts 
 Slots are one contiguous arena of equal-sized blobs (an expert blob is one contiguous tensor in the
 quantized format). Every step needs one token's top-k experts at once, so the arena never has fewer
 slots than that: those are the read buffers, and a budget that holds no more still runs, reading
-every expert from disk. Eviction is global across layers by default, or per layer (the slots split
-evenly); the policy scores slots (lowest score goes first):
+every expert from disk. Eviction is global across layers (a layer with more distinct experts in
+use keeps more of them); the policy scores slots (lowest score goes first):
   lru    least recently used
   lfu    fewest uses (ties: least recent)
   stats  fewest uses plus the expert's long-run share from the router statistics, so a cold start
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -56,7 +56,6 @@ class CacheCounters:
     stall_seconds: float = 0.0  # time acquire() waited for reads
     evictions: int = 0
     disk_bytes: int = 0  # read from the checkpoint
-    by_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [hits, misses]
 
     @property
     def hit_rate(self) -> float:
@@ -71,10 +70,16 @@ class CacheCounters:
         """Of the experts not left resident by earlier steps, the share prefetch delivered in time."""
         return self.prefetch_hits / (self.prefetch_hits + self.misses) if self.prefetch_hits + self.misses else 0.0
 
+    def figures(self, tokens: int) -> dict[str, float]:
+        """What --stats and --stats-json report for a request that generated `tokens`."""
+        return {"hit_rate": self.hit_rate, "hits": self.hits, "misses": self.misses, "late_prefetches": self.late,
+                "evictions": self.evictions, "disk_bytes": self.disk_bytes,
+                "disk_bytes_per_token": self.disk_bytes / max(tokens, 1), "prefetch_precision": self.prefetch_precision,
+                "prefetch_recall": self.prefetch_recall, "stall_seconds": self.stall_seconds}
+
     def minus(self, earlier: "CacheCounters") -> "CacheCounters":
         """The counts since `earlier` (a copy taken then): what one request did."""
-        names = [f.name for f in fields(self) if f.name != "by_layer"]
-        return CacheCounters(**{name: getattr(self, name) - getattr(earlier, name) for name in names})
+        return CacheCounters(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
 
 
 class ExpertCache:
@@ -82,17 +87,13 @@ class ExpertCache:
     address (0 when absent): the kernels index it by expert id."""
 
     def __init__(self, sources: dict[int, LayerSource], slots: int, min_slots: int, reader: BlobReader,
-                 policy: str = "stats", scope: str = "global", priors: dict[int, torch.Tensor] | None = None):
+                 policy: str = "stats", priors: dict[int, torch.Tensor] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"eviction policy {policy!r} is not one of {', '.join(POLICIES)}")
-        if scope not in ("global", "layer"):
-            raise ValueError(f"eviction scope {scope!r} is not global or layer")
         self.sources, self.reader, self.policy = sources, reader, policy
         self.layers = list(sources)
         self.experts = len(next(iter(sources.values())).ranges)
-        total = self.experts * len(sources)
-        per_layer_minimum = min_slots * (len(sources) if scope == "layer" else 1)
-        self.slot_count = min(total, max(slots, per_layer_minimum))
+        self.slot_count = min(self.experts * len(sources), max(slots, min_slots))
         self.slot_bytes = max(s.layout.nbytes for s in sources.values())
         self.arena = torch.empty(self.slot_count, self.slot_bytes, dtype=torch.uint8)
         self._base = self.arena.data_ptr()
@@ -107,12 +108,6 @@ class ExpertCache:
         self.uses = torch.zeros(self.slot_count, dtype=torch.float64)
         self.prior = torch.zeros(self.slot_count, dtype=torch.float64)  # the stats policy's share of the owner
         self.priors = priors or {}
-        self.partition = None
-        if scope == "layer":
-            index = {layer: i for i, layer in enumerate(self.layers)}
-            self.partition = torch.tensor([index[self.layers[s * len(self.layers) // self.slot_count]]
-                                           for s in range(self.slot_count)])
-            self._layer_index = index
         self.clock = 0.0
         self.counters = CacheCounters()
         self.complete = False  # every expert resident: acquire() has nothing to do
@@ -125,14 +120,11 @@ class ExpertCache:
         complete and later steps read nothing."""
         queues = {layer: [e for e in (order or {}).get(layer, range(self.experts)) if self.slot_of[layer][e] < 0]
                   for layer in self.layers}
-        free: dict[int | None, list[int]] = {}
-        for slot in self.vacant.nonzero().flatten().tolist()[::-1]:  # reversed: pop() hands out low slots first
-            free.setdefault(self._partition_of(slot), []).append(slot)
-        while any(queues[layer] and free.get(self._partition_key(layer)) for layer in self.layers):
+        free = self.vacant.nonzero().flatten().tolist()[::-1]  # reversed: pop() hands out low slots first
+        while free and any(queues.values()):
             for layer in self.layers:
-                slots = free.get(self._partition_key(layer))
-                if queues[layer] and slots:
-                    self._start_read(slots.pop(), layer, queues[layer].pop(0))
+                if queues[layer] and free:
+                    self._start_read(free.pop(), layer, queues[layer].pop(0))
         if wait:
             for slot in list(self.pending):
                 self._finish(slot)
@@ -145,17 +137,14 @@ class ExpertCache:
             self.counters.hits += len(experts)
             return
         self.clock += 1
-        hits_misses = self.counters.by_layer.setdefault(layer, [0, 0])
         missing = []
         for e in experts:
             slot = self.slot_of[layer][e]
             if slot >= 0 and slot not in self.pending:
                 self.counters.hits += 1
-                hits_misses[0] += 1
                 self.counters.prefetch_hits += slot in self.prefetched_slots
             else:
                 self.counters.misses += 1
-                hits_misses[1] += 1
                 if slot >= 0:
                     self.counters.late += 1
                     self._hurry(slot, layer, e)
@@ -197,12 +186,6 @@ class ExpertCache:
         """The resident blob of an acquired expert (a view into the arena)."""
         return self.arena[self.slot_of[layer][expert], : self.sources[layer].layout.nbytes]
 
-    def resident_share(self) -> float:
-        return int((~self.vacant).sum()) / (self.experts * len(self.layers))
-
-    def nbytes(self) -> int:
-        return self.arena.nbytes
-
     def close(self) -> None:
         for slot in list(self.pending):
             self.pending.pop(slot).cancel()
@@ -229,11 +212,11 @@ class ExpertCache:
     def _victims(self, layer: int, n: int, strict: bool = True) -> list[int]:
         """n slots to (re)use for `layer`: free ones first, then the policy's lowest scores among slots that
         are neither pinned nor being read. strict: the caller needs all n (acquire); else as many as there are."""
-        candidates = self._evictable(layer)
+        candidates = self._evictable()
         if len(candidates) < n and strict and self.pending:
             for slot in list(self.pending):  # prefetches hold the slots the step needs: let them land first
                 self._finish(slot)
-            candidates = self._evictable(layer)
+            candidates = self._evictable()
         if len(candidates) < n and strict:
             raise RuntimeError(f"expert cache: {n} slots needed for layer {layer}, {len(candidates)} evictable")
         vacant = self.vacant[candidates]
@@ -244,19 +227,11 @@ class ExpertCache:
             free += occupied[torch.argsort(score, stable=True)[: n - len(free)]].tolist()
         return free
 
-    def _evictable(self, layer: int) -> torch.Tensor:
+    def _evictable(self) -> torch.Tensor:
         evictable = ~self.pinned
         if self.pending:
             evictable[list(self.pending)] = False
-        if self.partition is not None:
-            evictable &= self.partition == self._layer_index[layer]
         return evictable.nonzero().flatten()
-
-    def _partition_key(self, layer: int) -> int | None:
-        return None if self.partition is None else self._layer_index[layer]
-
-    def _partition_of(self, slot: int) -> int | None:
-        return None if self.partition is None else int(self.partition[slot])
 
     def _start_read(self, slot: int, layer: int, expert: int, priority: int = DEMAND) -> None:
         previous = self.owner[slot]

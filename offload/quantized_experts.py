@@ -13,8 +13,6 @@ While a decode step's layer computes, the prefetcher's guesses for the next laye
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 import torch.nn.functional as F
 
@@ -92,11 +90,6 @@ class CachedQuantizedExperts:
     def address_table(self, layer: int) -> None:
         return None  # the one-call bf16 MoE kernel does not read quantized blobs
 
-    def parameters(self) -> Iterable[torch.Tensor]:
-        return iter([self.cache.arena])
-
-    def nbytes(self) -> int:
-        return self.cache.nbytes()
 
 
 def stored_arrays(blob: torch.Tensor, p: ProjectionLayout) -> list[torch.Tensor]:

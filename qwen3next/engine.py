@@ -22,7 +22,6 @@ from .loader import load_model
 from .model_path import DEMO_NOTICE, resolve_model_path
 from .moe import set_routing_observer
 from .offload.budget import ExpertPlan
-from .offload.expert_cache import CacheCounters
 from .offload.placement import Placement, resolve_device
 from .offload.router_stats import RouterStatistics
 from .request import PREFILL_CHUNK, Request, Result, Token, Usage
@@ -31,14 +30,6 @@ from .tokenizer import Tokenizer
 
 
 ROUTER_STATS_SAVE_SECONDS = 300.0
-
-
-def expert_figures(counts: CacheCounters, tokens: int) -> dict[str, float]:
-    """What --stats reports of the expert cache for one request."""
-    return {"hit_rate": counts.hit_rate, "hits": counts.hits, "misses": counts.misses,
-            "disk_bytes": counts.disk_bytes, "disk_bytes_per_token": counts.disk_bytes / max(tokens, 1),
-            "prefetch_precision": counts.prefetch_precision, "prefetch_recall": counts.prefetch_recall,
-            "stall_seconds": counts.stall_seconds}
 
 
 class Engine:
@@ -68,9 +59,7 @@ class Engine:
     @property
     def context_length(self) -> int:
         """The model's context, or less when the memory plan reserved less."""
-        if self.plan is not None:
-            return min(self.plan.max_context, self.config.max_position_embeddings)
-        return self.config.max_position_embeddings
+        return self.config.max_position_embeddings if self.plan is None else self.plan.max_context
 
     def prompt_ids(self, request: Request) -> list[int]:
         """The request's prompt as token ids: text through the tokenizer (or, with chat/system, through
@@ -150,7 +139,7 @@ class Engine:
         result.text = "".join(texts)
         result.usage.completion_tokens = len(result.tokens)
         if before is not None:
-            result.experts = expert_figures(cache.counters.minus(before), len(result.tokens))
+            result.experts = cache.counters.minus(before).figures(len(result.tokens))
         if self.router_stats is not None:
             self.router_stats.maybe_save(ROUTER_STATS_SAVE_SECONDS)  # a long-lived process saves now and then
         yield result

@@ -17,7 +17,6 @@ from typing import Any, Callable, Mapping
 from .errors import RequestError
 from .sampling import SAMPLING_FIELDS, SamplingParams
 
-FINISH_REASONS = ("stop", "length")  # "stop": an eos id or a stop string; "length": max_new_tokens or the context
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 PREFILL_CHUNK = 512  # prompt tokens per prefill step: bounds peak memory on long prompts
 MAX_NEW_TOKENS = 256
@@ -229,7 +228,7 @@ class Result:
 
     text: str = ""
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str = "length"
+    finish_reason: str = "length"  # "stop": an eos id or a stop string; "length": max_new_tokens or the context
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
     experts: dict[str, float] | None = None  # the expert cache's counts for this call, when experts come from disk

@@ -28,7 +28,7 @@ def layer_summaries(stats: RouterStatistics) -> list[dict]:
         rows.append({
             "layer": f"mtp{layer - stats.main_layers}" if layer >= stats.main_layers else str(layer),
             "tokens": int(tokens[layer]),
-            "experts_for_90_percent": int((share.sort(descending=True).values.cumsum(0) < 0.9).sum()) + 1,
+            "experts_for_90_percent": int((top.values.cumsum(0) < 0.9).sum()) + 1,
             "busiest_to_mean": float(share.max() * stats.experts),
             "reuse_next_token": int(reuse[layer].sum()) / pairs if pairs else None,
             "top_experts": {int(e): float(p) for p, e in zip(top.values[:_TOP], top.indices[:_TOP]) if p > 0},

@@ -32,7 +32,8 @@ import torch
 from qwen3next.checkpoint_names import checkpoint_identity
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.errors import ConfigError
-from qwen3next.weights import CheckpointReader, encode_header, tensor_bytes
+from qwen3next.model_path import user_cache
+from qwen3next.weights import CheckpointReader, write_safetensors
 
 try:
     import fcntl
@@ -50,8 +51,7 @@ _NAMES = ("counts", "coactivation", "reuse", "tokens", "transitions")
 
 def cache_folder() -> Path:
     """Where the statistics files live: $QWEN3NEXT_CACHE/router-stats, else ~/.cache/qwen3next/router-stats."""
-    root = os.environ.get("QWEN3NEXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen3next")
-    return Path(root) / "router-stats"
+    return user_cache() / "router-stats"
 
 
 def model_identity(folder: str | os.PathLike) -> str:
@@ -411,15 +411,14 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """A safetensors file written to a temporary name in the same folder, fsynced, renamed over `path`:
     readers see the old file or the new one, never half of one."""
-    header, _ = encode_header(((name, "I64", t.shape, t.nbytes) for name, t in tensors.items()), metadata)
     temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(temp, "wb") as f:
-            f.write(header)
-            for tensor in tensors.values():
-                f.write(tensor_bytes(tensor.contiguous()))
-            f.flush()
-            os.fsync(f.fileno())
+        write_safetensors(temp, {name: t.contiguous() for name, t in tensors.items()}, metadata)
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .model_path import user_cache
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "decode_kernels.c", CSRC / "quant_kernels.c", CSRC / "build_info.c")  # all include common.h
 NO_KERNELS = "QWEN3NEXT_NO_KERNELS"
@@ -69,8 +71,7 @@ class KernelStatus:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("QWEN3NEXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen3next")
-    return Path(root) / "kernels"
+    return user_cache() / "kernels"
 
 
 def _cpu_signature() -> str:

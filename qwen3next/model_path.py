@@ -50,3 +50,9 @@ def _cached_snapshot(repo_id: str) -> Path | None:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError, OSError):
         return None
+
+
+def user_cache() -> Path:
+    """qwen3next's own cache folder (compiled kernels, router statistics): $QWEN3NEXT_CACHE, else
+    ~/.cache/qwen3next."""
+    return Path(os.environ.get("QWEN3NEXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen3next"))

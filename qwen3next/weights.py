@@ -333,7 +333,7 @@ def _shards(tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -
         yield shard
 
 
-def _write_shard(path: Path, shard: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+def write_safetensors(path: Path, shard: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """One safetensors file; wider dtypes first, as safetensors orders them, so every tensor is aligned."""
     order = sorted(shard, key=lambda name: (-shard[name].element_size(), name))
     for name in order:
@@ -371,7 +371,7 @@ def write_checkpoint(
         for shard in _shards(tensors, max_shard_bytes):
             temp = folder / f".shard-{len(temps) + 1:05d}.{os.getpid()}.tmp"
             temps.append(temp)
-            _write_shard(temp, shard, header_meta)
+            write_safetensors(temp, shard, header_meta)
             shard_names.append(sorted(shard))
             total += sum(t.nbytes for t in shard.values())
             shard.clear()  # release this shard's tensors before the next shard is gathered

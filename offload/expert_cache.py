@@ -6,8 +6,9 @@ fully resident case runs, in the router's order, so where an expert came from ca
 of the result. Reads run in the background (offload/disk.py); `prefetch` starts them ahead of need
 (the prefetcher decides what), `acquire` waits only for what is still missing.
 
-Slots are one contiguous arena of equal-sized blobs (an expert blob is one contiguous tensor in the
-quantized format). Every step needs one token's top-k experts at once, so the arena never has fewer
+Slots are one contiguous arena of equal-sized buffers, one expert each: a quantized folder's expert
+is one contiguous blob (one read), a bf16 folder's is its gate, up and down matrices (three reads,
+laid end to end in the slot). Every step needs one token's top-k experts at once, so the arena never has fewer
 slots than that: those are the read buffers, and a budget that holds no more still runs, reading
 every expert from disk. Eviction is global across layers (a layer with more distinct experts in
 use keeps more of them); the policy scores slots (lowest score goes first):
@@ -27,20 +28,31 @@ from typing import Sequence
 
 import torch
 
-from qwen3next.quant.layout import ExpertLayout
-
 from .disk import DEMAND, PREFETCH, BlobReader
 
 POLICIES = ("lru", "lfu", "stats")
 _STATS_WEIGHT = 8.0  # how many uses an expert's long-run share (1.0 = the layer's busiest) is worth
 
 
+Range = tuple[Path, int, int]  # (file, offset, length)
+
+
 @dataclass(frozen=True)
 class LayerSource:
-    """Where one layer's expert blobs are on disk: the layout and (file, offset, length) per expert."""
+    """Where one layer's experts are on disk: per expert, the ranges its slot holds end to end (one blob for
+    a quantized folder; gate, up and down for bf16). Every expert of a layer has the same piece lengths."""
 
-    layout: ExpertLayout
-    ranges: tuple[tuple[Path, int, int], ...]
+    pieces: tuple[tuple[Range, ...], ...]
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Where each piece starts inside a slot."""
+        lengths = [length for _, _, length in self.pieces[0]]
+        return tuple(sum(lengths[:i]) for i in range(len(lengths)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, _, length in self.pieces[0])
 
 
 @dataclass
@@ -83,8 +95,8 @@ class CacheCounters:
 
 
 class ExpertCache:
-    """Routed experts in RAM slots. `tables[layer]` [experts] int64 holds each resident expert's blob
-    address (0 when absent): the kernels index it by expert id."""
+    """Routed experts in RAM slots. `tables[layer]` [experts, pieces] int64 holds each resident expert's
+    piece addresses (0 when absent): the kernels index it by expert id."""
 
     def __init__(self, sources: dict[int, LayerSource], slots: int, min_slots: int, reader: BlobReader,
                  policy: str = "stats", priors: dict[int, torch.Tensor] | None = None):
@@ -92,16 +104,18 @@ class ExpertCache:
             raise ValueError(f"eviction policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.sources, self.reader, self.policy = sources, reader, policy
         self.layers = list(sources)
-        self.experts = len(next(iter(sources.values())).ranges)
+        self.experts = len(next(iter(sources.values())).pieces)
         self.slot_count = min(self.experts * len(sources), max(slots, min_slots))
-        self.slot_bytes = max(s.layout.nbytes for s in sources.values())
+        self.slot_bytes = max(s.nbytes for s in sources.values())
         self.arena = torch.empty(self.slot_count, self.slot_bytes, dtype=torch.uint8)
         self._base = self.arena.data_ptr()
-        self.tables = {layer: torch.zeros(self.experts, dtype=torch.int64) for layer in self.layers}
+        self._offsets = {layer: torch.tensor(s.offsets, dtype=torch.int64) for layer, s in sources.items()}
+        self.tables = {layer: torch.zeros(self.experts, len(s.offsets), dtype=torch.int64)
+                       for layer, s in sources.items()}
         self.slot_of = {layer: [-1] * self.experts for layer in self.layers}
         self.owner: list[tuple[int, int] | None] = [None] * self.slot_count
         self.vacant = torch.ones(self.slot_count, dtype=torch.bool)
-        self.pending: dict[int, Future] = {}  # slot -> its read in flight
+        self.pending: dict[int, list[Future]] = {}  # slot -> its reads in flight (one per piece)
         self.prefetched_slots: set[int] = set()
         self.pinned = torch.zeros(self.slot_count, dtype=torch.bool)
         self.last_used = torch.zeros(self.slot_count, dtype=torch.float64)
@@ -183,12 +197,13 @@ class ExpertCache:
             self.counters.prefetched += 1
 
     def view(self, layer: int, expert: int) -> torch.Tensor:
-        """The resident blob of an acquired expert (a view into the arena)."""
-        return self.arena[self.slot_of[layer][expert], : self.sources[layer].layout.nbytes]
+        """The resident bytes of an acquired expert (a view into the arena)."""
+        return self.arena[self.slot_of[layer][expert], : self.sources[layer].nbytes]
 
     def close(self) -> None:
         for slot in list(self.pending):
-            self.pending.pop(slot).cancel()
+            for read in self.pending.pop(slot):
+                read.cancel()
         self.reader.close()
 
     # -- internals -------------------------------------------------------------------------------
@@ -248,23 +263,29 @@ class ExpertCache:
         self.last_used[slot] = self.clock
         prior = self.priors.get(layer)
         self.prior[slot] = float(prior[expert]) if prior is not None else 0.0
-        path, offset, length = self.sources[layer].ranges[expert]
-        self.counters.disk_bytes += length
-        self.pending[slot] = self.reader.submit(path, offset, length, self.arena[slot],
-                                                f"expert {expert} of layer {layer}", priority)
+        self.counters.disk_bytes += self.sources[layer].nbytes
+        self.pending[slot] = [self._submit(slot, layer, expert, piece, priority)
+                              for piece in range(len(self.sources[layer].offsets))]
+
+    def _submit(self, slot: int, layer: int, expert: int, piece: int, priority: int) -> Future:
+        path, offset, length = self.sources[layer].pieces[expert][piece]
+        start = self.sources[layer].offsets[piece]
+        return self.reader.submit(path, offset, length, self.arena[slot, start:start + length],
+                                  f"expert {expert} of layer {layer}", priority)
 
     def _hurry(self, slot: int, layer: int, expert: int) -> None:
-        """A prefetch the step now waits for: if it has not started, read it again at demand priority."""
-        if self.pending[slot].cancel():
-            path, offset, length = self.sources[layer].ranges[expert]
-            self.pending[slot] = self.reader.submit(path, offset, length, self.arena[slot],
-                                                    f"expert {expert} of layer {layer}", DEMAND)
+        """A prefetch the step now waits for: the reads not yet started go again at demand priority."""
+        reads = self.pending[slot]
+        for piece, read in enumerate(reads):
+            if read.cancel():
+                reads[piece] = self._submit(slot, layer, expert, piece, DEMAND)
 
     def _finish(self, slot: int) -> None:
-        """Wait for a slot's read; only then does its expert appear in the address table."""
-        future = self.pending.pop(slot)
+        """Wait for a slot's reads; only then does its expert appear in the address table."""
+        reads = self.pending.pop(slot)
         try:
-            future.result()
+            for read in reads:
+                read.result()
         except BaseException:
             layer, expert = self.owner[slot]
             self.owner[slot] = None
@@ -272,4 +293,4 @@ class ExpertCache:
             self.slot_of[layer][expert] = -1
             raise
         layer, expert = self.owner[slot]
-        self.tables[layer][expert] = self._base + slot * self.slot_bytes
+        self.tables[layer][expert] = self._base + slot * self.slot_bytes + self._offsets[layer]

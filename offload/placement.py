@@ -3,9 +3,10 @@
 `Placement` is the one options object for where weights go (`load(..., cpu_mem=, gpu_mem=,
 max_context=, expert_policy=)` and the `--cpu-mem`, `--gpu-mem`, `--max-context`, `--expert-policy`
 flags build it). The always-active weights go to the compute device; under a CPU budget the
-routed experts of a quantized folder get the RAM slots the rest of the budget pays for, and the
-checkpoint itself is the disk tier (nothing is copied). When every expert fits, every expert gets a
-slot at load and the cache never reads again: today's fully resident speed.
+routed experts get the RAM slots the rest of the budget pays for, and the checkpoint itself is the
+disk tier (nothing is copied): a quantized folder's expert is one blob, a bf16 folder's three
+matrices. When every expert fits, every expert gets a slot at load (quantized) or the experts load
+as stacked tensors (bf16), and nothing is read again: the fully resident speed.
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen3next.checkpoint_names import packed_expert_name, quantized_names
+from qwen3next.checkpoint_names import PROJECTIONS, expert_tensor_name, packed_expert_name, quantized_names
 from qwen3next.config import FULL_ATTENTION, Qwen3NextConfig
-from qwen3next.errors import RequestError
+from qwen3next.errors import CheckpointError, RequestError
 from qwen3next.quant.checkpoint import stored_bits
-from qwen3next.quant.layout import ExpertLayout
 from qwen3next.weights import CheckpointReader
 
 from .budget import (ExpertPlan, check_cpu_budget, context_for_budget, default_cpu_budget, format_size, parse_size,
                      plan_experts)
+from .bf16_experts import Bf16Compute
+from .cached_experts import CachedExperts, ExpertCompute
 from .disk import BlobReader
 from .expert_cache import POLICIES, ExpertCache, LayerSource
 from .prefetch import Prefetcher
-from .quantized_experts import CachedQuantizedExperts
 from .router_stats import RouterStatistics
 
 DEFAULT_MAX_CONTEXT = 32768  # tokens of KV cache a default budget reserves (less if the model's context is shorter)
@@ -102,18 +103,20 @@ def dense_bytes(reader: CheckpointReader, names: list[str], dtype: torch.dtype) 
     return total
 
 
-def plan_quantized(placement: Placement, reader: CheckpointReader, config: Qwen3NextConfig, dense_names: list[str],
-                   layouts: dict[str, ExpertLayout], dtype: torch.dtype, with_mtp: bool, quiet: bool) -> ExpertPlan:
-    """The CPU split for a quantized folder (checked before any weight is read)."""
-    budget = placement.cpu_mem if placement.cpu_mem is not None else default_cpu_budget()
-    if placement.cpu_mem is not None and not quiet:
-        warning = check_cpu_budget(budget)
-        if warning:
-            print(f"qwen3next: warning: {warning}", file=sys.stderr)
+def plan_memory(placement: Placement, reader: CheckpointReader, config: Qwen3NextConfig, dense_names: list[str],
+                slot_bytes: int, layers: int, dtype: torch.dtype, with_mtp: bool, quiet: bool,
+                budget: int | None = None) -> ExpertPlan:
+    """The CPU split (checked before any weight is read): `slot_bytes` per routed expert as the cache holds
+    it, `layers` MoE layers. `budget` overrides the placement's (or the free memory's) figure."""
+    if budget is None:
+        budget = placement.cpu_mem if placement.cpu_mem is not None else default_cpu_budget()
+        if placement.cpu_mem is not None and not quiet:
+            warning = check_cpu_budget(budget)
+            if warning:
+                print(f"qwen3next: warning: {warning}", file=sys.stderr)
     always = dense_bytes(reader, dense_names, dtype)
     fixed = recurrent_state_bytes(config, dtype)
     per_token = kv_bytes_per_token(config, dtype, with_mtp)
-    slot = max(layout.nbytes for layout in layouts.values())
     top_k = config.num_experts_per_tok
     if placement.max_context is not None:
         if placement.max_context > config.max_position_embeddings:
@@ -121,36 +124,47 @@ def plan_quantized(placement: Placement, reader: CheckpointReader, config: Qwen3
                                f"the model's context (max_position_embeddings) is {config.max_position_embeddings}")
         context = placement.max_context
     else:
-        room = context_for_budget(budget, always, fixed, per_token, slot, top_k, config.max_position_embeddings)
+        room = context_for_budget(budget, always, fixed, per_token, slot_bytes, top_k, config.max_position_embeddings)
         context = max(1, min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT, room))
-    return plan_experts(budget, always, fixed, per_token, context, slot, config.num_experts * len(layouts), top_k)
+    return plan_experts(budget, always, fixed, per_token, context, slot_bytes, config.num_experts * layers, top_k)
 
 
-def check_resident_fits(placement: Placement, reader: CheckpointReader) -> None:
-    """A bf16/fp32 folder loads whole: under a budget it cannot hold, say so and how to get under it."""
-    needed = reader.total_bytes()
-    if placement.cpu_mem is not None and placement.cpu_mem < needed:
-        raise RequestError("cpu_mem", format_size(placement.cpu_mem), (
-            f"this unquantized folder loads whole ({format_size(needed)}); the expert cache runs quantized "
-            "folders: qwen3next quantize SRC OUT --bits 4, then run -m OUT"))
+def quantized_sources(reader: CheckpointReader, prefixes: dict[int, str], experts: int) -> dict[int, LayerSource]:
+    """A quantized folder's experts: one blob each."""
+    return {layer: LayerSource(tuple((reader.byte_range(packed_expert_name(prefix, e)),) for e in range(experts)))
+            for layer, prefix in prefixes.items()}
 
 
-def quantized_expert_cache(plan: ExpertPlan, placement: Placement, reader: CheckpointReader,
-                           prefixes: dict[int, str], layouts: dict[str, ExpertLayout], config: Qwen3NextConfig,
-                           device: torch.device, routers: dict, statistics: RouterStatistics | None = None,
-                           progress=lambda n: None) -> CachedQuantizedExperts:
-    """The expert cache for a quantized folder, filled (all of it when everything fits, else the experts the
-    router statistics say are hottest first), with prefetch when experts come from disk."""
+def unquantized_sources(reader: CheckpointReader, prefixes: dict[int, str], experts: int) -> dict[int, LayerSource]:
+    """A bf16 (or fp32) folder's experts: gate, up and down, three ranges each, laid end to end in a slot."""
+    return {layer: LayerSource(tuple(tuple(reader.byte_range(expert_tensor_name(prefix, e, p)) for p in PROJECTIONS)
+                                     for e in range(experts)))
+            for layer, prefix in prefixes.items()}
+
+
+def unquantized_compute(reader: CheckpointReader, prefixes: dict[int, str], dtype: torch.dtype) -> Bf16Compute:
+    """The compute piece for a bf16/fp32 folder's experts, from their stored dtype and shapes."""
+    names = {layer: [expert_tensor_name(prefix, 0, p) for p in PROJECTIONS] for layer, prefix in prefixes.items()}
+    stored = {reader.dtype(name) for layer_names in names.values() for name in layer_names}
+    if len(stored) != 1:
+        raise CheckpointError(f"{reader.folder}: routed experts are stored in several dtypes "
+                              f"({', '.join(sorted(map(str, stored)))}); the expert cache needs one")
+    shapes = {layer: tuple(reader.shape(layer_names[2]))[::-1] for layer, layer_names in names.items()}  # down: [H, I]
+    return Bf16Compute(shapes, stored.pop(), dtype)
+
+
+def expert_cache_store(plan: ExpertPlan, placement: Placement, sources: dict[int, LayerSource],
+                       compute: ExpertCompute, config: Qwen3NextConfig, device: torch.device, routers: dict,
+                       statistics: RouterStatistics | None = None, progress=lambda n: None) -> CachedExperts:
+    """The expert cache for a folder, filled (all of it when everything fits, else the experts the router
+    statistics say are hottest first), with prefetch when experts come from disk and it is asked for."""
     experts = config.num_experts
-    sources = {layer: LayerSource(layouts[prefix], tuple(reader.byte_range(packed_expert_name(prefix, e))
-                                                         for e in range(experts)))
-               for layer, prefix in prefixes.items()}
     order = priors = None
     if statistics is not None:
         order = {layer: list(dict.fromkeys(statistics.hottest(layer, experts) + list(range(experts))))
-                 for layer in prefixes}
+                 for layer in sources}
         counts = statistics.counts.double()
-        priors = {layer: counts[layer] / counts[layer].max().clamp(min=1) for layer in prefixes}
+        priors = {layer: counts[layer] / counts[layer].max().clamp(min=1) for layer in sources}
     cache = ExpertCache(sources, plan.slots, config.num_experts_per_tok, BlobReader(drop_pages=not plan.fully_resident),
                         policy=placement.expert_policy, priors=priors)
     cache.fill(order=order, progress=progress)
@@ -158,4 +172,11 @@ def quantized_expert_cache(plan: ExpertPlan, placement: Placement, reader: Check
     if placement.prefetch and not cache.complete:
         predictor = statistics.predict_next_layer if statistics is not None else None
         prefetcher = Prefetcher(routers, config.num_experts_per_tok, PREFETCH_EXTRA, statistics=predictor)
-    return CachedQuantizedExperts(cache, device, prefetcher)
+    return CachedExperts(cache, compute, device, prefetcher)
+
+
+def suggest_quantizing(folder, plan: ExpertPlan) -> str:
+    """What `run` says when a bf16 folder's experts come from disk: each miss reads 3.6x a 4-bit blob."""
+    return (f"qwen3next: {plan.experts - plan.slots} of {plan.experts} experts of this unquantized folder are read "
+            f"from disk at {format_size(plan.slot_bytes)} each; 4-bit experts read 3.6x less: "
+            f"qwen3next quantize {folder} OUT --bits 4, then run -m OUT")

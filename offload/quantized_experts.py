@@ -1,14 +1,8 @@
-"""Quantized routed experts computed from an expert cache: the ExpertStore for quantized folders.
+"""How quantized routed experts compute from their blobs (the compute piece of offload/cached_experts.py).
 
-Placement is the cache's (offload/expert_cache.py); this module only computes, and computes the
-same way whatever the placement, so a budget changes speed and never a bit of the output:
-  one token (CPU kernels)   every chosen expert acquired, then one kernel call over the layer's
-                            address table, summing in the router's order (cpu_kernels.experts_quant)
-  a few tokens              the same kernel per token
-  a prefill chunk           each chosen expert once on all its tokens, in ascending expert order
-                            (reads for all of them start first, so computing overlaps reading)
-  other devices, no kernels dequantized matmuls on the same blobs (quant/modules.quantized_matmul)
-While a decode step's layer computes, the prefetcher's guesses for the next layer are being read.
+One token on the CPU: one kernel call over the layer's blob address table, summing in the router's
+order (cpu_kernels.experts_quant). Otherwise each expert runs on its rows through the dequantizing
+matmuls (quant/modules.quantized_matmul), on any device.
 """
 
 from __future__ import annotations
@@ -22,74 +16,24 @@ from qwen3next.quant.layout import ExpertLayout, ProjectionLayout, array_specs
 from qwen3next.quant.modules import quantized_matmul
 from qwen3next.weights import SAFETENSORS_DTYPES
 
-from .expert_cache import ExpertCache
-from .prefetch import Prefetcher
 
+class QuantizedCompute:
+    """ExpertCompute for blobs in the quantized format; `layouts` per store layer."""
 
-class CachedQuantizedExperts:
-    def __init__(self, cache: ExpertCache, device: torch.device, prefetcher: Prefetcher | None = None):
-        self.cache, self.device, self.prefetcher = cache, device, prefetcher
-        self.layouts = {layer: source.layout for layer, source in cache.sources.items()}
-        self._kernel_layouts = {layer: kernel_layout(layout) for layer, layout in self.layouts.items()}
-        self.device_arena = None
-        if cache.complete and device.type != "cpu":
-            self.device_arena = cache.arena.to(device)  # everything resident: one copy on the device
+    def __init__(self, layouts: dict[int, ExpertLayout]):
+        self.layouts = layouts
 
-    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        kernel = self._kernel_layouts[layer]
-        if kernel is not None and self.device.type == "cpu" and cpu_kernels.usable(x) \
-                and x.shape[0] <= cpu_kernels.MAX_ROWS:
-            ids, weights = ids.to(torch.int64).contiguous(), weights.float().contiguous()  # C reads raw memory
-            return torch.stack([self._token(layer, x, ids, weights, n, kernel) for n in range(x.shape[0])])
-        return self._per_expert(layer, x, ids, weights)
+    def token_kernel(self, layer: int):
+        layout = kernel_layout(self.layouts[layer])
+        if layout is None:
+            return None
+        return lambda x, table, ids, weights: cpu_kernels.experts_quant(x, table, layout, ids, weights)
 
-    def _token(self, layer, x, ids, weights, n, kernel) -> torch.Tensor:
-        if self.cache.complete:  # every expert resident: nothing to acquire, nothing to prefetch
-            return cpu_kernels.experts_quant(x[n], self.cache.tables[layer], kernel, ids[n], weights[n])
-        chosen = ids[n].tolist()
-        self.cache.acquire(layer, chosen)
-        try:
-            self._prefetch_after(layer, x[n : n + 1], ids[n : n + 1])
-            return cpu_kernels.experts_quant(x[n], self.cache.tables[layer], kernel, ids[n], weights[n])
-        finally:
-            self.cache.release(layer, chosen)
+    def run_expert(self, layer: int, expert: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return run_expert(expert, self.layouts[layer], x)
 
-    def _per_expert(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each chosen expert once on all the tokens that chose it, in ascending expert order."""
-        out = torch.zeros_like(x)
-        experts = torch.unique(ids).tolist()
-        self.cache.prefetch(layer, experts)
-        layout = self.layouts[layer]
-        for expert in experts:
-            tokens, slots = torch.nonzero(ids == expert, as_tuple=True)
-            self.cache.acquire(layer, [expert])
-            try:
-                y = run_expert(self._blob(layer, expert), layout, x[tokens])
-            finally:
-                self.cache.release(layer, [expert])
-            out.index_add_(0, tokens, (y * weights[tokens, slots, None]).to(x.dtype))
-        return out
-
-    def _blob(self, layer: int, expert: int) -> torch.Tensor:
-        if self.device_arena is not None:
-            slot = self.cache.slot_of[layer][expert]
-            return self.device_arena[slot, : self.layouts[layer].nbytes]
-        blob = self.cache.view(layer, expert)
-        return blob if self.device.type == "cpu" else blob.to(self.device)
-
-    def _prefetch_after(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
-        if self.prefetcher is None or self.cache.complete:
-            return
-        guess = self.prefetcher.candidates(layer, x, ids)
-        if guess is not None:
-            self.cache.prefetch(*guess)
-
-    def close(self) -> None:
-        self.cache.close()
-
-    def address_table(self, layer: int) -> None:
-        return None  # the one-call bf16 MoE kernel does not read quantized blobs
-
+    def fused_table(self, layer: int) -> bool:
+        return False  # the fused MoE kernel reads bf16 matrices
 
 
 def stored_arrays(blob: torch.Tensor, p: ProjectionLayout) -> list[torch.Tensor]:

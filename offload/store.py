@@ -4,8 +4,7 @@ The protocol (qwen3next.moe.ExpertStore) is `run(layer, x, ids, weights)`, calle
 and forward with just the experts the router chose, plus `address_table(layer)`, which lets a
 store whose experts are all resident in bf16 on the CPU hand the whole MoE block of a decode
 step to one kernel (then `run` is not called). This module has the simplest store, everything
-resident on one device; the tiered GPU / RAM / disk cache with router-statistics prefetch
-implements the same calls (returning no address table).
+resident on one device; the expert cache (offload/cached_experts.py) implements the same calls.
 """
 
 from __future__ import annotations
@@ -69,6 +68,14 @@ class ResidentExpertStore:
 
     def address_table(self, layer: int) -> torch.Tensor | None:
         return self._address_tables[layer]
+
+    all_resident = True  # acquire and release have nothing to do
+
+    def acquire(self, layer: int, ids: torch.Tensor, x: torch.Tensor) -> None:
+        pass
+
+    def release(self, layer: int, ids: torch.Tensor) -> None:
+        pass
 
     def parameters(self) -> Iterable[torch.Tensor]:
         for experts in self.layers.values():

@@ -202,6 +202,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q3n_swiglu_experts_bf16.restype = None
     lib.q3n_moe_block_bf16.argtypes = [p, p, ctypes.POINTER(MoeWeights), i64, p, p, p, c_int]
     lib.q3n_moe_block_bf16.restype = None
+    lib.q3n_moe_route_bf16.argtypes = [p, ctypes.POINTER(MoeWeights), i64, p, p, p, p, c_int]
+    lib.q3n_moe_route_bf16.restype = None
+    lib.q3n_moe_experts_bf16.argtypes = [p, p, ctypes.POINTER(MoeWeights), i64, p, p, ctypes.c_float, c_int]
+    lib.q3n_moe_experts_bf16.restype = None
     lib.q3n_linear_q8.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int]
     lib.q3n_linear_q8.restype = None
     lib.q3n_linear_q4.argtypes = [p, p, p, i64, p, p, i64, i64, i64, c_int, c_int]
@@ -349,6 +353,28 @@ def moe_block_bf16(x: torch.Tensor, weights: MoeWeights):
     _lib.q3n_moe_block_bf16(x.data_ptr(), out.data_ptr(), ctypes.byref(weights), x.shape[-1], ids.data_ptr(),
                             routing.data_ptr(), logits.data_ptr(), torch.get_num_threads())
     return out, ids, routing, logits
+
+
+def moe_route_bf16(x: torch.Tensor, weights: MoeWeights):
+    """moe_block_bf16's first half: (ids [1, k] int64, routing weights [1, k] fp32, router logits [1, experts]
+    fp32, the shared expert's gate logit). Then make the chosen experts' table entries valid and call
+    moe_experts_bf16: the two give the fused block's bits."""
+    x = x.contiguous()
+    ids, routing, logits = _routing_buffers(weights)
+    gate_logit = ctypes.c_float()
+    _lib.q3n_moe_route_bf16(x.data_ptr(), ctypes.byref(weights), x.shape[-1], ids.data_ptr(), routing.data_ptr(),
+                            logits.data_ptr(), ctypes.byref(gate_logit), torch.get_num_threads())
+    return ids, routing, logits, gate_logit.value
+
+
+def moe_experts_bf16(x: torch.Tensor, weights: MoeWeights, ids: torch.Tensor, routing: torch.Tensor,
+                     gate_logit: float) -> torch.Tensor:
+    """moe_block_bf16's second half: the block output [1, hidden] for the experts moe_route_bf16 chose."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _lib.q3n_moe_experts_bf16(x.data_ptr(), out.data_ptr(), ctypes.byref(weights), x.shape[-1], ids.data_ptr(),
+                              routing.data_ptr(), gate_logit, torch.get_num_threads())
+    return out
 
 
 class Projection(ctypes.Structure):

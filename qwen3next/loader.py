@@ -7,6 +7,7 @@ from the shards (pread, no memory map) onto the target device -> routed experts 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -14,7 +15,9 @@ from torch import nn
 from tqdm import tqdm
 
 from qwen3next.offload.budget import ExpertPlan
-from qwen3next.offload.placement import Placement, check_resident_fits, plan_quantized, quantized_expert_cache
+from qwen3next.offload.placement import (Placement, expert_cache_store, plan_memory, quantized_sources,
+                                         suggest_quantizing, unquantized_compute, unquantized_sources)
+from qwen3next.offload.quantized_experts import QuantizedCompute
 from qwen3next.offload.router_stats import RouterStatistics
 from qwen3next.offload.store import ResidentExpertStore
 from qwen3next.quant import checkpoint as quantized
@@ -59,11 +62,12 @@ def load_model(
     quiet: bool = True,
 ) -> tuple[Qwen3NextForCausalLM, ExpertStore, ExpertPlan | None]:
     """Load weights (and config.json, unless given) from a Hugging Face-layout folder; returns
-    (model, store, plan): plan is the memory split of a quantized folder, None for bf16 folders.
+    (model, store, plan): plan is the memory split (None for a bf16 folder loaded whole with no budget).
 
     A folder written by `qwen3next quantize` loads the same way: its quantized matrices become
     QuantizedLinear / QuantizedEmbedding modules and its expert blobs go into an expert cache sized
-    by `placement` (offload/placement.py), filled hottest first by the router `statistics`.
+    by `placement` (offload/placement.py), filled hottest first by the router `statistics`. A bf16
+    folder's experts load whole when they fit, else into the same cache (three matrices per slot).
     """
     placement = placement or Placement()
     dtype = resolve_dtype(dtype)
@@ -84,11 +88,17 @@ def load_model(
             return reader.read(name).to(device=device, dtype=dtype)
 
         dense_names = list(model.state_dict())
-        plan = None
         if layouts is not None:
-            plan = plan_quantized(placement, reader, config, dense_names, layouts, dtype, with_mtp, quiet)
-        elif placement.limited:
-            check_resident_fits(placement, reader)
+            sources = quantized_sources(reader, prefixes, config.num_experts)
+            compute = QuantizedCompute({layer: layouts[prefix] for layer, prefix in prefixes.items()})
+        else:
+            sources = unquantized_sources(reader, prefixes, config.num_experts)
+            compute = unquantized_compute(reader, prefixes, dtype)
+        slot_bytes = max(source.nbytes for source in sources.values())
+        plan = plan_memory(placement, reader, config, dense_names, slot_bytes, len(prefixes), dtype, with_mtp, quiet)
+        stacked = layouts is None and plan.fully_resident  # bf16 experts that all fit load as stacked tensors
+        if stacked and not placement.limited:
+            plan = None  # no budget asked for and everything fits: the whole model's context, unplanned
         total = len(dense_names) + len(prefixes) * config.num_experts
         with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False, delay=1.0) as bar:
             for name in dense_names:
@@ -99,13 +109,15 @@ def load_model(
                     arrays = [reader.read(n).to(device=device) for n in quantized_names(name, bits)]
                     _swap_in_quantized(model, name, bits, arrays, dtype)
                 bar.update(1)
-            if layouts is None:
+            if stacked:
                 store = ResidentExpertStore.from_tensors(prefixes, config.num_experts, read, bar.update)
             else:
+                if layouts is None and not quiet:
+                    print(suggest_quantizing(folder, plan), file=sys.stderr)
                 routers = {layer: model.model.layers[layer].mlp.gate for layer in prefixes
                            if layer < config.num_hidden_layers}
-                store = quantized_expert_cache(plan, placement, reader, prefixes, layouts, config, device, routers,
-                                               statistics, bar.update)
+                store = expert_cache_store(plan, placement, sources, compute, config, device, routers, statistics,
+                                           bar.update)
     model.set_expert_store(store)
     return model.eval(), store, plan
 

@@ -25,7 +25,8 @@ class ExpertStore(Protocol):
     A store decides how to compute what the router chose: a resident store runs fused kernels,
     an offloading one fetches or prefetches weights first. A store that returns an address table
     takes the fast path for one-token bf16 CPU steps and is not called through `run` for them
-    (the router's choices are still in SparseMoE.last_routing).
+    (the router's choices are still in SparseMoE.last_routing); it is asked to acquire() the chosen
+    experts first unless all_resident.
     """
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -33,11 +34,25 @@ class ExpertStore(Protocol):
         ...
 
     def address_table(self, layer: int) -> torch.Tensor | None:
-        """[experts, 3] addresses of every expert's gate/up/down bf16 CPU weights, when all are resident.
+        """[experts, 3] addresses of every expert's gate/up/down bf16 CPU weights (valid for all experts when
+        all_resident, else for those acquire() made resident).
 
-        With it the whole MoE block of a decode step runs as one CPU kernel call; None means
-        "route, then call run()" (experts not all resident, or not bf16 on the CPU).
+        With it the MoE block of a decode step runs as CPU kernel calls (one when all_resident, else
+        routing and experts around acquire/release); None means "route, then call run()" (not bf16 on the CPU).
         """
+        ...
+
+    @property
+    def all_resident(self) -> bool:
+        """Every routed expert is in memory for good: acquire/release have nothing to do."""
+        ...
+
+    def acquire(self, layer: int, ids: torch.Tensor, x: torch.Tensor) -> None:
+        """Make the experts one token chose (ids [1, k]) resident until release(); x [1, hidden] is the
+        token's MoE input, for a prefetcher looking ahead."""
+        ...
+
+    def release(self, layer: int, ids: torch.Tensor) -> None:
         ...
 
 
@@ -163,8 +178,18 @@ class SparseMoE(nn.Module):
         return out.view(shape)
 
     def _fused_decode(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """One token through router, routed experts and shared expert in one CPU kernel call."""
-        out, ids, weights, logits = cpu_kernels.moe_block_bf16(x, self._cached_kernel_weights(table))
+        """One token through router, routed experts and shared expert in one CPU kernel call; with experts
+        not all resident, the same kernel's two halves around acquiring the chosen experts (same bits)."""
+        kernel_weights = self._cached_kernel_weights(table)
+        if self.store.all_resident:
+            out, ids, weights, logits = cpu_kernels.moe_block_bf16(x, kernel_weights)
+        else:
+            ids, weights, logits, gate_logit = cpu_kernels.moe_route_bf16(x, kernel_weights)
+            self.store.acquire(self.layer, ids, x)
+            try:
+                out = cpu_kernels.moe_experts_bf16(x, kernel_weights, ids, weights, gate_logit)
+            finally:
+                self.store.release(self.layer, ids)
         self.last_routing = Routing(ids, weights, logits)
         return out
 

@@ -95,6 +95,21 @@ def test_swiglu_experts_sum_the_chosen_experts():
         assert_bf16_close(cpu_kernels.swiglu_experts_bf16(x, table, ids, weights, I), expected)
 
 
+def test_the_moe_blocks_two_halves_give_the_fused_kernels_bits(models):
+    """An expert cache routes, acquires, then computes (moe_route_bf16, moe_experts_bf16): the fused block's bits."""
+    model = qwen3next.load(models("small"), dtype="bfloat16").model
+    block = model.model.layers[1].mlp
+    weights = block.kernel_weights(block.store.address_table(block.layer))
+    for seed in range(3):
+        x = bf16(1, model.config.hidden_size, seed=20 + seed)
+        with torch.inference_mode():
+            out, ids, routing, logits = cpu_kernels.moe_block_bf16(x, weights)
+            ids2, routing2, logits2, gate_logit = cpu_kernels.moe_route_bf16(x, weights)
+            out2 = cpu_kernels.moe_experts_bf16(x, weights, ids2, routing2, gate_logit)
+        assert torch.equal(ids, ids2) and torch.equal(routing, routing2) and torch.equal(logits, logits2)
+        assert torch.equal(out, out2)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_rms_norm(offset):
     x, w = bf16(5, 64, seed=6), bf16(64, seed=7, scale=0.1)

@@ -81,11 +81,55 @@ def test_a_budget_too_small_is_one_error_naming_the_bytes(quantized):
         qwen3next.load(quantized, cpu_mem="1G", max_context=100000, router_stats=False)
 
 
-def test_an_unquantized_folder_under_a_small_budget_points_to_quantize(models):
+@pytest.fixture(scope="module")
+def stored_bf16(tmp_path_factory):
+    """The small fixture model's layout stored in bf16, as hub folders are (the fused kernel's case)."""
+    import torch
+    from checkpoints import write_model
+
+    return write_model(tmp_path_factory.mktemp("offload") / "bf16", size="small", seed=1, dtype=torch.bfloat16,
+                       max_shard_bytes=2_000_000)
+
+
+@pytest.mark.parametrize("stored, dtype, policy, slots", [("bf16", "bfloat16", "lru", 4), ("bf16", "bfloat16", "stats", 24),
+                                                         ("fp32", "float32", "lfu", 4), ("fp32", "bfloat16", "lru", 6)])
+def test_an_unquantized_folder_runs_under_a_budget_with_identical_output(models, stored_bf16, monkeypatch, stored,
+                                                                         dtype, policy, slots):
+    """Experts read as three matrices into slots; decode, prefill chunks and logits match the stacked experts."""
+    import torch
+
+    import qwen3next
+    from qwen3next import cpu_kernels
+    from qwen3next.offload.store import ResidentExpertStore
+
+    folder = stored_bf16 if stored == "bf16" else models("small")
+    resident = qwen3next.load(folder, dtype=dtype, cpu_mem="1G", router_stats=False)
+    assert resident.plan.fully_resident and isinstance(resident.expert_store, ResidentExpertStore)
+    plan = resident.plan
+    cached = qwen3next.load(folder, dtype=dtype, cpu_mem=plan.always_active + plan.context_state + slots * plan.slot_bytes,
+                            max_context=plan.max_context, expert_policy=policy, router_stats=False)
+    cache = cached.expert_store.cache
+    assert cache.slot_count == slots and not cache.complete and cached.plan.slot_bytes == plan.slot_bytes
+    split_calls = []
+    experts_bf16 = cpu_kernels.moe_experts_bf16
+    monkeypatch.setattr(cpu_kernels, "moe_experts_bf16", lambda *a: split_calls.append(1) or experts_bf16(*a))
+    ids = list(range(3, 120))
+    assert torch.equal(cached.logits(ids), resident.logits(ids))
+    request = qwen3next.Request(prompt="Hello there", max_new_tokens=10, temperature=0, prefill_chunk=5)
+    assert cached.complete(request).tokens == resident.complete(request).tokens
+    assert cache.counters.misses > 0 and cache.counters.disk_bytes % plan.slot_bytes == 0
+    fused = stored == "bf16" and dtype == "bfloat16" and cpu_kernels.library() is not None
+    assert bool(split_calls) == fused  # bf16 decode steps ran the fused kernel's two halves around acquire
+
+
+def test_an_unquantized_folder_read_from_disk_suggests_quantizing(models, capsys):
     import qwen3next
 
-    with pytest.raises(RequestError, match="qwen3next quantize"):
-        qwen3next.load(models("small"), cpu_mem="1M", router_stats=False)
+    resident = qwen3next.load(models("small"), cpu_mem="1G", router_stats=False, quiet=True)
+    plan = resident.plan
+    qwen3next.load(models("small"), cpu_mem=plan.always_active + plan.context_state + 8 * plan.slot_bytes,
+                   max_context=plan.max_context, router_stats=False, quiet=False, progress=False)
+    assert "qwen3next quantize" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -206,51 +206,114 @@ typedef struct {
 } q3n_moe_weights;
 Q3N_EXPORT_SIZEOF(q3n_moe_weights)
 
+/* A sparse MoE block for one token runs in three phases, each called from every thread of a parallel
+ * region: the router's logits (and the shared expert's gate logit), the choice of experts (one thread),
+ * and the experts themselves. The fused block runs all three in one region; an expert cache that must
+ * make the chosen experts resident between choosing and computing runs them as two calls
+ * (q3n_moe_route_bf16, then q3n_moe_experts_bf16) through the same phase code, so both give the same bits. */
+typedef struct {
+    q3n_expert *experts; /* the chosen ones, then the shared one */
+    float *xf, *scratch, *routed, *d;
+    q3n_expert_work work;
+} q3n_moe_scratch;
+
+static q3n_moe_scratch moe_scratch(const q3n_moe_weights *m, const uint16_t *x, int64_t hidden) {
+    const int64_t top_k = m->top_k, rows = top_k * m->inter + m->shared_inter;
+    q3n_moe_scratch s;
+    s.experts = malloc(sizeof(q3n_expert) * (size_t)(top_k + 1));
+    s.experts[top_k] = (q3n_expert){m->shared_gate, m->shared_up, m->shared_down, m->shared_inter};
+    s.xf = widen(x, hidden);
+    s.scratch = malloc(sizeof(float) * (size_t)(2 * rows + 2 * hidden));
+    s.routed = s.scratch + 2 * rows;
+    s.d = s.routed + hidden;
+    s.work = (q3n_expert_work){s.experts, top_k + 1, hidden, s.xf, s.scratch, s.scratch + rows};
+    return s;
+}
+
+static void moe_scratch_free(q3n_moe_scratch *s) {
+    free(s->scratch);
+    free(s->xf);
+    free(s->experts);
+}
+
+/* Phase one: logits[e] = router_e . x, and the shared expert's gate logit, rounded to bf16 as the reference. */
+static void moe_router_phase(const q3n_moe_weights *m, const float *xf, int64_t hidden, float *logits,
+                             float *gate_logit) {
+    int64_t begin, end;
+    thread_share(m->experts + 1, &begin, &end); /* the router's rows, then the shared expert's gate */
+    for (int64_t e = begin; e < end; e++) {
+        if (e < m->experts) logits[e] = round_bf16(dot_row_bf16(m->router + e * hidden, xf, hidden));
+        else *gate_logit = round_bf16(dot_row_bf16(m->shared_expert_gate, xf, hidden));
+    }
+}
+
+/* Phase two (one thread): the chosen experts' matrices from the address table. */
+static void moe_choose(const q3n_moe_weights *m, const int64_t *ids, q3n_expert *experts) {
+    for (int64_t i = 0; i < m->top_k; i++) {
+        const int64_t *e = m->table + 3 * ids[i];
+        experts[i] = (q3n_expert){(const uint16_t *)(intptr_t)e[0], (const uint16_t *)(intptr_t)e[1],
+                                  (const uint16_t *)(intptr_t)e[2], m->inter};
+    }
+}
+
+/* Phase three: the routed sum in the router's order plus the gated shared expert. */
+static void moe_experts_phase(const q3n_moe_weights *m, const q3n_moe_scratch *s, const float *weights,
+                              float gate_logit, uint16_t *out) {
+    const int64_t hidden = s->work.hidden;
+    int64_t begin, end;
+    experts_gate_up(&s->work);
+#pragma omp barrier
+    thread_share(hidden, &begin, &end);
+    for (int64_t r = begin; r < end; r++) s->routed[r] = 0.0f;
+    for (int64_t i = 0; i < m->top_k; i++) {
+        expert_down(&s->work, i, begin, end, s->d);
+        for (int64_t r = begin; r < end; r++) s->routed[r] += weights[i] * s->d[r];
+    }
+    expert_down(&s->work, m->top_k, begin, end, s->d);
+    const float scale = round_bf16(1.0f / (1.0f + expf(-gate_logit)));
+    for (int64_t r = begin; r < end; r++)
+        out[r] = f32_to_bf16(round_bf16(s->routed[r]) + round_bf16(scale * round_bf16(s->d[r])));
+}
+
 /* A whole sparse MoE block for one token: router, top-k routed SwiGLU experts and the shared expert
  * scaled by sigmoid(shared_expert_gate x). Writes the block output and, for router statistics, the
  * chosen ids, their weights and the router logits. */
 void q3n_moe_block_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights *m, int64_t hidden, int64_t *ids,
                         float *weights, float *logits, int threads) {
-    const int64_t top_k = m->top_k, rows = top_k * m->inter + m->shared_inter;
-    q3n_expert *experts = malloc(sizeof(q3n_expert) * (size_t)(top_k + 1)); /* the chosen ones, then the shared one */
-    experts[top_k] = (q3n_expert){m->shared_gate, m->shared_up, m->shared_down, m->shared_inter};
-    float *xf = widen(x, hidden), *scratch = malloc(sizeof(float) * (size_t)(2 * rows + 2 * hidden));
-    const q3n_expert_work work = {experts, top_k + 1, hidden, xf, scratch, scratch + rows};
-    float *routed = scratch + 2 * rows, *d = routed + hidden, gate_logit = 0.0f;
+    q3n_moe_scratch s = moe_scratch(m, x, hidden);
+    float gate_logit = 0.0f;
 #pragma omp parallel num_threads(threads)
     {
-        int64_t begin, end;
-        thread_share(m->experts + 1, &begin, &end); /* the router's rows, then the shared expert's gate */
-        for (int64_t e = begin; e < end; e++) {
-            if (e < m->experts) logits[e] = round_bf16(dot_row_bf16(m->router + e * hidden, xf, hidden));
-            else gate_logit = round_bf16(dot_row_bf16(m->shared_expert_gate, xf, hidden));
-        }
+        moe_router_phase(m, s.xf, hidden, logits, &gate_logit);
 #pragma omp barrier
 #pragma omp single
         {
-            route_top_k(logits, m->experts, top_k, (int)m->norm_topk, ids, weights);
-            for (int64_t i = 0; i < top_k; i++) {
-                const int64_t *e = m->table + 3 * ids[i];
-                experts[i] = (q3n_expert){(const uint16_t *)(intptr_t)e[0], (const uint16_t *)(intptr_t)e[1],
-                                          (const uint16_t *)(intptr_t)e[2], m->inter};
-            }
+            route_top_k(logits, m->experts, m->top_k, (int)m->norm_topk, ids, weights);
+            moe_choose(m, ids, s.experts);
         } /* implicit barrier: every thread sees the chosen experts */
-        experts_gate_up(&work);
-#pragma omp barrier
-        thread_share(hidden, &begin, &end);
-        for (int64_t r = begin; r < end; r++) routed[r] = 0.0f;
-        for (int64_t i = 0; i < top_k; i++) { /* the routed sum in expert order, as before */
-            expert_down(&work, i, begin, end, d);
-            for (int64_t r = begin; r < end; r++) routed[r] += weights[i] * d[r];
-        }
-        expert_down(&work, top_k, begin, end, d);
-        const float scale = round_bf16(1.0f / (1.0f + expf(-gate_logit)));
-        for (int64_t r = begin; r < end; r++)
-            out[r] = f32_to_bf16(round_bf16(routed[r]) + round_bf16(scale * round_bf16(d[r])));
+        moe_experts_phase(m, &s, weights, gate_logit, out);
     }
-    free(scratch);
+    moe_scratch_free(&s);
+}
+
+/* The block's first half: the router's choice (ids, weights, logits) and the shared expert's gate logit. */
+void q3n_moe_route_bf16(const uint16_t *x, const q3n_moe_weights *m, int64_t hidden, int64_t *ids, float *weights,
+                        float *logits, float *gate_logit, int threads) {
+    float *xf = widen(x, hidden);
+#pragma omp parallel num_threads(threads)
+    moe_router_phase(m, xf, hidden, logits, gate_logit);
+    route_top_k(logits, m->experts, m->top_k, (int)m->norm_topk, ids, weights);
     free(xf);
-    free(experts);
+}
+
+/* The block's second half, once the chosen experts' table entries are valid. */
+void q3n_moe_experts_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights *m, int64_t hidden,
+                          const int64_t *ids, const float *weights, float gate_logit, int threads) {
+    q3n_moe_scratch s = moe_scratch(m, x, hidden);
+    moe_choose(m, ids, s.experts);
+#pragma omp parallel num_threads(threads)
+    moe_experts_phase(m, &s, weights, gate_logit, out);
+    moe_scratch_free(&s);
 }
 
 /* out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * (offset + w): offset 1 for the zero-centered norms. */

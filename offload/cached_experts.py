@@ -1,0 +1,123 @@
+"""Routed experts computed from an expert cache: the ExpertStore for every folder run under a budget.
+
+Placement is the cache's (offload/expert_cache.py); the arithmetic is a per-format compute piece
+(offload/quantized_experts.py for quantized blobs, offload/bf16_experts.py for bf16 matrices). This
+module only sequences the two, the same way whatever the placement, so a budget changes speed and
+never a bit of the output:
+  one token (CPU kernels)   the chosen experts acquired, then the format's one-token kernel over the
+                            layer's address table, summing in the router's order
+  bf16 one-token steps      SparseMoE routes and computes in two kernel calls around acquire() and
+                            release() (moe.SparseMoE._fused_decode): the fused kernel's bits
+  a prefill chunk           reads for every chosen expert start first, then each expert runs once on
+                            all its tokens in ascending expert order, summed as moe.StackedExperts sums
+While a decode step's layer computes, the prefetcher's guesses for the next layer are being read.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from qwen3next import cpu_kernels
+
+from .expert_cache import ExpertCache
+from .prefetch import Prefetcher
+
+TokenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ExpertCompute(Protocol):
+    """How one format's experts run from the bytes a cache slot holds."""
+
+    def token_kernel(self, layer: int) -> TokenKernel | None:
+        """(x [hidden], table, ids [k] int64, weights [k] fp32) -> [hidden] on the CPU, or None."""
+        ...
+
+    def run_expert(self, layer: int, expert: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate x) * up x) for rows x, from one expert's slot bytes (on x's device)."""
+        ...
+
+    def fused_table(self, layer: int) -> bool:
+        """Whether the layer's address table is the bf16 [experts, 3] table the fused MoE kernel reads."""
+        ...
+
+
+class CachedExperts:
+    def __init__(self, cache: ExpertCache, compute: ExpertCompute, device: torch.device,
+                 prefetcher: Prefetcher | None = None):
+        self.cache, self.compute, self.device, self.prefetcher = cache, compute, device, prefetcher
+        self._kernels = {layer: compute.token_kernel(layer) for layer in cache.layers}
+        self.device_arena = None
+        if cache.complete and device.type != "cpu":
+            self.device_arena = cache.arena.to(device)  # everything resident: one copy on the device
+
+    @property
+    def all_resident(self) -> bool:
+        return self.cache.complete
+
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernels[layer]
+        if kernel is not None and self.device.type == "cpu" and cpu_kernels.usable(x) \
+                and x.shape[0] <= cpu_kernels.MAX_ROWS:
+            ids, weights = ids.to(torch.int64).contiguous(), weights.float().contiguous()  # C reads raw memory
+            return torch.stack([self._token(layer, x[n : n + 1], ids[n : n + 1], weights[n], kernel)
+                                for n in range(x.shape[0])])
+        return self._per_expert(layer, x, ids, weights)
+
+    def acquire(self, layer: int, ids: torch.Tensor, x: torch.Tensor) -> None:
+        """Make the experts one token chose (ids [1, k]) resident and pinned, then let the prefetcher look
+        ahead from x [1, hidden] while the layer computes."""
+        if not self.cache.complete:
+            self.cache.acquire(layer, ids.flatten().tolist())
+            self._prefetch_after(layer, x, ids)
+
+    def release(self, layer: int, ids: torch.Tensor) -> None:
+        self.cache.release(layer, ids.flatten().tolist())
+
+    def address_table(self, layer: int) -> torch.Tensor | None:
+        """The bf16 [experts, 3] table (valid for acquired experts) for the fused kernel, else None."""
+        return self.cache.tables[layer] if self.compute.fused_table(layer) else None
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def _token(self, layer, x, ids, weights, kernel) -> torch.Tensor:
+        self.acquire(layer, ids, x)
+        try:
+            return kernel(x[0], self.cache.tables[layer], ids[0], weights)
+        finally:
+            self.release(layer, ids)
+
+    def _per_expert(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each chosen expert once on all the tokens that chose it, in ascending expert order; the weighted
+        results added in one index_add_ in the same (expert, token) order as moe.StackedExperts."""
+        top_k = ids.shape[-1]
+        order = torch.argsort(ids.flatten(), stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(ids.flatten(), minlength=self.cache.experts).tolist()
+        tokens = order // top_k
+        chosen = [e for e, n in enumerate(counts) if n]
+        self.cache.prefetch(layer, chosen)
+        results = []
+        for expert, part in zip(chosen, x[tokens].split([counts[e] for e in chosen])):
+            self.cache.acquire(layer, [expert])
+            try:
+                results.append(self.compute.run_expert(layer, self._slot_bytes(layer, expert), part))
+            finally:
+                self.cache.release(layer, [expert])
+        weighted = torch.cat(results) * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, tokens, weighted.to(x.dtype))
+
+    def _slot_bytes(self, layer: int, expert: int) -> torch.Tensor:
+        if self.device_arena is not None:
+            slot = self.cache.slot_of[layer][expert]
+            return self.device_arena[slot, : self.cache.sources[layer].nbytes]
+        view = self.cache.view(layer, expert)
+        return view if self.device.type == "cpu" else view.to(self.device)
+
+    def _prefetch_after(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+        if self.prefetcher is None or self.cache.complete:
+            return
+        guess = self.prefetcher.candidates(layer, x, ids)
+        if guess is not None:
+            self.cache.prefetch(*guess)

@@ -4,8 +4,9 @@
 
 Matrix-vector products over weights that do not fit in cache (each call reads a different
 matrix, as decode does) for bf16, int8 and int4 weights (ours, and torch's own weight-only int8 and
-int4 CPU kernels on their own layouts), the one-call MoE decode block, and one
-Gated DeltaNet layer over a 256-token prompt.
+int4 CPU kernels on their own layouts), a few rows through an expert's 4-bit matrices (our kernels
+MAX_ROWS rows per call against dequantizing the matrix: where quant/modules.KERNEL_ROWS comes from),
+the one-call MoE decode block, and one Gated DeltaNet layer over a 256-token prompt.
 """
 
 from __future__ import annotations
@@ -135,6 +136,29 @@ def deltanet_table() -> None:
         print(f"{f'hidden {hidden}, 32 value heads of {dim}':<30} {figures[0]:>16.1f} {figures[1]:>14.1f}")
 
 
+def expert_rows_table() -> None:
+    """One expert's gate and down 4-bit matrices ([512, 2048], [2048, 512]) for a prefill chunk's rows."""
+    from qwen3next.quant.modules import dequantize, linear
+
+    gate, down = int4.quantize(torch.randn(512, 2048), 64), int4.quantize(torch.randn(2048, 512), 64)
+    print(f"{'rows':<8}{'kernels (ms)':>14}{'dequantized (ms)':>18}")
+    for rows in (8, 20, 40, 80, 128, 200, 400):
+        x, h = torch.randn(rows, 2048, dtype=torch.bfloat16), torch.randn(rows, 512, dtype=torch.bfloat16)
+        step = cpu_kernels.MAX_ROWS
+
+        def kernels():
+            for i in range(0, rows, step):
+                cpu_kernels.linear_q4(x[i : i + step], *gate)
+                cpu_kernels.linear_q4(h[i : i + step], *down)
+
+        def dequantized():
+            linear(x, dequantize(4, gate, x.dtype))
+            linear(h, dequantize(4, down, h.dtype))
+
+        ours, theirs = seconds_per_call(kernels, 20), seconds_per_call(dequantized, 20)
+        print(f"{rows:<8}{ours * 1e3:>14.2f}{theirs * 1e3:>18.2f}")
+
+
 def main() -> None:
     torch.set_num_threads(2)
     if cpu_kernels.library() is None:
@@ -142,6 +166,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with torch.inference_mode():
         gemv_table()
+        expert_rows_table()
         moe_block_table()
         deltanet_table()
 

@@ -10,7 +10,7 @@ import click
 
 from qwen3next.engine import Engine
 from qwen3next.errors import Qwen3NextError, RequestError, UsageError
-from qwen3next.request import MAX_NEW_TOKENS, PREFILL_CHUNK, Request, Token
+from qwen3next.request import MAX_NEW_TOKENS, OFFLOAD_PREFILL_CHUNK, PREFILL_CHUNK, Request, Token
 
 from .options import as_flags, load_engine, load_options
 from .stats import format_stats, stats_object
@@ -33,8 +33,9 @@ _REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", 
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True))
 @click.option("--seed", type=int, help="Make sampling reproducible.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=PREFILL_CHUNK, show_default=True,
-              help="Prompt tokens per prefill step (bounds peak memory on long prompts).")
+@click.option("--prefill-chunk", type=click.IntRange(min=1),
+              help=f"Prompt tokens per prefill step (bounds peak memory on long prompts) [default: {PREFILL_CHUNK}; "
+              f"{OFFLOAD_PREFILL_CHUNK} when experts are read from disk].")
 @click.option("--jsonl", is_flag=True, help='Read one JSON request per stdin line ({"prompt": ..., ...}); '
               "answer each with one JSON line.")
 @click.option("--stats", is_flag=True, help="Print token counts, speeds and peak memory to stderr.")

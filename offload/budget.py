@@ -70,6 +70,8 @@ class ExpertPlan:
     always_active: int  # dense weights: embeddings, attention, DeltaNet, norms, routers, shared experts, lm_head
     context_state: int  # KV cache for max_context tokens plus the recurrent states
     max_context: int
+    prefill_state: int  # working memory of one prefill chunk of prefill_tokens (counted when experts come from disk)
+    prefill_tokens: int
     read_buffers: int  # the minimum slots every step needs (one token's experts), counted apart
     slot_bytes: int
     slots: int  # expert slots, the read buffers included
@@ -83,26 +85,31 @@ class ExpertPlan:
         share = min(self.slots, self.experts) / self.experts if self.experts else 1.0
         return (f"memory plan: {format_size(self.budget)} budget = {format_size(self.always_active)} always-active "
                 f"weights + {format_size(self.context_state)} context state ({self.max_context} tokens) + "
-                f"{min(self.slots, self.experts)} expert slots of {format_size(self.slot_bytes)} "
+                + (f"{format_size(self.prefill_state)} prefill working memory ({self.prefill_tokens}-token chunks) + "
+                   if self.prefill_state else "")
+                + f"{min(self.slots, self.experts)} expert slots of {format_size(self.slot_bytes)} "
                 f"({share:.0%} of {self.experts} experts" + (", all resident)" if self.fully_resident else
                                                               ", the rest read from disk)"))
 
 
 def plan_experts(budget: int, always_active: int, state_bytes_fixed: int, kv_bytes_per_token: int,
-                 max_context: int, slot_bytes: int, experts: int, min_slots: int, field: str = "cpu_mem") -> ExpertPlan:
-    """Split `budget`; a budget that cannot hold the always-active weights, the context state and
-    `min_slots` slots is a RequestError naming the bytes needed."""
+                 max_context: int, slot_bytes: int, experts: int, min_slots: int, field: str = "cpu_mem",
+                 prefill_state: int = 0, prefill_tokens: int = 0) -> ExpertPlan:
+    """Split `budget`; a budget that cannot hold the always-active weights, the context state, the prefill
+    working memory and `min_slots` slots is a RequestError naming the bytes needed."""
     context_state = state_bytes_fixed + kv_bytes_per_token * max_context
     read_buffers = min_slots * slot_bytes
-    needed = always_active + context_state + read_buffers
+    needed = always_active + context_state + prefill_state + read_buffers
     if budget < needed:
+        prefill = f"{format_size(prefill_state)} to prefill {prefill_tokens}-token chunks, " if prefill_state else ""
         raise RequestError(field, format_size(budget), (
             f"too small; the model needs at least {format_size(needed)} ({needed} bytes: "
             f"{format_size(always_active)} always-active weights, {format_size(context_state)} for {max_context} "
-            f"tokens of context, {format_size(read_buffers)} for one step's experts; a smaller max_context "
-            "lowers the second)"))
-    slots = min(experts, (budget - always_active - context_state) // slot_bytes)
-    return ExpertPlan(budget, always_active, context_state, max_context, read_buffers, slot_bytes, slots, experts)
+            f"tokens of context, {prefill}{format_size(read_buffers)} for one step's experts; a smaller "
+            "max_context lowers the second)"))
+    slots = min(experts, (budget - always_active - context_state - prefill_state) // slot_bytes)
+    return ExpertPlan(budget, always_active, context_state, max_context, prefill_state, prefill_tokens, read_buffers,
+                      slot_bytes, slots, experts)
 
 
 def context_for_budget(budget: int, always_active: int, state_bytes_fixed: int, kv_bytes_per_token: int,

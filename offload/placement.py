@@ -19,6 +19,7 @@ import torch
 from qwen3next.checkpoint_names import PROJECTIONS, expert_tensor_name, packed_expert_name, quantized_names
 from qwen3next.config import FULL_ATTENTION, Qwen3NextConfig
 from qwen3next.errors import CheckpointError, RequestError
+from qwen3next.request import OFFLOAD_PREFILL_CHUNK
 from qwen3next.quant.checkpoint import stored_bits
 from qwen3next.weights import CheckpointReader
 
@@ -89,6 +90,18 @@ def recurrent_state_bytes(config: Qwen3NextConfig, dtype: torch.dtype) -> int:
     return layers * (recurrent + conv)
 
 
+def prefill_bytes_per_token(config: Qwen3NextConfig, dtype: torch.dtype) -> int:
+    """What a prefill chunk holds per token at its widest (~0.23 MB at the real widths; the peak-RSS test
+    holds it): the MoE's gathered inputs, results and weighted results (3 x top_k rows of hidden), DeltaNet's
+    projections and their fp32 working copies, and a few hidden-wide residual tensors."""
+    hidden, size = config.hidden_size, dtype.itemsize
+    key = config.linear_num_key_heads * config.linear_key_head_dim
+    value = config.linear_num_value_heads * config.linear_value_head_dim
+    moe = 3 * config.num_experts_per_tok * hidden * size
+    deltanet = (2 * key + 2 * value) * size + 2 * (2 * key + value) * 4
+    return moe + deltanet + 6 * hidden * size
+
+
 def dense_bytes(reader: CheckpointReader, names: list[str], dtype: torch.dtype) -> int:
     """What the always-active weights take once loaded: quantized matrices as stored, the rest in `dtype`."""
     total = 0
@@ -126,7 +139,15 @@ def plan_memory(placement: Placement, reader: CheckpointReader, config: Qwen3Nex
     else:
         room = context_for_budget(budget, always, fixed, per_token, slot_bytes, top_k, config.max_position_embeddings)
         context = max(1, min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT, room))
-    return plan_experts(budget, always, fixed, per_token, context, slot_bytes, config.num_experts * layers, top_k)
+    experts = config.num_experts * layers
+    plan = plan_experts(budget, always, fixed, per_token, context, slot_bytes, experts, top_k)
+    if plan.fully_resident:
+        return plan
+    # experts come from disk: prefill takes larger chunks (one pass over the experts each), whose working
+    # memory the budget pays for too
+    chunk = min(OFFLOAD_PREFILL_CHUNK, context)
+    return plan_experts(budget, always, fixed, per_token, context, slot_bytes, experts, top_k,
+                        prefill_state=chunk * prefill_bytes_per_token(config, dtype), prefill_tokens=chunk)
 
 
 def quantized_sources(reader: CheckpointReader, prefixes: dict[int, str], experts: int) -> dict[int, LayerSource]:

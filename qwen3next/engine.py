@@ -44,7 +44,7 @@ class Engine:
         self.model = model
         self.compute = compute  # what runs the math, for --stats: "C kernels (avx512-vnni)", "torch fallback (...)"
         self.router_stats = router_stats
-        self.plan = plan  # the memory split of a quantized folder (None: everything resident, unplanned)
+        self.plan = plan  # the memory split (None: a bf16 folder loaded whole, unplanned)
         self.expert_store = expert_store
         self.tokenizer = tokenizer
         self.folder = folder
@@ -60,6 +60,14 @@ class Engine:
     def context_length(self) -> int:
         """The model's context, or less when the memory plan reserved less."""
         return self.config.max_position_embeddings if self.plan is None else self.plan.max_context
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens per prefill step for requests that set none. Larger when experts come from disk:
+        a chunk of 512 tokens already touches nearly every expert of a layer, so each chunk is one pass
+        over the experts on disk and a long prompt should take few (docs/offload.md). The plan sized the
+        chunk (OFFLOAD_PREFILL_CHUNK, at most the context) and reserved its working memory."""
+        return self.plan.prefill_tokens if self.plan is not None and self.plan.prefill_tokens else PREFILL_CHUNK
 
     def prompt_ids(self, request: Request) -> list[int]:
         """The request's prompt as token ids: text through the tokenizer (or, with chat/system, through
@@ -117,7 +125,7 @@ class Engine:
         stops = StopStrings(request.stop)
         texts = []
         tokens = generate_ids(self.model, ids, sampler, request.max_new_tokens, self.eos_ids, self.context_length,
-                              result.timings, request.prefill_chunk)
+                              result.timings, request.prefill_chunk or self.prefill_chunk)
         if self.router_stats is not None:
             self.router_stats.start_sequence()
         cache = getattr(self.expert_store, "cache", None)

@@ -19,6 +19,7 @@ from .sampling import SAMPLING_FIELDS, SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 PREFILL_CHUNK = 512  # prompt tokens per prefill step: bounds peak memory on long prompts
+OFFLOAD_PREFILL_CHUNK = 4096  # when experts come from disk: each chunk reads nearly every expert once
 MAX_NEW_TOKENS = 256
 
 
@@ -47,7 +48,7 @@ class Request:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    prefill_chunk: int = PREFILL_CHUNK
+    prefill_chunk: int | None = None  # None: the engine's (PREFILL_CHUNK, larger when experts come from disk)
 
     def __post_init__(self) -> None:
         # Lists arrive from Python and JSON; tuples keep the request hashable and immutable.

@@ -41,12 +41,21 @@ def quantized(models, tmp_path_factory):
     return folder
 
 
-def slot_budget(folder, slots: int) -> int:
-    """A CPU budget that leaves exactly `slots` expert slots (the plan of a fully resident load, less the rest)."""
-    import qwen3next
+BUDGET_CONTEXT = 160  # small enough that the prefill working memory a budget reserves leaves room for few slots
 
-    plan = qwen3next.load(folder, router_stats=False).plan
-    return plan.always_active + plan.context_state + slots * plan.slot_bytes
+
+def slot_budget(folder, slots: int, dtype: str = "bfloat16") -> dict:
+    """load() arguments that leave exactly `slots` expert slots: the always-active weights and the context state
+    of a fully resident plan, the working memory of the larger prefill chunks a budget gets, and the slots."""
+    import qwen3next
+    from qwen3next.offload.placement import prefill_bytes_per_token
+
+    engine = qwen3next.load(folder, dtype=dtype, cpu_mem="1G", max_context=BUDGET_CONTEXT, router_stats=False)
+    plan = engine.plan
+    prefill = BUDGET_CONTEXT * prefill_bytes_per_token(engine.config, engine.model.model.norm.weight.dtype)
+    assert plan.fully_resident and plan.prefill_state == 0 and prefill + slots * plan.slot_bytes < plan.experts * plan.slot_bytes
+    return {"cpu_mem": plan.always_active + plan.context_state + prefill + slots * plan.slot_bytes,
+            "max_context": BUDGET_CONTEXT}
 
 
 @pytest.mark.slow
@@ -59,8 +68,7 @@ def test_output_is_identical_under_every_budget_and_policy(quantized, policy, sl
 
     resident = qwen3next.load(quantized, router_stats=False)
     assert resident.plan.fully_resident and resident.expert_store.cache.complete
-    budget = slot_budget(quantized, slots)
-    cached = qwen3next.load(quantized, cpu_mem=budget, max_context=resident.plan.max_context, expert_policy=policy,
+    cached = qwen3next.load(quantized, **slot_budget(quantized, slots), expert_policy=policy,
                             router_stats=False, prefetch=prefetch)
     assert (cached.expert_store.prefetcher is not None) == prefetch
     assert cached.expert_store.cache.slot_count == slots and not cached.expert_store.cache.complete
@@ -70,6 +78,23 @@ def test_output_is_identical_under_every_budget_and_policy(quantized, policy, sl
     assert cached.complete(request).tokens == resident.complete(request).tokens
     counters = cached.expert_store.cache.counters
     assert counters.misses > 0 and counters.disk_bytes >= counters.misses * cached.expert_store.cache.slot_bytes // 2
+
+
+def test_prefill_takes_larger_chunks_when_experts_come_from_disk(quantized):
+    """Each chunk under a budget is one pass over the experts on disk; a request's own chunk still wins."""
+    import qwen3next
+    from qwen3next.request import OFFLOAD_PREFILL_CHUNK, PREFILL_CHUNK
+
+    assert qwen3next.load(quantized, router_stats=False).prefill_chunk == PREFILL_CHUNK
+    engine = qwen3next.load(quantized, **slot_budget(quantized, 8), router_stats=False)
+    assert engine.prefill_chunk == engine.plan.prefill_tokens == min(OFFLOAD_PREFILL_CHUNK, BUDGET_CONTEXT)
+    assert engine.plan.prefill_state > 0 and "prefill working memory" in engine.plan.summary()
+    cache = engine.expert_store.cache
+    prompt = list(range(3, 40))
+    engine.complete(qwen3next.Request(prompt=prompt, max_new_tokens=1, temperature=0))
+    one_pass = cache.counters.disk_bytes
+    engine.complete(qwen3next.Request(prompt=prompt, max_new_tokens=1, temperature=0, prefill_chunk=4))
+    assert cache.counters.disk_bytes - one_pass > 2 * one_pass  # ten small chunks read the experts again and again
 
 
 def test_a_budget_too_small_is_one_error_naming_the_bytes(quantized):
@@ -106,8 +131,8 @@ def test_an_unquantized_folder_runs_under_a_budget_with_identical_output(models,
     resident = qwen3next.load(folder, dtype=dtype, cpu_mem="1G", router_stats=False)
     assert resident.plan.fully_resident and isinstance(resident.expert_store, ResidentExpertStore)
     plan = resident.plan
-    cached = qwen3next.load(folder, dtype=dtype, cpu_mem=plan.always_active + plan.context_state + slots * plan.slot_bytes,
-                            max_context=plan.max_context, expert_policy=policy, router_stats=False)
+    cached = qwen3next.load(folder, dtype=dtype, **slot_budget(folder, slots, dtype), expert_policy=policy,
+                            router_stats=False)
     cache = cached.expert_store.cache
     assert cache.slot_count == slots and not cache.complete and cached.plan.slot_bytes == plan.slot_bytes
     split_calls = []
@@ -125,10 +150,8 @@ def test_an_unquantized_folder_runs_under_a_budget_with_identical_output(models,
 def test_an_unquantized_folder_read_from_disk_suggests_quantizing(models, capsys):
     import qwen3next
 
-    resident = qwen3next.load(models("small"), cpu_mem="1G", router_stats=False, quiet=True)
-    plan = resident.plan
-    qwen3next.load(models("small"), cpu_mem=plan.always_active + plan.context_state + 8 * plan.slot_bytes,
-                   max_context=plan.max_context, router_stats=False, quiet=False, progress=False)
+    qwen3next.load(models("small"), **slot_budget(models("small"), 8), router_stats=False, quiet=False,
+                   progress=False)
     assert "qwen3next quantize" in capsys.readouterr().err
 
 
@@ -140,7 +163,7 @@ def test_a_shard_truncated_mid_run_stops_with_the_file_named(quantized, tmp_path
     from qwen3next.errors import CheckpointError
 
     folder = shutil.copytree(quantized, tmp_path / "q4")
-    engine = qwen3next.load(folder, cpu_mem=slot_budget(folder, 4), router_stats=False)
+    engine = qwen3next.load(folder, **slot_budget(folder, 4), router_stats=False)
     shards = sorted(folder.glob("*.safetensors"))
     for shard in shards:
         with open(shard, "r+b") as f:
@@ -213,15 +236,16 @@ import resource, sys
 import qwen3next
 folder, budget = sys.argv[1], int(sys.argv[2])
 engine = qwen3next.load(folder, cpu_mem=budget, max_context=1024, router_stats=False, quiet=True)
-assert not engine.expert_store.cache.complete
-engine.complete(qwen3next.Request(prompt=list(range(100, 140)), max_new_tokens=4, temperature=0))
+assert not engine.expert_store.cache.complete and engine.prefill_chunk == 1024
+engine.complete(qwen3next.Request(prompt=list(range(100, 1100)), max_new_tokens=4, temperature=0))  # one chunk
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
 @pytest.mark.slow
 def test_peak_rss_stays_within_the_budget_plus_the_runtime_overhead(tmp_path):
-    """A model three times the budget (real widths: 2 MoE layers of 512 experts, 1.8 GB of experts) runs in it."""
+    """A model three times the budget (real widths: 2 MoE layers of 512 experts, 1.8 GB of experts) runs in it,
+    a 1000-token prompt prefilled in one chunk included (its working memory is in the plan)."""
     import subprocess
     import sys
 
@@ -248,9 +272,10 @@ def test_stats_json_reports_the_cache_of_a_budgeted_run(quantized, tmp_path, cap
     from qwen3next.cli.main import main
 
     path = tmp_path / "stats.json"
-    budget = str(slot_budget(quantized, 8))
+    budget = slot_budget(quantized, 8)
     assert main(["run", "-m", str(quantized), "-p", "Hello there", "-n", "4", "-t", "0", "-q", "--no-router-stats",
-                 "--cpu-mem", budget, "--stats", "--stats-json", str(path)]) == 0
+                 "--cpu-mem", str(budget["cpu_mem"]), "--max-context", str(budget["max_context"]), "--stats",
+                 "--stats-json", str(path)]) == 0
     figures = json.loads(path.read_text())
     assert figures["usage"]["completion_tokens"] == 4 and figures["memory_plan"].startswith("memory plan:")
     assert figures["experts"]["misses"] > 0 and figures["experts"]["disk_bytes_per_token"] > 0

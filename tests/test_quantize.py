@@ -137,7 +137,7 @@ def test_decode_kernels_agree_with_the_dequantized_weights(models, tmp_path, bit
         expected = store.run(layer, x.float(), ids, weights)  # fp32 input: the dequantizing path
         got = store.run(layer, x, ids, weights).float()
         assert (got - expected).abs().max() < 0.01 * expected.abs().max() + 1e-3
-        assert store.layouts[layer].projections["down_proj"].bits == bits
+        assert store.compute.layouts[layer].projections["down_proj"].bits == bits
 
 
 @pytest.mark.slow

@@ -163,7 +163,7 @@ def slot_budget(folder: Path, resident_plan, slots: int) -> int:
     except qwen3next.RequestError as exc:
         sys.exit(f"no budget below full residency runs with a {plan.max_context}-token context ({exc}); "
                  "try a smaller --window")
-    return plan.budget - plan.slots * plan.slot_bytes + slots * plan.slot_bytes
+    return plan.budget_for_slots(slots)
 
 
 def measure(folder: Path, budget: int, slots: int, policy: str, work: Workload) -> dict:

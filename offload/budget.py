@@ -81,6 +81,11 @@ class ExpertPlan:
     def fully_resident(self) -> bool:
         return self.slots >= self.experts
 
+    def budget_for_slots(self, slots: int) -> int:
+        """The budget whose plan has exactly `slots` slots, all else as in this plan (a plan with experts on
+        disk: what it reserves beside the slots does not depend on the budget)."""
+        return self.always_active + self.context_state + self.prefill_state + slots * self.slot_bytes
+
     def summary(self) -> str:
         share = min(self.slots, self.experts) / self.experts if self.experts else 1.0
         return (f"memory plan: {format_size(self.budget)} budget = {format_size(self.always_active)} always-active "

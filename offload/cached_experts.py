@@ -10,7 +10,8 @@ never a bit of the output:
                             release() (moe.SparseMoE._fused_decode): the fused kernel's bits
   a prefill chunk           reads for every chosen expert start first, then each expert runs once on
                             all its tokens in ascending expert order, summed as moe.StackedExperts sums
-While a decode step's layer computes, the prefetcher's guesses for the next layer are being read.
+The prefetcher (offload/prefetch.py) is not called from here: it is a routing observer, and the engine
+installs it (`prefetcher`) beside the router statistics, so it sees each layer before it routes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from qwen3next import cpu_kernels
 
 from .expert_cache import ExpertCache
-from .prefetch import Prefetcher
+from .prefetch import LookaheadPrefetcher
 
 TokenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,7 +46,7 @@ class ExpertCompute(Protocol):
 
 class CachedExperts:
     def __init__(self, cache: ExpertCache, compute: ExpertCompute, device: torch.device,
-                 prefetcher: Prefetcher | None = None):
+                 prefetcher: LookaheadPrefetcher | None = None):
         self.cache, self.compute, self.device, self.prefetcher = cache, compute, device, prefetcher
         self._kernels = {layer: compute.token_kernel(layer) for layer in cache.layers}
         self.device_arena = None
@@ -66,11 +67,9 @@ class CachedExperts:
         return self._per_expert(layer, x, ids, weights)
 
     def acquire(self, layer: int, ids: torch.Tensor, x: torch.Tensor) -> None:
-        """Make the experts one token chose (ids [1, k]) resident and pinned, then let the prefetcher look
-        ahead from x [1, hidden] while the layer computes."""
+        """Make the experts one token chose (ids [1, k]) resident and pinned."""
         if not self.cache.complete:
             self.cache.acquire(layer, ids.flatten().tolist())
-            self._prefetch_after(layer, x, ids)
 
     def release(self, layer: int, ids: torch.Tensor) -> None:
         self.cache.release(layer, ids.flatten().tolist())
@@ -114,10 +113,3 @@ class CachedExperts:
             return self.device_arena[slot, : self.cache.sources[layer].nbytes]
         view = self.cache.view(layer, expert)
         return view if self.device.type == "cpu" else view.to(self.device)
-
-    def _prefetch_after(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
-        if self.prefetcher is None or self.cache.complete:
-            return
-        guess = self.prefetcher.candidates(layer, x, ids)
-        if guess is not None:
-            self.cache.prefetch(*guess)

@@ -151,6 +151,7 @@ class ExpertCache:
             self.counters.hits += len(experts)
             return
         self.clock += 1
+        self._publish_landed()
         missing = []
         for e in experts:
             slot = self.slot_of[layer][e]
@@ -183,14 +184,18 @@ class ExpertCache:
         for e in experts:
             self.pinned[self.slot_of[layer][e]] = False
 
-    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
-        """Start background reads of the experts of `layer` that are not resident, into evictable slots."""
+    def prefetch(self, layer: int, experts: Sequence[int], keep: Sequence[tuple[int, int]] = ()) -> None:
+        """Start background reads of the experts of `layer` that are not resident, into evictable slots, sparing
+        the resident experts in `keep` ((layer, expert) pairs the caller expects to be used soon: the policies
+        score an unused prefetched expert lowest, so one prefetch would otherwise evict the last one's)."""
         if self.complete or layer not in self.slot_of:
             return
         wanted = [e for e in dict.fromkeys(experts) if self.slot_of[layer][e] < 0]
         if not wanted:
             return
-        victims = self._victims(layer, len(wanted), strict=False)
+        self._publish_landed()  # a landed wrong guess is evictable
+        spared = [slot for slot in (self.slot_of[kept_layer][e] for kept_layer, e in keep) if slot >= 0]
+        victims = self._victims(layer, len(wanted), strict=False, spared=spared)
         for e, slot in zip(wanted, victims):
             self._start_read(slot, layer, e, PREFETCH)
             self.prefetched_slots.add(slot)
@@ -224,10 +229,11 @@ class ExpertCache:
             return self.uses + tie
         return self.uses + _STATS_WEIGHT * self.prior + tie
 
-    def _victims(self, layer: int, n: int, strict: bool = True) -> list[int]:
+    def _victims(self, layer: int, n: int, strict: bool = True, spared: Sequence[int] = ()) -> list[int]:
         """n slots to (re)use for `layer`: free ones first, then the policy's lowest scores among slots that
-        are neither pinned nor being read. strict: the caller needs all n (acquire); else as many as there are."""
-        candidates = self._evictable()
+        are neither pinned, being read nor spared. strict: the caller needs all n (acquire); else as many as
+        there are."""
+        candidates = self._evictable(spared)
         if len(candidates) < n and strict and self.pending:
             for slot in list(self.pending):  # prefetches hold the slots the step needs: let them land first
                 self._finish(slot)
@@ -242,10 +248,12 @@ class ExpertCache:
             free += occupied[torch.argsort(score, stable=True)[: n - len(free)]].tolist()
         return free
 
-    def _evictable(self) -> torch.Tensor:
+    def _evictable(self, spared: Sequence[int] = ()) -> torch.Tensor:
         evictable = ~self.pinned
         if self.pending:
             evictable[list(self.pending)] = False
+        if spared:
+            evictable[list(spared)] = False
         return evictable.nonzero().flatten()
 
     def _start_read(self, slot: int, layer: int, expert: int, priority: int = DEMAND) -> None:
@@ -272,6 +280,12 @@ class ExpertCache:
         start = self.sources[layer].offsets[piece]
         return self.reader.submit(path, offset, length, self.arena[slot, start:start + length],
                                   f"expert {expert} of layer {layer}", priority)
+
+    def _publish_landed(self) -> None:
+        """Every read that has finished goes into the address table: its expert is resident (a hit when acquired),
+        and evictable again (a failed read raises its CheckpointError here)."""
+        for slot in [slot for slot, reads in self.pending.items() if all(read.done() for read in reads)]:
+            self._finish(slot)
 
     def _hurry(self, slot: int, layer: int, expert: int) -> None:
         """A prefetch the step now waits for: the reads not yet started go again at demand priority."""

@@ -29,11 +29,10 @@ from .bf16_experts import Bf16Compute
 from .cached_experts import CachedExperts, ExpertCompute
 from .disk import BlobReader
 from .expert_cache import POLICIES, ExpertCache, LayerSource
-from .prefetch import Prefetcher
+from .prefetch import LookaheadPrefetcher
 from .router_stats import RouterStatistics
 
 DEFAULT_MAX_CONTEXT = 32768  # tokens of KV cache a default budget reserves (less if the model's context is shorter)
-PREFETCH_EXTRA = 4  # gating candidates beyond top-k: more recall for a few more reads
 
 
 @dataclass(frozen=True)
@@ -144,10 +143,12 @@ def plan_memory(placement: Placement, reader: CheckpointReader, config: Qwen3Nex
     if plan.fully_resident:
         return plan
     # experts come from disk: prefill takes larger chunks (one pass over the experts each), whose working
-    # memory the budget pays for too
-    chunk = min(OFFLOAD_PREFILL_CHUNK, context)
+    # memory the budget pays for too, at most half of all the experts' bytes (a small model's 4096-token
+    # chunk can need more than all its experts); it does not depend on the budget
+    per_prefill_token = prefill_bytes_per_token(config, dtype)
+    chunk = max(1, min(OFFLOAD_PREFILL_CHUNK, context, slot_bytes * experts // 2 // per_prefill_token))
     return plan_experts(budget, always, fixed, per_token, context, slot_bytes, experts, top_k,
-                        prefill_state=chunk * prefill_bytes_per_token(config, dtype), prefill_tokens=chunk)
+                        prefill_state=chunk * per_prefill_token, prefill_tokens=chunk)
 
 
 def quantized_sources(reader: CheckpointReader, prefixes: dict[int, str], experts: int) -> dict[int, LayerSource]:
@@ -191,8 +192,7 @@ def expert_cache_store(plan: ExpertPlan, placement: Placement, sources: dict[int
     cache.fill(order=order, progress=progress)
     prefetcher = None
     if placement.prefetch and not cache.complete:
-        predictor = statistics.predict_next_layer if statistics is not None else None
-        prefetcher = Prefetcher(routers, config.num_experts_per_tok, PREFETCH_EXTRA, statistics=predictor)
+        prefetcher = LookaheadPrefetcher(cache, routers, config.num_experts_per_tok, statistics)
     return CachedExperts(cache, compute, device, prefetcher)
 
 

@@ -22,26 +22,17 @@ at least `min_precision` (0.25; looking two layers ahead, 0.15 gained 1-3 points
 more reads, 0.4 lost 3-5).
 Prefill chunks are left alone (they read all their experts at once anyway).
 
-Two things it does to the cache, from outside until ExpertCache does them itself:
-  publish_landed  the cache published a read only when something waited for it, so a prefetched expert
-                  whose read had long finished still counted as a miss when its layer acquired it
-                  (that, not timing, is why prefetch recall measured ~0)
-  shielding       while a guess picks victims, the experts other pending guesses name are pinned: the
-                  policies score an unused prefetched expert lowest (no uses yet), so otherwise one
-                  guess's reads evicted the last guess's before its layer ran (idealised hit rate with
-                  stats at 25% resident: 58% without, 83% with)
-
-`Prefetcher` is the earlier design, called by the expert store after layer L acquired its experts:
-layer L+1's gating top k + 4 plus the statistics' L -> L+1 guesses.
+Each guess's reads spare the experts the other pending guesses name (ExpertCache.prefetch keep=): the
+policies score an unused prefetched expert lowest (no uses yet), so otherwise one guess's reads evicted
+the last guess's before its layer ran (idealised hit rate with stats at 25% resident: 58% without, 83% with).
 
 What is prefetched changes only what is read early, never the output.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
@@ -49,42 +40,6 @@ from torch import nn
 if TYPE_CHECKING:
     from .expert_cache import ExpertCache
     from .router_stats import RouterStatistics
-
-Predictor = Callable[[int, torch.Tensor, int], Sequence[int]]  # (layer, ids of layer, n) -> experts of the next
-
-
-class Prefetcher:
-    """The earlier design (see the module docstring), kept while the expert store calls it after each acquire."""
-
-    def __init__(self, routers: dict[int, nn.Module], top_k: int, extra: int = 4,
-                 statistics: Predictor | None = None, gating: bool = True):
-        self.routers = routers
-        self.next_layer = dict(zip(sorted(routers)[:-1], sorted(routers)[1:]))
-        self.top_k, self.extra = top_k, extra
-        self.statistics, self.gating = statistics, gating
-
-    def candidates(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> tuple[int, list[int]] | None:
-        """(next layer, experts to read ahead) for one decode-sized step at `layer`, or None."""
-        following = self.next_layer.get(layer)
-        if following is None:
-            return None
-        chosen: list[int] = []
-        if self.gating:
-            with torch.inference_mode():
-                logits = self.routers[following](x)
-            n = min(self.top_k + self.extra, logits.shape[-1])
-            chosen += torch.topk(logits.float(), n, dim=-1).indices.flatten().tolist()
-        if self.statistics is not None:
-            chosen += list(self.statistics(layer, ids, self.top_k))
-        return following, list(dict.fromkeys(chosen))
-
-
-def publish_landed(cache: "ExpertCache") -> None:
-    """Put every expert whose background read has finished into its layer's address table, so the next
-    acquire counts it as the hit it is (a read that failed raises its CheckpointError here)."""
-    for slot in [slot for slot, reads in cache.pending.items() if all(read.done() for read in reads)]:
-        cache._finish(slot)
-
 
 @dataclass
 class SignalFigures:
@@ -151,7 +106,6 @@ class LookaheadPrefetcher:
             self._guesses.clear()
             self._next_gating = None
             return
-        publish_landed(self.cache)
         self._next_gating = None
         for horizon in self.horizons:
             target = layer + horizon
@@ -183,28 +137,9 @@ class LookaheadPrefetcher:
         read = next((r for r, rate in enumerate(rates) if rate < self.min_precision), self.ranks)
         self._guesses.setdefault(target, []).append((signal, ranking, read))
         if read:
-            with self._shielded():
-                self.cache.prefetch(target, ranking[:read])
-
-    @contextmanager
-    def _shielded(self) -> Iterator[None]:
-        """Pin, while a prefetch picks its victims, every resident expert a pending guess names: so one guess's
-        reads never evict what another guess (or this one) expects its layer to use. The eviction policies
-        score an unused prefetched expert lowest (no uses yet), so without this the guesses for L+2 were the
-        first victims of the reads for L+1."""
-        cache = self.cache
-        slots = [slot for target, guesses in self._guesses.items() for _, ranking, read in guesses
-                 for slot in (cache.slot_of[target][e] for e in ranking[:read]) if slot >= 0]
-        if not slots:
-            yield
-            return
-        index = torch.tensor(slots)
-        pinned = cache.pinned[index].clone()
-        cache.pinned[index] = True
-        try:
-            yield
-        finally:
-            cache.pinned[index] = pinned
+            keep = [(layer, e) for layer, guesses in self._guesses.items() for _, named, n in guesses
+                    for e in named[:n]]
+            self.cache.prefetch(target, ranking[:read], keep)
 
     def _score(self, layer: int, chosen: list[int]) -> None:
         """Measure the guesses made for `layer` against its choice: figures, and the per-rank hit rates."""

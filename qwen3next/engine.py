@@ -20,7 +20,7 @@ from .errors import ContextLengthError, RequestError, UsageError
 from .generate import StopStrings, generate_ids
 from .loader import load_model
 from .model_path import DEMO_NOTICE, resolve_model_path
-from .moe import set_routing_observer
+from .moe import RoutingObservers, set_routing_observer
 from .offload.budget import ExpertPlan
 from .offload.placement import Placement, resolve_device
 from .offload.router_stats import RouterStatistics
@@ -236,5 +236,5 @@ def load(
     statistics = RouterStatistics.for_model(folder, config) if router_stats else None
     model, store, plan = load_model(folder, dtype, device, progress=progress, config=config, placement=placement,
                                     statistics=statistics, quiet=quiet)
-    set_routing_observer(model, statistics)
+    set_routing_observer(model, RoutingObservers(statistics, getattr(store, "prefetcher", None)))
     return Engine(model, store, tokenizer, folder, statistics, plan, compute)

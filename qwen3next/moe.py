@@ -73,6 +73,22 @@ class RoutingObserver(Protocol):
         ...
 
 
+class RoutingObservers:
+    """Several routing observers as one, called in order (the router statistics and the expert prefetcher);
+    None entries are left out."""
+
+    def __init__(self, *observers: RoutingObserver | None):
+        self.observers = [observer for observer in observers if observer is not None]
+
+    def before_routing(self, layer: int, x: torch.Tensor) -> None:
+        for observer in self.observers:
+            observer.before_routing(layer, x)
+
+    def routed(self, layer: int, ids: torch.Tensor) -> None:
+        for observer in self.observers:
+            observer.routed(layer, ids)
+
+
 def set_routing_observer(model: nn.Module, observer: RoutingObserver | None) -> None:
     """Report every SparseMoE's routing in `model` (MTP layers included) to `observer`; None detaches."""
     for module in model.modules():

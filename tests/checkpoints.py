@@ -269,3 +269,13 @@ def _blob(layout: ExpertLayout):
                 blob[offset:offset + nbytes] = torch.full((nbytes // kind.itemsize,), value, dtype=kind).view(torch.uint8)
         return blob
     return fill
+
+
+def budget_for_slots(folder: Path, slots: int, **load_args) -> int:
+    """A cpu_mem under which `folder` loads with exactly `slots` expert slots: a plan just below full residency
+    (so it reserves what a budgeted plan reserves) with its slots swapped for these."""
+    import qwen3next
+
+    resident = qwen3next.load(folder, cpu_mem="1G", router_stats=False, **load_args).plan
+    probe = resident.always_active + resident.context_state + (resident.experts - 1) * resident.slot_bytes
+    return qwen3next.load(folder, cpu_mem=probe, router_stats=False, **load_args).plan.budget_for_slots(slots)

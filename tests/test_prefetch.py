@@ -6,21 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3next.offload.prefetch import LookaheadPrefetcher, publish_landed
+from qwen3next.offload.prefetch import LookaheadPrefetcher
 
 
 class FakeCache:
-    """What the prefetcher touches on an ExpertCache, recording each prefetch and what was pinned during it."""
+    """What the prefetcher touches on an ExpertCache, recording each prefetch and the resident experts it keeps."""
 
     def __init__(self, layers: int, experts: int):
         self.experts = experts
-        self.pending: dict = {}
         self.slot_of = {layer: [-1] * experts for layer in range(layers)}
-        self.pinned = torch.zeros(layers * experts, dtype=torch.bool)
-        self.calls: list[tuple[int, list[int], list[int]]] = []  # (layer, experts, slots pinned meanwhile)
+        self.calls: list[tuple[int, list[int], list]] = []  # (layer, experts, what to keep)
 
-    def prefetch(self, layer: int, experts) -> None:
-        self.calls.append((layer, list(experts), self.pinned.nonzero().flatten().tolist()))
+    def prefetch(self, layer: int, experts, keep=()) -> None:
+        resident = sorted({(kept, e) for kept, e in keep if self.slot_of[kept][e] >= 0})
+        self.calls.append((layer, list(experts), resident))
 
 
 def ranked_router(experts: int):
@@ -59,8 +58,7 @@ def test_a_guess_never_evicts_what_another_pending_guess_names():
     prefetcher.before_routing(0, torch.zeros(1, 8))  # guesses for layer 1, then layer 2
     prefetcher.routed(0, torch.tensor([[0, 1, 2, 3]]))
     prefetcher.before_routing(1, torch.zeros(1, 8))  # layer 2 again: its slot 5 is still named by the guess above
-    assert [(layer, pinned) for layer, _, pinned in cache.calls] == [(1, []), (2, [5]), (2, [5])]
-    assert not cache.pinned.any()
+    assert [(layer, kept) for layer, _, kept in cache.calls] == [(1, []), (2, [(2, 0)]), (2, [(2, 0)])]
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +76,12 @@ CONTEXT = 128  # tokens: a short context leaves most of a small budget to expert
 
 
 def budgeted(folder, slots: int):
-    """The folder loaded under a budget that leaves `slots` expert slots: a budgeted plan (the largest budget
-    below full residency) less its slots, plus these."""
+    """The folder loaded under a budget that leaves `slots` expert slots."""
     import qwen3next
+    from checkpoints import budget_for_slots
 
-    resident = qwen3next.load(folder, max_context=CONTEXT, router_stats=False).plan
-    probe = qwen3next.load(folder, cpu_mem=resident.always_active + resident.context_state
-                           + (resident.experts - 1) * resident.slot_bytes, max_context=CONTEXT, router_stats=False).plan
-    budget = probe.budget - probe.slots * probe.slot_bytes + slots * probe.slot_bytes
-    engine = qwen3next.load(folder, cpu_mem=budget, max_context=CONTEXT, router_stats=False)
+    engine = qwen3next.load(folder, cpu_mem=budget_for_slots(folder, slots, max_context=CONTEXT),
+                            max_context=CONTEXT, router_stats=False)
     assert engine.expert_store.cache.slot_count == slots
     return engine
 
@@ -98,7 +93,6 @@ def test_a_prefetched_expert_whose_read_finished_is_a_hit(quantized):
     cache.prefetch(1, [expert])
     for read in cache.pending[cache.slot_of[1][expert]]:
         read.result()
-    publish_landed(cache)
     before = (cache.counters.hits, cache.counters.prefetch_hits)
     cache.acquire(1, [expert])
     cache.release(1, [expert])

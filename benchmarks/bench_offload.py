@@ -10,52 +10,31 @@ Random routers route almost uniformly: the worst case for a cache (no expert is 
 another), so the hit rate here is about the resident share and the figure is disk-bound.
 
 Each round, in one process: drop the checkpoint's pages from the page cache, measure the disk's
-read speed for expert blobs (8 reads in flight, random experts, pages dropped), then decode with
-`qwen3next.load(folder, cpu_mem=...)` and report tok/s, the disk GB/s the decode achieved, and that
-as a fraction of the measured ceiling. Check free space first (the full layout needs ~46 GB) and
-delete the workdir afterwards (--delete does it).
+read speed for expert blobs (8 reads in flight, random experts, pages dropped; offload/forecast.py),
+calibrate and predict the decode speed as `qwen3next inspect FOLDER --plan --cpu-mem SIZE` does, then
+decode with `qwen3next.load(folder, cpu_mem=...)` and report tok/s against the prediction, the disk
+GB/s the decode achieved, and that as a fraction of the measured ceiling. Check free space first
+(the full layout needs ~46 GB) and delete the workdir afterwards (--delete does it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from checkpoints import write_quantized_model  # noqa: E402
 
-from qwen3next.offload.disk import BlobReader, drop_cached_pages  # noqa: E402
-
-
-def disk_read_speed(folder: Path, samples: int = 256) -> float:
-    """GB/s of random expert-blob reads, 8 in flight, into reused buffers, pages dropped first."""
-    from qwen3next.weights import CheckpointReader
-
-    reader = CheckpointReader(folder)
-    blobs = [n for n in reader.names() if n.endswith(".packed")]
-    ranges = [reader.byte_range(n) for n in random.Random(1).sample(blobs, min(samples, len(blobs)))]
-    for shard in folder.glob("*.safetensors"):
-        drop_cached_pages(shard)
-    reads = BlobReader()
-    buffers = [torch.empty(max(r[2] for r in ranges), dtype=torch.uint8) for _ in range(16)]
-    started = time.perf_counter()
-    pending = [reads.submit(path, offset, length, buffers[i % 16], "expert") for i, (path, offset, length)
-               in enumerate(ranges)]
-    for future in pending:
-        future.result()
-    seconds = time.perf_counter() - started
-    reads.close()
-    return sum(r[2] for r in ranges) / seconds / 1e9
+from qwen3next.offload import forecast  # noqa: E402
+from qwen3next.offload.disk import drop_cached_pages  # noqa: E402
+from qwen3next.offload.placement import Placement  # noqa: E402
 
 
 def decode(folder: Path, cpu_mem: str, tokens: int, policy: str, prefetch: bool) -> dict:
@@ -104,9 +83,12 @@ def main() -> None:
     try:
         size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         for prefetch in {"on": [True], "off": [False], "both": [True, False]}[args.prefetch]:
-            ceiling = disk_read_speed(folder)
+            fplan = forecast.plan_folder(folder, Placement(cpu_mem=args.cpu_mem, max_context=4096))
+            ceiling = forecast.disk_read_speed(fplan.sources) / 1e9
+            expected = forecast.predict(fplan, forecast.calibrate(fplan, recalibrate=True)).tokens_per_second
             figures = decode(folder, args.cpu_mem, args.tokens, args.policy, prefetch)
-            print(json.dumps({"checkpoint_gb": size / 1e9, "prefetch": prefetch, "disk_read_gb_s": ceiling, **figures,
+            print(json.dumps({"checkpoint_gb": size / 1e9, "prefetch": prefetch, "disk_read_gb_s": ceiling,
+                              "predicted_decode_tok_s": expected, **figures,
                               "fraction_of_io_ceiling": figures["disk_gb_s"] / ceiling}, indent=2))
     finally:
         if args.delete:

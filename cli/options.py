@@ -18,34 +18,49 @@ LOAD_KEYWORDS = ("model_path", "dtype", "device", "cpu_mem", "gpu_mem", "max_con
                  "prefetch")
 
 
-def load_options(default_dtype: str) -> Callable:
-    """Decorate a command with the model and placement flags (passed on as LOAD_KEYWORDS)."""
-    flags = [
-        click.option("--model", "-m", "model_path", metavar="PATH",
-                     help="Model folder, or a hub id already downloaded [default: the embedded demo model]."),
-        click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=default_dtype,
-                     show_default=True),
-        click.option("--device", help="cpu, cuda, cuda:1, ... [default: cuda if available]"),
+def dtype_option(default: str) -> Callable:
+    """--dtype: the dtype the model computes in (commands differ in their default)."""
+    return click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=default,
+                        show_default=True)
+
+
+def placement_options() -> list[Callable]:
+    """--cpu-mem, --gpu-mem, --max-context: what the memory plan is made from (loading, and `inspect --plan`)."""
+    return [
         click.option("--cpu-mem", metavar="SIZE", help="RAM the model may use, e.g. 12G or 512M (weights, context, "
                      "expert cache) [default: what is free]; routed experts that do not fit are read from disk."),
         click.option("--gpu-mem", metavar="SIZE", help="GPU memory the model may use; 0 means use no GPU."),
         click.option("--max-context", type=int, metavar="N",
                      help="Tokens of context the memory budget reserves [default: what the budget leaves room for, "
                           "at most 32768 or the model's context]."),
-        click.option("--expert-policy", type=click.Choice(POLICIES), default="stats", show_default=True,
-                     help="Which cached expert to evict first."),
-        click.option("--prefetch/--no-prefetch", default=False, show_default=True,
-                     help="Read the next layer's likely experts ahead when experts come from disk."),
-        click.option("--no-router-stats", "router_stats", flag_value=False, default=True,
-                     help="Do not read or update the per-model router statistics (~/.cache/qwen3next)."),
     ]
 
+
+def with_options(flags: list[Callable]) -> Callable:
+    """Decorate a command with `flags`, shown in --help in the order given."""
     def decorate(command: Callable) -> Callable:
         for flag in reversed(flags):
             command = flag(command)
         return command
 
     return decorate
+
+
+def load_options(default_dtype: str) -> Callable:
+    """Decorate a command with the model and placement flags (passed on as LOAD_KEYWORDS)."""
+    return with_options([
+        click.option("--model", "-m", "model_path", metavar="PATH",
+                     help="Model folder, or a hub id already downloaded [default: the embedded demo model]."),
+        dtype_option(default_dtype),
+        click.option("--device", help="cpu, cuda, cuda:1, ... [default: cuda if available]"),
+        *placement_options(),
+        click.option("--expert-policy", type=click.Choice(POLICIES), default="stats", show_default=True,
+                     help="Which cached expert to evict first."),
+        click.option("--prefetch/--no-prefetch", default=False, show_default=True,
+                     help="Read the next layer's likely experts ahead when experts come from disk."),
+        click.option("--no-router-stats", "router_stats", flag_value=False, default=True,
+                     help="Do not read or update the per-model router statistics (~/.cache/qwen3next)."),
+    ])
 
 
 def load_engine(options: dict, quiet: bool) -> Engine:

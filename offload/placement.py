@@ -129,24 +129,31 @@ def plan_memory(placement: Placement, reader: CheckpointReader, config: Qwen3Nex
     always = dense_bytes(reader, dense_names, dtype)
     fixed = recurrent_state_bytes(config, dtype)
     per_token = kv_bytes_per_token(config, dtype, with_mtp)
-    top_k = config.num_experts_per_tok
-    if placement.max_context is not None:
-        if placement.max_context > config.max_position_embeddings:
-            raise RequestError("max_context", placement.max_context,
-                               f"the model's context (max_position_embeddings) is {config.max_position_embeddings}")
-        context = placement.max_context
-    else:
-        room = context_for_budget(budget, always, fixed, per_token, slot_bytes, top_k, config.max_position_embeddings)
-        context = max(1, min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT, room))
-    experts = config.num_experts * layers
-    plan = plan_experts(budget, always, fixed, per_token, context, slot_bytes, experts, top_k)
+    top_k, experts = config.num_experts_per_tok, config.num_experts * layers
+    if placement.max_context is not None and placement.max_context > config.max_position_embeddings:
+        raise RequestError("max_context", placement.max_context,
+                           f"the model's context (max_position_embeddings) is {config.max_position_embeddings}")
+
+    def context_within(room: int) -> int:
+        """The chosen context, else the longest `room` bytes of budget leave room for (at most the default)."""
+        if placement.max_context is not None:
+            return placement.max_context
+        longest = context_for_budget(room, always, fixed, per_token, slot_bytes, top_k, config.max_position_embeddings)
+        return max(1, min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT, longest))
+
+    plan = plan_experts(budget, always, fixed, per_token, context_within(budget), slot_bytes, experts, top_k)
     if plan.fully_resident:
         return plan
-    # experts come from disk: prefill takes larger chunks (one pass over the experts each), whose working
-    # memory the budget pays for too, at most half of all the experts' bytes (a small model's 4096-token
-    # chunk can need more than all its experts); it does not depend on the budget
+    # Experts come from disk: prefill takes larger chunks (one pass over the experts each), whose working
+    # memory the budget pays for too: at most half of all the experts' bytes (a small model's 4096-token
+    # chunk can need more than all its experts), and where memory is tight, at most half of what is
+    # left after one step's experts, the default context taking no more than the other half.
     per_prefill_token = prefill_bytes_per_token(config, dtype)
-    chunk = max(1, min(OFFLOAD_PREFILL_CHUNK, context, slot_bytes * experts // 2 // per_prefill_token))
+    largest = min(OFFLOAD_PREFILL_CHUNK, slot_bytes * experts // 2 // per_prefill_token) * per_prefill_token
+    spare = max(0, budget - always - fixed - plan.read_buffers)
+    context = context_within(budget - min(largest, spare // 2))
+    left = budget - always - fixed - per_token * context - plan.read_buffers
+    chunk = max(1, min(largest // per_prefill_token, context, left // per_prefill_token))
     return plan_experts(budget, always, fixed, per_token, context, slot_bytes, experts, top_k,
                         prefill_state=chunk * per_prefill_token, prefill_tokens=chunk)
 

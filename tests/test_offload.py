@@ -101,6 +101,16 @@ def test_a_budget_too_small_is_one_error_naming_the_bytes(quantized):
         qwen3next.load(quantized, cpu_mem="1G", max_context=100000, router_stats=False)
 
 
+def test_a_tight_budget_with_the_default_context_runs(quantized):
+    """The default context fills what the budget leaves after one step's experts; prefill chunks shrink to fit."""
+    import qwen3next
+
+    engine = qwen3next.load(quantized, cpu_mem=slot_budget(quantized, 12)["cpu_mem"], router_stats=False)
+    plan = engine.plan
+    assert plan.max_context > CONTEXT and plan.prefill_tokens >= 1 and not plan.fully_resident
+    assert len(engine.complete(qwen3next.Request(prompt="Hello there", max_new_tokens=2, temperature=0)).tokens) == 2
+
+
 @pytest.fixture(scope="module")
 def stored_bf16(tmp_path_factory):
     """The small fixture model's layout stored in bf16, as hub folders are (the fused kernel's case)."""

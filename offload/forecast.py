@@ -25,23 +25,19 @@ from typing import Callable
 import torch
 
 from qwen3next import cpu_kernels
-from qwen3next.checkpoint_names import MTP_PREFIX, expected_shapes, expert_layer_prefixes, has_mtp, meta_model
+from qwen3next.checkpoint_names import MTP_PREFIX, expert_layer_prefixes, has_mtp, meta_model
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.engine import _resolve_device
 from qwen3next.inspection import Report, Section
-from qwen3next.loader import resolve_dtype
-from qwen3next.model import Qwen3NextForCausalLM
+from qwen3next.loader import check_and_plan, resolve_dtype
 from qwen3next.model_path import resolve_model_path, user_cache
-from qwen3next.quant import checkpoint as quantized
 from qwen3next.weights import CheckpointReader
 
 from .budget import ExpertPlan, format_size
 from .cached_experts import ExpertCompute
 from .disk import READ_THREADS, BlobReader, drop_cached_pages
 from .expert_cache import LayerSource
-from .placement import (Placement, dense_bytes, plan_memory, quantized_sources, resolve_device, unquantized_compute,
-                        unquantized_sources)
-from .quantized_experts import QuantizedCompute
+from .placement import (Placement, dense_bytes, resolve_device)
 from .router_stats import RouterStatistics
 
 DISK_SECONDS = 1.5  # the disk probe's time limit (it stops earlier after `samples` experts)
@@ -93,32 +89,10 @@ def plan_folder(path: str | os.PathLike | None, placement: Placement, dtype: str
         model = meta_model(config, with_mtp)
         prefixes = expert_layer_prefixes(config, with_mtp)
         dense_names = list(model.state_dict())
-        plan, sources, compute = memory_plan(placement, reader, model, prefixes, dense_names, dtype, with_mtp, quiet)
+        plan, sources, compute = check_and_plan(placement, reader, model, prefixes, dense_names, dtype, with_mtp, quiet)
         read = decode_read_bytes(reader, config, dense_names, dtype)
         whole = reader.total_bytes()
     return FolderPlan(folder, config, device, dtype, plan, whole, prefixes, sources, compute, read)
-
-
-def memory_plan(placement: Placement, reader: CheckpointReader, model: Qwen3NextForCausalLM, prefixes: dict[int, str],
-                dense_names: list[str], dtype: torch.dtype, with_mtp: bool, quiet: bool
-                ) -> tuple[ExpertPlan | None, dict[int, LayerSource], ExpertCompute]:
-    """load_model's check-and-plan step (qwen3next/loader.py), step for step: the same validation, expert
-    sources, compute piece and planner (tests/test_forecast.py holds the two plans equal)."""
-    config = model.config
-    if config.quantization is not None:
-        layouts = quantized.expert_layouts(config, list(prefixes.values()))
-        reader.validate(quantized.expected_shapes(model, reader, layouts))
-        sources = quantized_sources(reader, prefixes, config.num_experts)
-        compute = QuantizedCompute({layer: layouts[prefix] for layer, prefix in prefixes.items()})
-    else:
-        reader.validate(expected_shapes(model, with_mtp))
-        sources = unquantized_sources(reader, prefixes, config.num_experts)
-        compute = unquantized_compute(reader, prefixes, dtype)
-    slot_bytes = max(source.nbytes for source in sources.values())
-    plan = plan_memory(placement, reader, config, dense_names, slot_bytes, len(prefixes), dtype, with_mtp, quiet)
-    if config.quantization is None and plan.fully_resident and not placement.limited:
-        plan = None  # as load(): bf16 experts that all fit, no budget asked for, load whole, unplanned
-    return plan, sources, compute
 
 
 def decode_read_bytes(reader: CheckpointReader, config: Qwen3NextConfig, dense_names: list[str],

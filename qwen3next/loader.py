@@ -17,6 +17,7 @@ from tqdm import tqdm
 from qwen3next.offload.budget import ExpertPlan
 from qwen3next.offload.placement import (Placement, expert_cache_store, plan_memory, quantized_sources,
                                          suggest_quantizing, unquantized_compute, unquantized_sources)
+from qwen3next.offload.cached_experts import ExpertCompute
 from qwen3next.offload.quantized_experts import QuantizedCompute
 from qwen3next.offload.router_stats import RouterStatistics
 from qwen3next.offload.store import ResidentExpertStore
@@ -77,32 +78,18 @@ def load_model(
         with_mtp = has_mtp(reader.names())
         model = meta_model(config, with_mtp)
         prefixes = expert_layer_prefixes(config, with_mtp)
-        layouts = None
-        if config.quantization is not None:
-            layouts = quantized.expert_layouts(config, list(prefixes.values()))
-            reader.validate(quantized.expected_shapes(model, reader, layouts))
-        else:
-            reader.validate(expected_shapes(model, with_mtp))
+        dense_names = list(model.state_dict())
+        plan, sources, compute = check_and_plan(placement, reader, model, prefixes, dense_names, dtype, with_mtp, quiet)
+        is_quantized = config.quantization is not None
+        stacked = not is_quantized and (plan is None or plan.fully_resident)  # bf16 experts that all fit: stacked
 
         def read(name: str) -> torch.Tensor:
             return reader.read(name).to(device=device, dtype=dtype)
 
-        dense_names = list(model.state_dict())
-        if layouts is not None:
-            sources = quantized_sources(reader, prefixes, config.num_experts)
-            compute = QuantizedCompute({layer: layouts[prefix] for layer, prefix in prefixes.items()})
-        else:
-            sources = unquantized_sources(reader, prefixes, config.num_experts)
-            compute = unquantized_compute(reader, prefixes, dtype)
-        slot_bytes = max(source.nbytes for source in sources.values())
-        plan = plan_memory(placement, reader, config, dense_names, slot_bytes, len(prefixes), dtype, with_mtp, quiet)
-        stacked = layouts is None and plan.fully_resident  # bf16 experts that all fit load as stacked tensors
-        if stacked and not placement.limited:
-            plan = None  # no budget asked for and everything fits: the whole model's context, unplanned
         total = len(dense_names) + len(prefixes) * config.num_experts
         with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False, delay=1.0) as bar:
             for name in dense_names:
-                bits = quantized.stored_bits(reader, name) if layouts is not None else None
+                bits = quantized.stored_bits(reader, name) if is_quantized else None
                 if bits is None:
                     _assign(model, name, read(name))
                 else:
@@ -112,7 +99,7 @@ def load_model(
             if stacked:
                 store = ResidentExpertStore.from_tensors(prefixes, config.num_experts, read, bar.update)
             else:
-                if layouts is None and not quiet:
+                if not is_quantized and not quiet:
                     print(suggest_quantizing(folder, plan), file=sys.stderr)
                 routers = {layer: model.model.layers[layer].mlp.gate for layer in prefixes
                            if layer < config.num_hidden_layers}
@@ -120,6 +107,30 @@ def load_model(
                                            bar.update)
     model.set_expert_store(store)
     return model.eval(), store, plan
+
+
+def check_and_plan(placement: Placement, reader: CheckpointReader, model: Qwen3NextForCausalLM,
+                   prefixes: dict[int, str], dense_names: list[str], dtype: torch.dtype, with_mtp: bool, quiet: bool
+                   ) -> tuple[ExpertPlan | None, dict, ExpertCompute]:
+    """Every expected tensor checked by name and shape, then the memory plan, before any weight is read:
+    returns (plan, expert sources per layer, the compute piece for their format). `inspect --plan`
+    (offload/forecast.py) calls this too, so it shows the plan a run gets. plan is None for a bf16 folder
+    whose experts all fit when no budget was asked for: it loads whole, unplanned."""
+    config = model.config
+    if config.quantization is not None:
+        layouts = quantized.expert_layouts(config, list(prefixes.values()))
+        reader.validate(quantized.expected_shapes(model, reader, layouts))
+        sources = quantized_sources(reader, prefixes, config.num_experts)
+        compute = QuantizedCompute({layer: layouts[prefix] for layer, prefix in prefixes.items()})
+    else:
+        reader.validate(expected_shapes(model, with_mtp))
+        sources = unquantized_sources(reader, prefixes, config.num_experts)
+        compute = unquantized_compute(reader, prefixes, dtype)
+    slot_bytes = max(source.nbytes for source in sources.values())
+    plan = plan_memory(placement, reader, config, dense_names, slot_bytes, len(prefixes), dtype, with_mtp, quiet)
+    if config.quantization is None and plan.fully_resident and not placement.limited:
+        plan = None
+    return plan, sources, compute
 
 
 def _swap_in_quantized(model: nn.Module, name: str, bits: int, arrays: list[torch.Tensor], dtype: torch.dtype) -> None:

@@ -32,12 +32,14 @@ def _register_commands() -> None:
     from .inspect_cmd import inspect_command
     from .quantize import quantize_command
     from .run import run
+    from .serve import serve_command
 
     cli.add_command(run)
     cli.add_command(eval_command)
     cli.add_command(download_command)
     cli.add_command(inspect_command)
     cli.add_command(quantize_command)
+    cli.add_command(serve_command)
 
 
 def _fail(message: str, code: int) -> int:

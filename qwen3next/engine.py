@@ -24,6 +24,7 @@ from .moe import RoutingObservers, set_routing_observer
 from .offload.budget import ExpertPlan
 from .offload.placement import Placement, resolve_device
 from .offload.router_stats import RouterStatistics
+from .prefix_cache import PrefixStates
 from .request import PREFILL_CHUNK, Request, Result, Token, Usage
 from .sampling import Sampler, generation_defaults
 from .tokenizer import Tokenizer
@@ -51,6 +52,14 @@ class Engine:
         self.config = model.config
         self.sampling_defaults, eos_ids = generation_defaults(folder)
         self.eos_ids = eos_ids or self.config.eos_token_ids
+        self.prefix_states: PrefixStates | None = None  # off: each call prefills its whole prompt
+
+    def keep_prefix_states(self, limit: int = 4) -> None:
+        """Keep generation state between calls, as a server does for chat turns: a prompt that extends an
+        earlier prompt (or prompt and reply) token for token prefills only its new tokens. `limit`
+        snapshots are kept (each copies the DeltaNet states; prefix_cache.py); 0 turns it off. The kept
+        state is one live cache, so streams must then run one at a time (the server's queue does)."""
+        self.prefix_states = PrefixStates(lambda: self.model.make_cache(self.context_length), limit) if limit else None
 
     @property
     def device(self) -> torch.device:
@@ -124,13 +133,18 @@ class Engine:
         detokenizer = self.tokenizer.detokenizer(skip_special_tokens=True)
         stops = StopStrings(request.stop)
         texts = []
+        states = self.prefix_states
+        kept, result.usage.cached_tokens = (None, 0) if states is None else states.start(ids)
         tokens = generate_ids(self.model, ids, sampler, request.max_new_tokens, self.eos_ids, self.context_length,
-                              result.timings, request.prefill_chunk or self.prefill_chunk)
+                              result.timings, request.prefill_chunk or self.prefill_chunk, kept,
+                              result.usage.cached_tokens)
         if self.router_stats is not None:
             self.router_stats.start_sequence()
         cache = getattr(self.expert_store, "cache", None)
         before = copy.copy(cache.counters) if cache is not None and not cache.complete else None
         for token, finish in tokens:
+            if states is not None and not result.tokens:
+                states.keep(ids)  # the end of the prompt: where the next turn's prompt goes on from
             piece = detokenizer.add(token) + (detokenizer.flush() if finish else "")
             text, stopped = stops.feed(piece)
             if finish and not stopped:
@@ -144,6 +158,8 @@ class Engine:
             if finish:
                 result.finish_reason = finish
                 break
+        if states is not None and result.tokens:
+            states.keep(ids + result.tokens[:-1])  # the end of the reply (its last token was never fed in)
         result.text = "".join(texts)
         result.usage.completion_tokens = len(result.tokens)
         if before is not None:

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .cache import ModelCache
 from .model import Qwen3NextForCausalLM
 from .request import PREFILL_CHUNK, Timings
 from .sampling import Sampler
@@ -34,20 +35,26 @@ def generate_ids(
     context_length: int,
     timings: Timings,
     prefill_chunk: int = PREFILL_CHUNK,
+    cache: ModelCache | None = None,
+    cached: int = 0,
 ) -> Iterator[tuple[int, str | None]]:
     """Yield (token id, finish reason) for each new token: None until the last, then "stop" (an eos
-    id) or "length" (max_new_tokens or the end of the context). `timings` is filled in as it goes."""
+    id) or "length" (max_new_tokens or the end of the context). `timings` is filled in as it goes.
+
+    `cache` may already hold the first `cached` prompt tokens (a kept chat turn): only the rest are
+    prefilled. While a token is being yielded the cache holds the prompt and every earlier new token."""
     device = model.model.norm.weight.device
     limit = min(max_new_tokens, context_length - len(prompt_ids))
     if limit <= 0:
         return
     eos = set(eos_ids)
-    cache = model.make_cache(context_length)
+    if cache is None:
+        cache = model.make_cache(context_length)
     history = list(prompt_ids)
     use_history = sampler.params.repetition_penalty != 1.0
 
     started = time.perf_counter()
-    logits = prefill(model, torch.tensor([history], device=device), cache, prefill_chunk)
+    logits = prefill(model, torch.tensor([history[cached:]], device=device), cache, prefill_chunk)
     for step in range(limit):
         token = sampler(logits, torch.tensor(history) if use_history else None)
         history.append(token)

@@ -203,6 +203,7 @@ class Token:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose state was kept from an earlier call (Engine.keep_prefix_states)
 
     @property
     def total_tokens(self) -> int:

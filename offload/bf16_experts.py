@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from qwen3next import cpu_kernels
 
+from .cached_experts import weighted_sum
+
 
 class Bf16Compute:
     """ExpertCompute for experts stored as plain matrices (`stored` dtype) computed in `dtype`;
@@ -30,6 +32,9 @@ class Bf16Compute:
         inter = self.shapes[layer][0]
         return lambda x, table, ids, weights: cpu_kernels.swiglu_experts_bf16(x, table, ids, weights, inter)
 
+    def rows_kernel(self, layer: int):
+        return None  # many tokens run expert by expert (run_expert)
+
     def run_expert(self, layer: int, expert: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         inter, hidden = self.shapes[layer]
         matrices = expert.view(self.stored)
@@ -37,3 +42,7 @@ class Bf16Compute:
         down = matrices[2 * inter * hidden :].view(hidden, inter).to(x.dtype)
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, down)
+
+    def combine(self, results: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                x: torch.Tensor) -> torch.Tensor:
+        return weighted_sum(results, order, weights, x)

@@ -8,8 +8,11 @@ never a bit of the output:
                             layer's address table, summing in the router's order
   bf16 one-token steps      SparseMoE routes and computes in two kernel calls around acquire() and
                             release() (moe.SparseMoE._fused_decode): the fused kernel's bits
-  a prefill chunk           reads for every chosen expert start first, then each expert runs once on
-                            all its tokens in ascending expert order, summed as moe.StackedExperts sums
+  a prefill chunk           all experts resident (CPU kernels): one call for all rows, each expert once
+                            on its rows, summing in the router's order (the one-token kernel's bits);
+                            otherwise reads for every chosen expert start first, then each expert runs
+                            once on all its tokens in ascending expert order, summed by the format
+                            (quantized on the CPU: the kernel's sum, so the same bits again)
 The prefetcher (offload/prefetch.py) is not called from here: it is a routing observer, and the engine
 installs it (`prefetcher`) beside the router statistics, so it sees each layer before it routes.
 """
@@ -26,6 +29,7 @@ from .expert_cache import ExpertCache
 from .prefetch import LookaheadPrefetcher
 
 TokenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+RowsKernel = TokenKernel
 
 
 class ExpertCompute(Protocol):
@@ -33,6 +37,11 @@ class ExpertCompute(Protocol):
 
     def token_kernel(self, layer: int) -> TokenKernel | None:
         """(x [hidden], table, ids [k] int64, weights [k] fp32) -> [hidden] on the CPU, or None."""
+        ...
+
+    def rows_kernel(self, layer: int) -> RowsKernel | None:
+        """(x [N, hidden], table, ids [N, k] int64, weights [N, k] fp32) -> [N, hidden] on the CPU for any N, each
+        row the token kernel's bits, with every expert in the table; or None (many rows run per expert)."""
         ...
 
     def run_expert(self, layer: int, expert: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -43,12 +52,25 @@ class ExpertCompute(Protocol):
         """Whether the layer's address table is the bf16 [experts, 3] table the fused MoE kernel reads."""
         ...
 
+    def combine(self, results: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                x: torch.Tensor) -> torch.Tensor:
+        """[N, hidden]: run_expert's results for the (token, slot) pairs order[j] (ids.flatten() positions,
+        grouped by expert), weighted by weights [N, k] and summed per token."""
+        ...
+
+
+def weighted_sum(results: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ExpertCompute.combine as moe.StackedExperts sums: one index_add_ in the same (expert, token) order."""
+    weighted = results * weights.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, order // weights.shape[-1], weighted.to(x.dtype))
+
 
 class CachedExperts:
     def __init__(self, cache: ExpertCache, compute: ExpertCompute, device: torch.device,
                  prefetcher: LookaheadPrefetcher | None = None):
         self.cache, self.compute, self.device, self.prefetcher = cache, compute, device, prefetcher
         self._kernels = {layer: compute.token_kernel(layer) for layer in cache.layers}
+        self._rows_kernels = {layer: compute.rows_kernel(layer) for layer in cache.layers}
         self.device_arena = None
         if cache.complete and device.type != "cpu":
             self.device_arena = cache.arena.to(device)  # everything resident: one copy on the device
@@ -58,12 +80,14 @@ class CachedExperts:
         return self.cache.complete
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        kernel = self._kernels[layer]
-        if kernel is not None and self.device.type == "cpu" and cpu_kernels.usable(x) \
-                and x.shape[0] <= cpu_kernels.MAX_ROWS:
+        kernel, rows_kernel = self._kernels[layer], self._rows_kernels[layer]
+        if self.device.type == "cpu" and cpu_kernels.usable(x):
             ids, weights = ids.to(torch.int64).contiguous(), weights.float().contiguous()  # C reads raw memory
-            return torch.stack([self._token(layer, x[n : n + 1], ids[n : n + 1], weights[n], kernel)
-                                for n in range(x.shape[0])])
+            if rows_kernel is not None and self.cache.complete:  # all rows in one call, each expert once on its rows
+                return rows_kernel(x, self.cache.tables[layer], ids, weights)
+            if kernel is not None and x.shape[0] <= cpu_kernels.MAX_ROWS:
+                return torch.stack([self._token(layer, x[n : n + 1], ids[n : n + 1], weights[n], kernel)
+                                    for n in range(x.shape[0])])
         return self._per_expert(layer, x, ids, weights)
 
     def acquire(self, layer: int, ids: torch.Tensor, x: torch.Tensor) -> None:
@@ -89,8 +113,8 @@ class CachedExperts:
             self.release(layer, ids)
 
     def _per_expert(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each chosen expert once on all the tokens that chose it, in ascending expert order; the weighted
-        results added in one index_add_ in the same (expert, token) order as moe.StackedExperts."""
+        """Each chosen expert once on all the tokens that chose it, in ascending expert order; the results
+        summed by the format's compute piece (ExpertCompute.combine)."""
         top_k = ids.shape[-1]
         order = torch.argsort(ids.flatten(), stable=True)  # (token, slot) pairs grouped by expert
         counts = torch.bincount(ids.flatten(), minlength=self.cache.experts).tolist()
@@ -104,8 +128,7 @@ class CachedExperts:
                 results.append(self.compute.run_expert(layer, self._slot_bytes(layer, expert), part))
             finally:
                 self.cache.release(layer, [expert])
-        weighted = torch.cat(results) * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, tokens, weighted.to(x.dtype))
+        return self.compute.combine(torch.cat(results), order, weights, x)
 
     def _slot_bytes(self, layer: int, expert: int) -> torch.Tensor:
         if self.device_arena is not None:

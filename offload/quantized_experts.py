@@ -1,8 +1,10 @@
 """How quantized routed experts compute from their blobs (the compute piece of offload/cached_experts.py).
 
-One token on the CPU: one kernel call over the layer's blob address table, summing in the router's
-order (cpu_kernels.experts_quant). Otherwise each expert runs on its rows through the dequantizing
-matmuls (quant/modules.quantized_matmul), on any device.
+bf16 rows on the CPU run the C kernels, whose every row has the same bits however the rows are split:
+a token or a whole prefill chunk in one call over the layer's blob address table when the experts are
+there (cpu_kernels.experts_quant: each expert once on its rows, summed in the router's order), or expert
+by expert as an expert cache hands them out (experts_pairs per expert, then experts_combine). Elsewhere
+(other devices, no C compiler) each expert runs on its rows through quant/modules.quantized_matmul.
 """
 
 from __future__ import annotations
@@ -16,21 +18,39 @@ from qwen3next.quant.layout import ExpertLayout, ProjectionLayout, array_specs
 from qwen3next.quant.modules import quantized_matmul
 from qwen3next.weights import SAFETENSORS_DTYPES
 
+from .cached_experts import weighted_sum
+
 
 class QuantizedCompute:
     """ExpertCompute for blobs in the quantized format; `layouts` per store layer."""
 
     def __init__(self, layouts: dict[int, ExpertLayout]):
         self.layouts = layouts
+        self.kernel_layouts = {layer: kernel_layout(layout) for layer, layout in layouts.items()}
 
     def token_kernel(self, layer: int):
-        layout = kernel_layout(self.layouts[layer])
+        layout = self.kernel_layouts[layer]
         if layout is None:
             return None
         return lambda x, table, ids, weights: cpu_kernels.experts_quant(x, table, layout, ids, weights)
 
+    rows_kernel = token_kernel  # the same call takes any number of rows
+
     def run_expert(self, layer: int, expert: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return run_expert(expert, self.layouts[layer], x)
+        """Rows x through one expert: fp32 sums from the CPU kernel (what experts_quant adds up), else bf16."""
+        layout = self.kernel_layouts[layer]
+        if layout is None or expert.device.type != "cpu" or not cpu_kernels.usable(x):
+            return run_expert(expert, self.layouts[layer], x)
+        rows = torch.arange(x.shape[0])
+        return cpu_kernels.experts_pairs(x, torch.tensor([expert.data_ptr()]), layout, torch.zeros_like(rows), rows)
+
+    def combine(self, results: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                x: torch.Tensor) -> torch.Tensor:
+        if results.dtype != torch.float32 or x.dtype != torch.bfloat16:  # run_expert's dequantizing path
+            return weighted_sum(results, order, weights, x)
+        pairs = torch.empty_like(results)
+        pairs[order] = results
+        return cpu_kernels.experts_combine(pairs, weights.float())
 
     def fused_table(self, layer: int) -> bool:
         return False  # the fused MoE kernel reads bf16 matrices

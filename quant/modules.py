@@ -1,9 +1,9 @@
 """Weight-only quantized stand-ins for the model's Linear and Embedding modules (gpt-fast style swap-in).
 
 The loader replaces a module whose matrix the checkpoint stores quantized; the model code does not
-change. CPU calls of up to KERNEL_ROWS rows run the 8/4-bit kernels on the stored codes; everything
-else (long prefill chunks, other devices, no C compiler) dequantizes the matrix for the call and uses
-a dense matmul, which at many rows costs little next to the matmul itself.
+change. bf16 calls on the CPU run the 8/4-bit kernels on the stored codes, whatever the number of rows;
+everything else (other devices or dtypes, no C compiler) dequantizes the matrix for the call and uses a
+dense matmul.
 """
 
 from __future__ import annotations
@@ -22,29 +22,17 @@ def dequantize(bits: int, arrays: list[torch.Tensor], dtype: torch.dtype) -> tor
     return int8.dequantize(*arrays, dtype=dtype) if bits == 8 else int4.dequantize(*arrays, dtype=dtype)
 
 
-KERNEL_ROWS = 128  # bf16 rows up to which the kernels, MAX_ROWS at a time, beat dequantizing the matrix (see below)
-
-
 def quantized_matmul(x: torch.Tensor, bits: int, arrays: list[torch.Tensor], fp32_out: bool = False) -> torch.Tensor:
     """x [..., in] @ W.T for a matrix stored as `arrays` (fp32 sums kept with fp32_out, for logits).
 
-    On the CPU, up to KERNEL_ROWS bf16 rows run the 8/4-bit kernels MAX_ROWS rows per call: on an
-    expert-sized 4-bit matrix that measured 12x faster than dequantizing at 20 rows and 3.4x at 80
-    (benchmarks/bench_kernels.py), and it allocates nothing the size of the matrix, which a prefill
-    chunk under a memory budget would otherwise do for every expert. Each row's result does not
-    depend on the others in its call, so the split changes no bit. More rows (and other devices, or
-    no C compiler) take a dense matmul on the dequantized matrix, which many rows amortise."""
-    codes = arrays[0]
-    in_features = codes.shape[1] * (2 if bits == 4 else 1)
-    rows = x.numel() // in_features
-    if codes.device.type == "cpu" and cpu_kernels.usable(x) and rows <= KERNEL_ROWS:
+    bf16 rows on the CPU take the 8/4-bit kernels in one call, any number of rows: each row's result is
+    the same bits alone or in a prefill chunk (a speculative verify pass needs that), they beat
+    dequantizing the matrix for a bf16 GEMM at every row count measured (docs/kernels.md), and they
+    allocate nothing the size of the matrix. Other devices, or no C compiler, take a dense matmul on the
+    dequantized matrix."""
+    if arrays[0].device.type == "cpu" and cpu_kernels.usable(x):
         kernel = cpu_kernels.linear_q8 if bits == 8 else cpu_kernels.linear_q4
-        if rows <= cpu_kernels.MAX_ROWS:
-            return kernel(x, *arrays, fp32_out=fp32_out)
-        flat = x.reshape(rows, in_features)
-        out = torch.cat([kernel(flat[i : i + cpu_kernels.MAX_ROWS], *arrays, fp32_out=fp32_out)
-                         for i in range(0, rows, cpu_kernels.MAX_ROWS)])
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return kernel(x, *arrays, fp32_out=fp32_out)
     return linear(x, dequantize(bits, arrays, x.dtype), fp32_out)
 
 

@@ -210,8 +210,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q3n_linear_q8.restype = None
     lib.q3n_linear_q4.argtypes = [p, p, p, i64, p, p, i64, i64, i64, c_int, c_int]
     lib.q3n_linear_q4.restype = None
-    lib.q3n_experts_quant.argtypes = [p, ctypes.POINTER(ExpertLayout), p, p, i64, p, p, c_int]
+    lib.q3n_experts_quant.argtypes = [p, ctypes.POINTER(ExpertLayout), p, p, i64, i64, p, p, c_int]
     lib.q3n_experts_quant.restype = None
+    lib.q3n_experts_pairs.argtypes = [p, ctypes.POINTER(ExpertLayout), p, p, i64, p, i64, p, c_int]
+    lib.q3n_experts_pairs.restype = None
+    lib.q3n_experts_combine.argtypes = [p, p, i64, i64, i64, p, c_int]
+    lib.q3n_experts_combine.restype = None
     lib.q3n_rms_norm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
     lib.q3n_rms_norm_bf16.restype = None
     lib.q3n_attend_one_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, c_int]
@@ -294,7 +298,9 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool = False) -
 
 
 def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:
-    """x [..., in] (bf16, a few rows) times int8 weights q [out, in] with fp32 row scales (quant/int8.py)."""
+    """x [..., in] (bf16, any number of rows) times int8 weights q [out, in] with fp32 row scales (quant/int8.py).
+
+    Each row's result is the same bits whatever the other rows in the call (csrc/quant_kernels.c)."""
     x = x.contiguous()
     out_features, in_features = q.shape
     y = x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32 if fp32_out else x.dtype)
@@ -305,7 +311,7 @@ def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fp32_out: b
 
 def linear_q4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
               fp32_out: bool = False) -> torch.Tensor:
-    """x [..., in] (bf16, a few rows) times 4-bit group-quantized weights (quant/int4.py)."""
+    """x [..., in] (bf16, any number of rows) times 4-bit group-quantized weights (quant/int4.py), as linear_q8."""
     x = x.contiguous()
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
     y = x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32 if fp32_out else x.dtype)
@@ -391,14 +397,37 @@ class ExpertLayout(ctypes.Structure):
 
 def experts_quant(x: torch.Tensor, blobs: torch.Tensor, layout: ExpertLayout, ids: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor:
-    """One token x [hidden] (bf16) through quantized experts `ids` [k] (int64) summed with `weights` [k] (fp32).
+    """Rows x [N, hidden] (bf16; or one token [hidden]) through quantized experts ids [N, k] (int64), summed with
+    weights [N, k] (fp32) in the router's order: experts_pairs then experts_combine, in one call.
 
     `blobs` [experts] int64 holds each expert blob's address (quant/layout.py); the caller keeps them alive.
     """
     x = x.contiguous()
     out = torch.empty_like(x)
-    _lib.q3n_experts_quant(blobs.data_ptr(), ctypes.byref(layout), ids.data_ptr(), weights.data_ptr(), ids.numel(),
-                           x.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    rows = x.numel() // layout.gate.cols
+    _lib.q3n_experts_quant(blobs.data_ptr(), ctypes.byref(layout), ids.data_ptr(), weights.data_ptr(), rows,
+                           ids.numel() // rows, x.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def experts_pairs(x: torch.Tensor, blobs: torch.Tensor, layout: ExpertLayout, ids: torch.Tensor,
+                  tokens: torch.Tensor) -> torch.Tensor:
+    """[P, hidden] fp32: row tokens[p] of x [N, hidden] (bf16) through the expert blob at blobs[ids[p]], unweighted
+    (ids and tokens [P] int64); each expert runs once on all its rows."""
+    x = x.contiguous()
+    out = torch.empty(ids.numel(), layout.gate.cols)
+    _lib.q3n_experts_pairs(blobs.data_ptr(), ctypes.byref(layout), ids.data_ptr(), tokens.data_ptr(), ids.numel(),
+                           x.data_ptr(), x.numel() // layout.gate.cols, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def experts_combine(pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[N, hidden] bf16: sum_i weights[n, i] * pairs[n * k + i] in the router's order i (weights [N, k] fp32,
+    pairs [N * k, hidden] fp32 as experts_pairs returns them): experts_quant's bits."""
+    rows, top_k = weights.shape
+    out = torch.empty(rows, pairs.shape[-1], dtype=torch.bfloat16)
+    _lib.q3n_experts_combine(pairs.contiguous().data_ptr(), weights.contiguous().data_ptr(), rows, top_k,
+                             pairs.shape[-1], out.data_ptr(), torch.get_num_threads())
     return out
 
 

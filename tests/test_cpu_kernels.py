@@ -167,3 +167,82 @@ def test_bf16_decode_is_as_close_to_fp32_as_the_reference(models):
 
     assert mean_error(ours) < 1.25 * mean_error(theirs)
 
+
+
+BLOCKS = (2, 5, 8, 37, 128, 512)
+
+
+def quantized(bits: int, out_features: int, in_features: int, group: int = 64, seed: int = 0):
+    from qwen3next.quant import int4, int8
+
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * in_features**-0.5
+    return int8.quantize(w) if bits == 8 else int4.quantize(w, group)
+
+
+# (out, in, group): the integer tiles' own shapes, rows past a tile's 16 lanes, fewer rows than a tile, and the
+# shapes the tiles leave to the row loops (in not a multiple of 128, groups other than 64)
+SHAPES = [(48, 256, 64), (37, 512, 64), (5, 128, 64), (21, 192, 64), (19, 256, 32), (9, 256, 128)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("out_features, in_features, group", SHAPES)
+def test_quantized_rows_do_not_depend_on_the_rows_beside_them(bits, out_features, in_features, group):
+    """A row's result is the same bits alone or in a block of any size (a speculative verify pass relies on it)."""
+    from qwen3next.quant.modules import quantized_matmul
+
+    arrays = list(quantized(bits, out_features, in_features, group))
+    x = bf16(max(BLOCKS), in_features, seed=5)
+    with torch.inference_mode():
+        alone = torch.cat([quantized_matmul(x[r : r + 1], bits, arrays, fp32_out=True) for r in range(len(x))])
+        for rows in BLOCKS:
+            blocks = torch.cat([quantized_matmul(x[i : i + rows], bits, arrays, fp32_out=True)
+                                for i in range(0, len(x), rows)])
+            assert torch.equal(blocks, alone), rows
+
+
+def expert_blobs(bits: int, experts: int, hidden: int, inter: int):
+    """Random quantized expert blobs in quant/layout.py's format: (blobs, their address table, the layout)."""
+    from qwen3next.quant.layout import ExpertLayout
+
+    layout = ExpertLayout.build(hidden, inter, {p: {"bits": bits, "group": 64} for p in ("gate_proj", "up_proj",
+                                                                                          "down_proj")})
+    blobs = []
+    for e in range(experts):
+        blob = torch.zeros(layout.nbytes, dtype=torch.uint8)
+        for i, p in enumerate(layout.projections.values()):
+            for offset, array in zip(p.offsets, quantized(bits, p.rows, p.cols, p.group, seed=10 * e + i)):
+                raw = array.contiguous().view(torch.uint8).flatten()
+                blob[offset : offset + raw.numel()] = raw
+        blobs.append(blob)
+    return blobs, torch.tensor([b.data_ptr() for b in blobs], dtype=torch.int64), layout
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_experts_rows_do_not_depend_on_the_chunk(bits):
+    """Tokens through quantized experts: a token alone (a decode step), inside a prefill chunk, and expert by
+    expert then combined (the expert cache under a budget) give the same bits, close to the dequantized sums."""
+    from qwen3next.offload.quantized_experts import kernel_layout, run_expert
+
+    experts, hidden, inter, top_k, tokens = 12, 256, 80, 3, 40  # inter 80: down's rows take the row loops
+    blobs, table, layout = expert_blobs(bits, experts, hidden, inter)
+    c_layout = kernel_layout(layout)
+    x = bf16(tokens, hidden, seed=6)
+    ids = torch.stack([torch.randperm(experts, generator=torch.Generator().manual_seed(t))[:top_k]
+                       for t in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=torch.Generator().manual_seed(7)), -1)
+    with torch.inference_mode():
+        chunk = cpu_kernels.experts_quant(x, table, c_layout, ids, weights)
+        alone = torch.stack([cpu_kernels.experts_quant(x[t], table, c_layout, ids[t], weights[t])
+                             for t in range(tokens)])
+        pairs = torch.empty(tokens * top_k, hidden)
+        flat = ids.flatten()
+        for e in range(experts):  # each expert on its own rows only, as offload/cached_experts runs them
+            chosen = (flat == e).nonzero().flatten()
+            rows = torch.arange(len(chosen))
+            pairs[chosen] = cpu_kernels.experts_pairs(x[chosen // top_k], table, c_layout, torch.full_like(rows, e),
+                                                      rows)
+        combined = cpu_kernels.experts_combine(pairs, weights)
+        expected = torch.stack([sum(w * run_expert(blobs[e], layout, x[t : t + 1].float())[0]  # dequantized, fp32
+                                    for e, w in zip(ids[t].tolist(), weights[t].tolist())) for t in range(tokens)])
+    assert torch.equal(chunk, alone) and torch.equal(chunk, combined)
+    assert_bf16_close(chunk, expected, slack=8 if bits == 8 else 16)

@@ -1,40 +1,47 @@
-/* Decode-time CPU kernels for quantized weights (formats: qwen3next/quant/int8.py, int4.py; docs/format.md).
+/* CPU kernels for quantized weights (formats: qwen3next/quant/int8.py, int4.py; docs/format.md).
  *
- * Matrix-vector products that stream the weights once. Fewer bytes per weight is the point: decode
- * is bound by reading weights, so 8-bit weights halve and 4-bit weights (4.5 bits with their scales)
- * nearly quarter what a bf16 step reads, provided the arithmetic keeps up with the memory. Widening
- * every code to fp32 does not (it runs at ~16 G weights/s here, under DRAM speed), so on CPUs with
- * AVX-512 VNNI the activation vector is turned into int16 codes, one fp32 scale per block of 64
- * (a 2^-16 step relative to the block's largest value, far finer than bf16's own 2^-8), and rows are
- * multiplied with integer dot-product instructions (vpdpwssd: 32 products per instruction), each
- * block's int32 sum scaled once. Other CPUs take plain fp32 loops.
+ * Products of a few or many activation rows with a quantized matrix, streaming the weights once per
+ * call. Decode is bound by reading weights, so 8-bit weights halve and 4-bit weights (4.5 bits with
+ * their scales) nearly quarter what a bf16 step reads, provided the arithmetic keeps up with the
+ * memory; prefill chunks and verify passes are bound by the arithmetic. Widening every code to fp32
+ * does not keep up (~16 G weights/s here), so on CPUs with AVX-512 VNNI activation rows are turned
+ * into integer codes once per call (int16 for 8-bit weights, int8 for 4-bit ones, one fp32 scale per
+ * block of 64) and multiplied with integer dot-product instructions over tiles of TILE_W weight rows
+ * by TILE_X activation rows: each weight row is unpacked once per tile and each activation block
+ * loaded once per tile. Other CPUs take plain fp32 loops, one row pair at a time.
  *
- * An activation vector is prepared once (codes, even/odd split for the 4-bit nibbles, per-group
- * sums for the 4-bit minimum) and reused by every row of every matrix that reads it.
+ * Every (weight row, activation row) pair has its own accumulator and the same sequence of
+ * operations whatever the tile it falls in and however many rows share the call, so a row's
+ * result is bit-identical alone or in a block of 512 (speculative verification relies on it).
  */
 #include "common.h"
 
-#define XBLOCK 64 /* activation values sharing one int16 scale */
+#define XBLOCK 64 /* activation values sharing one integer-code scale */
+#define TILE_W 16  /* weight rows per unit of work (the 4-bit tile: one per vector lane) */
+#define Q8_TILE_W 4 /* weight rows per 8-bit tile */
+#define TILE_X 4    /* activation rows per tile (their accumulators stay in registers) */
 
 /* An activation vector x [n] in the forms the row dots read. */
 typedef struct {
-    int64_t n, group;      /* group: the 4-bit group `sums` is for */
-    float *f;              /* fp32 values */
-    float *even, *odd;     /* fp32 x[2j], x[2j+1] (the low and high nibbles' partners) */
-    float *sums;           /* [n / group]: sum of x over each 4-bit group */
+    int64_t n, group;       /* group: the 4-bit group `sums` is for */
+    float *f;               /* fp32 values */
+    float *even, *odd;      /* fp32 x[2j], x[2j+1] (the low and high nibbles' partners) */
+    float *sums;            /* [n / group]: sum of x over each 4-bit group */
     int16_t *q, *even_q, *odd_q; /* int16 codes of x, whole and split */
-    float *block_scale;    /* [n / XBLOCK]: x ~ q * block_scale */
+    float *block_scale;     /* [n / XBLOCK]: x ~ q * block_scale */
     int8_t *even_b, *odd_b; /* int8 codes of the split x, for 4-bit weights */
-    float *block_scale_b;  /* [n / XBLOCK]: x ~ code * block_scale_b */
+    float *block_scale_b;   /* [n / XBLOCK]: x ~ code * block_scale_b */
+    float *pair_scale_b;    /* [n / 128][16]: block_scale_b of blocks 2c (lanes 0-7) and 2c+1 (8-15) */
 } prepared;
 
 static void prepare(prepared *p, const float *x, int64_t n, int64_t group) {
-    const int64_t groups = group ? n / group : 0, blocks = n / XBLOCK;
+    const int64_t groups = group ? n / group : 0, blocks = n / XBLOCK, pairs = n / (2 * XBLOCK);
     p->n = n, p->group = group;
-    p->f = malloc(sizeof(float) * (size_t)(2 * n + groups + 2 * blocks) + sizeof(int16_t) * (size_t)(2 * n) + (size_t)n);
+    p->f = malloc(sizeof(float) * (size_t)(2 * n + groups + 2 * blocks + 16 * pairs) +
+                  sizeof(int16_t) * (size_t)(2 * n) + (size_t)n);
     p->even = p->f + n, p->odd = p->even + n / 2, p->sums = p->odd + n / 2, p->block_scale = p->sums + groups;
-    p->block_scale_b = p->block_scale + blocks;
-    p->q = (int16_t *)(p->block_scale_b + blocks), p->even_q = p->q + n, p->odd_q = p->even_q + n / 2;
+    p->block_scale_b = p->block_scale + blocks, p->pair_scale_b = p->block_scale_b + blocks;
+    p->q = (int16_t *)(p->pair_scale_b + 16 * pairs), p->even_q = p->q + n, p->odd_q = p->even_q + n / 2;
     p->even_b = (int8_t *)(p->odd_q + n / 2), p->odd_b = p->even_b + n / 2;
     memcpy(p->f, x, sizeof(float) * (size_t)n);
     for (int64_t j = 0; j < n / 2; j++) p->even[j] = x[2 * j], p->odd[j] = x[2 * j + 1];
@@ -56,6 +63,8 @@ static void prepare(prepared *p, const float *x, int64_t n, int64_t group) {
             p->odd_b[j] = (int8_t)lrintf(x[2 * j + 1] * inverse_b);
         }
     }
+    for (int64_t c = 0; c < pairs; c++)
+        for (int l = 0; l < 16; l++) p->pair_scale_b[16 * c + l] = p->block_scale_b[2 * c + l / 8];
     for (int64_t j = 0; j < blocks * XBLOCK / 2; j++) p->even_q[j] = p->q[2 * j], p->odd_q[j] = p->q[2 * j + 1];
 }
 
@@ -67,77 +76,37 @@ static void prepare_bf16(prepared *p, const uint16_t *x, int64_t n, int64_t grou
 
 static void release(prepared *p) { free(p->f); }
 
-/* ---- one row of an int8 matrix (one fp32 scale per row, applied by the caller) ---- */
+/* A quantized matrix [rows, cols]: int8 codes with one fp32 scale per row, or 4-bit codes two per byte
+ * (even index in the low nibble) with an fp16 scale and minimum per group of `group` weights per row. */
+typedef struct {
+    int64_t bits, rows, cols, group;
+    const uint8_t *codes;
+    const void *scale;
+    const uint16_t *minimum; /* 4 bits only */
+} matrix;
 
-static inline float q8_row_dot(const int8_t *row, const prepared *x) {
-#ifdef Q3N_VNNI
-    if (x->n % XBLOCK == 0) {
-        __m512 acc = _mm512_setzero_ps(), acc2 = acc; /* two accumulators: short rows are latency-bound */
-        for (int64_t b = 0; b < x->n / XBLOCK; b++) {
-            const int8_t *w = row + b * XBLOCK;
-            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w));
-            __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 32)));
-            __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x->q + b * XBLOCK));
-            dot = _mm512_dpwssd_epi32(dot, w1, _mm512_loadu_si512(x->q + b * XBLOCK + 32));
-            if (b & 1) acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x->block_scale[b]), acc2);
-            else acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x->block_scale[b]), acc);
-        }
-        return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2));
-    }
-#endif
+/* ---- row dots: one (weight row, activation row) pair, for shapes and CPUs the tiles do not cover ---- */
+
+static inline float q8_row_dot(const matrix *w, int64_t r, const prepared *x) {
+    const int8_t *row = (const int8_t *)w->codes + r * w->cols;
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
     for (int64_t k = 0; k < x->n; k++) acc += (float)row[k] * x->f[k];
-    return acc;
+    return acc * ((const float *)w->scale)[r];
 }
 
-/* ---- one row of a 4-bit matrix: codes two per byte (even index in the low nibble), fp16 scale and
- * minimum per group: sum_g scale[g] * sum_i q[g, i] x[g, i] + minimum[g] * sum_i x[g, i] ---- */
-
 static inline float q4_minimum_share(const uint16_t *minimum, const prepared *x, int64_t groups) {
-#ifdef Q3N_VNNI
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
-        __mmask16 lanes = groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
-        sum = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, minimum + g)),
-                              _mm512_maskz_loadu_ps(lanes, x->sums + g), sum);
-    }
-    return _mm512_reduce_add_ps(sum);
-#else
     float acc = 0.0f;
     for (int64_t g = 0; g < groups; g++) acc += f16_to_f32(minimum[g]) * x->sums[g];
     return acc;
-#endif
 }
 
-static inline float q4_row_dot(const uint8_t *row, const uint16_t *scale, const uint16_t *minimum, const prepared *x) {
+/* sum_g scale[g] * sum_i q[g, i] x[g, i] + minimum[g] * sum_i x[g, i] */
+static inline float q4_row_dot(const matrix *w, int64_t r, const prepared *x) {
     const int64_t group = x->group, groups = x->n / group, half_group = group / 2;
+    const uint8_t *row = w->codes + r * (w->cols / 2);
+    const uint16_t *scale = (const uint16_t *)w->scale + r * groups, *minimum = w->minimum + r * groups;
 #ifdef Q3N_VNNI
-    if (group == XBLOCK && groups % 2 == 0) {
-        /* 4-bit codes are coarse enough that int8 activation codes lose nothing that matters (their step is
-         * 1/127 of the block's largest value; the weights' is 1/15 of their group's range), and bytes
-         * double the work per instruction: vpdpbusd multiplies 64 code/activation pairs. One 64-byte
-         * load covers two groups; lanes 0-7 of the int32 sums belong to the first, 8-15 to the second. */
-        const __m512i nibble = _mm512_set1_epi8(0xF);
-        const __m512i pair_index = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        __m512 acc = _mm512_setzero_ps(), acc2 = acc; /* two accumulators: short rows are latency-bound */
-        for (int64_t g0 = 0; g0 < groups; g0 += 16) {
-            __mmask16 lanes = groups - g0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (groups - g0)) - 1);
-            __m512 scales = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, scale + g0)),
-                                          _mm512_maskz_loadu_ps(lanes, x->block_scale_b + g0));
-            for (int64_t g = g0; g < g0 + 16 && g < groups; g += 2) {
-                __m512i bytes = _mm512_loadu_si512(row + g * 32);
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(bytes, nibble),
-                                                  _mm512_loadu_si512(x->even_b + g * 32));
-                dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble),
-                                          _mm512_loadu_si512(x->odd_b + g * 32));
-                __m512 pair = _mm512_permutexvar_ps(_mm512_add_epi32(pair_index, _mm512_set1_epi32((int)(g - g0))), scales);
-                if (g & 2) acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair, acc2);
-                else acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair, acc);
-            }
-        }
-        return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2)) + q4_minimum_share(minimum, x, groups);
-    }
     if (group % XBLOCK == 0) { /* integer dot per block of 64 weights (32 bytes), scaled by weight and x scales */
         const __m512i nibble = _mm512_set1_epi16(0xF);
         __m512 acc = _mm512_setzero_ps();
@@ -165,35 +134,212 @@ static inline float q4_row_dot(const uint8_t *row, const uint16_t *scale, const 
     return total + q4_minimum_share(minimum, x, groups);
 }
 
-/* ---- dense matrices: y [rows_x, out] = x [rows_x, in] @ W.T ---- */
+/* ---- tiles: dots[m * TILE_W + i] = row r0 + i of w times xs[m], for i < nw <= TILE_W, m < nx ---- */
+
+#ifdef Q3N_VNNI
+/* Integer dot products need whole blocks of 64 (for 4 bits: groups of 64, in pairs: 64-byte chunks). */
+static inline int q8_tiles(const matrix *w) { return w->cols % XBLOCK == 0; }
+static inline int q4_tiles(const matrix *w) { return w->group == XBLOCK && w->cols % (2 * XBLOCK) == 0; }
+
+/* One tile call per TILE_X activation rows, with the row count as a constant so that loops unroll and
+ * accumulators live in registers. */
+#define Q3N_TILE_ROWS(call)                                    \
+    for (int64_t m0 = 0; m0 < nx; m0 += TILE_X) {              \
+        switch (nx - m0 >= TILE_X ? TILE_X : (int)(nx - m0)) { \
+        case 1: call(1); break;                                \
+        case 2: call(2); break;                                \
+        case 3: call(3); break;                                \
+        default: call(4); break;                               \
+        }                                                      \
+    }
+
+/* 8 bits: Q8_TILE_W rows, int16 codes (dpwssd: 32 products), each pair's sum reduced across lanes at the end. */
+static inline __attribute__((always_inline)) void q8_tile_at(const matrix *w, int64_t r0, const int nw,
+                                                             const prepared *const *xs, const int nx, float *dots) {
+    __m512 acc[TILE_X][Q8_TILE_W];
+    for (int m = 0; m < nx; m++)
+        for (int i = 0; i < nw; i++) acc[m][i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < w->cols / XBLOCK; b++) {
+        __m512i w0[Q8_TILE_W], w1[Q8_TILE_W];
+        for (int i = 0; i < nw; i++) {
+            const int8_t *row = (const int8_t *)w->codes + (r0 + i) * w->cols + b * XBLOCK;
+            w0[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)row));
+            w1[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + 32)));
+        }
+        for (int m = 0; m < nx; m++) {
+            const __m512i x0 = _mm512_loadu_si512(xs[m]->q + b * XBLOCK), x1 = _mm512_loadu_si512(xs[m]->q + b * XBLOCK + 32);
+            const __m512 x_scale = _mm512_set1_ps(xs[m]->block_scale[b]);
+            for (int i = 0; i < nw; i++) {
+                __m512i dot = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w0[i], x0), w1[i], x1);
+                acc[m][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), x_scale, acc[m][i]);
+            }
+        }
+    }
+    for (int m = 0; m < nx; m++)
+        for (int i = 0; i < nw; i++) dots[m * TILE_W + i] = _mm512_reduce_add_ps(acc[m][i]) * ((const float *)w->scale)[r0 + i];
+}
+
+static void q8_tile(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
+    for (int i = 0; i < nw; i += Q8_TILE_W) {
+#define Q3N_Q8_CALL(rows_x) q8_tile_at(w, r0 + i, Q8_TILE_W, xs + m0, rows_x, dots + m0 * TILE_W + i)
+#define Q3N_Q8_ONE(rows_x) q8_tile_at(w, r0 + j, 1, xs + m0, rows_x, dots + m0 * TILE_W + j)
+        if (nw - i >= Q8_TILE_W) Q3N_TILE_ROWS(Q3N_Q8_CALL)
+        else
+            for (int j = i; j < nw; j++) Q3N_TILE_ROWS(Q3N_Q8_ONE)
+#undef Q3N_Q8_CALL
+#undef Q3N_Q8_ONE
+    }
+}
+
+/* out[e] = dword e of every v[l] (lane l): a 16 x 16 transpose of 32-bit elements. */
+static inline void transpose16(const __m512i v[16], __m512i out[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* u[4q + i] holds, in 128-bit lane k, dword 4k + i of rows 4q .. 4q + 3 */
+    for (int i = 0; i < 4; i++) {
+        __m512i a = _mm512_shuffle_i32x4(u[i], u[4 + i], 0x88), b = _mm512_shuffle_i32x4(u[i], u[4 + i], 0xDD);
+        __m512i c = _mm512_shuffle_i32x4(u[8 + i], u[12 + i], 0x88), d = _mm512_shuffle_i32x4(u[8 + i], u[12 + i], 0xDD);
+        out[i] = _mm512_shuffle_i32x4(a, c, 0x88), out[8 + i] = _mm512_shuffle_i32x4(a, c, 0xDD);
+        out[4 + i] = _mm512_shuffle_i32x4(b, d, 0x88), out[12 + i] = _mm512_shuffle_i32x4(b, d, 0xDD);
+    }
+}
+
+/* out[g] (g < groups) = the fp16 values of column g of rows[0..15] as fp32 lanes: a tile's scales or minimums. */
+static void q4_columns(const uint16_t *const rows[16], int64_t groups, __m512 *out) {
+    for (int64_t g0 = 0; g0 < groups; g0 += 32) {
+        __mmask32 lanes = groups - g0 >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (groups - g0)) - 1);
+        __m512i v[16], t[16];
+        for (int l = 0; l < 16; l++) v[l] = _mm512_maskz_loadu_epi16(lanes, rows[l] + g0);
+        transpose16(v, t);
+        for (int e = 0; e < 16 && g0 + 2 * e < groups; e++) {
+            out[g0 + 2 * e] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(t[e]));
+            if (g0 + 2 * e + 1 < groups) out[g0 + 2 * e + 1] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(t[e], 16)));
+        }
+    }
+}
+
+/* 4 bits: TILE_W rows in the 16 lanes. Each 64-byte chunk (two groups) of the 16 rows is transposed once, so
+ * that a vector holds 4 code bytes of every row and vpdpbusd against 4 broadcast activation bytes adds 64
+ * products into 16 per-row sums; a group's int32 sums are then scaled into per-row fp32 sums, group after
+ * group in order, and the minimums' share added last. Rows past nw repeat row r0 (their lanes are dropped). */
+static inline __attribute__((always_inline)) void q4_chunk_rows(const __m512i *codes, const __m512 *scale, int64_t c,
+                                                                const prepared *const *xs, const int nx, float *acc) {
+    __m512 total[TILE_X];
+    for (int m = 0; m < nx; m++) total[m] = _mm512_loadu_ps(acc + 16 * m);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) { /* group 2c + h: dwords 8h .. 8h + 7 (bytes 32h .. 32h + 31) of the chunk */
+        __m512i low[TILE_X], high[TILE_X];
+        for (int m = 0; m < nx; m++) low[m] = high[m] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int e = 8 * h; e < 8 * h + 8; e++)
+            for (int m = 0; m < nx; m++) {
+                int32_t even, odd;
+                memcpy(&even, xs[m]->even_b + 64 * c + 4 * e, 4), memcpy(&odd, xs[m]->odd_b + 64 * c + 4 * e, 4);
+                low[m] = _mm512_dpbusd_epi32(low[m], codes[e], _mm512_set1_epi32(even));
+                high[m] = _mm512_dpbusd_epi32(high[m], codes[16 + e], _mm512_set1_epi32(odd));
+            }
+        for (int m = 0; m < nx; m++) {
+            const __m512 both = _mm512_mul_ps(scale[2 * c + h], _mm512_set1_ps(xs[m]->block_scale_b[2 * c + h]));
+            total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(low[m], high[m])), both, total[m]);
+        }
+    }
+    for (int m = 0; m < nx; m++) _mm512_storeu_ps(acc + 16 * m, total[m]);
+}
+
+static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
+    const int64_t groups = w->cols / XBLOCK, half = w->cols / 2;
+    const uint8_t *rows[16];
+    const uint16_t *scale_rows[16], *minimum_rows[16];
+    for (int l = 0; l < 16; l++) {
+        const int64_t r = r0 + (l < nw ? l : 0);
+        rows[l] = w->codes + r * half, scale_rows[l] = (const uint16_t *)w->scale + r * groups;
+        minimum_rows[l] = w->minimum + r * groups;
+    }
+    __m512 scale[groups], minimum[groups];
+    q4_columns(scale_rows, groups, scale);
+    q4_columns(minimum_rows, groups, minimum);
+    const __m512i nibble = _mm512_set1_epi8(0xF);
+    float *acc = dots; /* per-row sums, 16 lanes per activation row: dots is [nx][TILE_W] */
+    memset(acc, 0, sizeof(float) * (size_t)(nx * TILE_W));
+    for (int64_t c = 0; c < half / 64; c++) {
+        __m512i v[16], t[16], codes[32];
+        for (int l = 0; l < 16; l++) v[l] = _mm512_loadu_si512(rows[l] + 64 * c);
+        transpose16(v, t);
+        for (int e = 0; e < 16; e++)
+            codes[e] = _mm512_and_si512(t[e], nibble), codes[16 + e] = _mm512_and_si512(_mm512_srli_epi16(t[e], 4), nibble);
+#define Q3N_Q4_CALL(rows_x) q4_chunk_rows(codes, scale, c, xs + m0, rows_x, acc + 16 * m0)
+        Q3N_TILE_ROWS(Q3N_Q4_CALL)
+#undef Q3N_Q4_CALL
+    }
+    for (int64_t m = 0; m < nx; m++) {
+        __m512 total = _mm512_loadu_ps(acc + 16 * m);
+        for (int64_t g = 0; g < groups; g++) total = _mm512_fmadd_ps(minimum[g], _mm512_set1_ps(xs[m]->sums[g]), total);
+        _mm512_storeu_ps(acc + 16 * m, total);
+    }
+}
+#endif
+
+/* dots[m * TILE_W + i] = row r0 + i (i < nw <= TILE_W) of w times activation row xs[m] (m < nx). */
+static void tile_dots(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
+#ifdef Q3N_VNNI
+    if (w->bits == 8 && q8_tiles(w)) return q8_tile(w, r0, nw, xs, nx, dots);
+    if (w->bits == 4 && q4_tiles(w)) return q4_tile(w, r0, nw, xs, nx, dots);
+#endif
+    for (int64_t m = 0; m < nx; m++)
+        for (int i = 0; i < nw; i++)
+            dots[m * TILE_W + i] = w->bits == 8 ? q8_row_dot(w, r0 + i, xs[m]) : q4_row_dot(w, r0 + i, xs[m]);
+}
+
+static inline int64_t tiles_of(int64_t rows) { return (rows + TILE_W - 1) / TILE_W; }
+static inline int tile_width(const matrix *w, int64_t tile) {
+    return (int)(w->rows - tile * TILE_W < TILE_W ? w->rows - tile * TILE_W : TILE_W);
+}
+static inline int64_t sums_group(const matrix *w) { return w->bits == 4 ? w->group : 0; }
+
+/* ---- dense matrices: y [rows_x, out] = x [rows_x, in] @ W.T, any number of rows ---- */
+
+static void linear_quant(const matrix *w, const uint16_t *x, void *y, int64_t rows_x, int f32_out, int threads) {
+    prepared *xs = malloc(sizeof(prepared) * (size_t)rows_x);
+    const prepared **px = malloc(sizeof(prepared *) * (size_t)rows_x);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * w->cols, w->cols, sums_group(w)), px[m] = &xs[m];
+        float *dots = malloc(sizeof(float) * (size_t)(rows_x * TILE_W));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles_of(w->rows); t++) {
+            const int nw = tile_width(w, t);
+            tile_dots(w, t * TILE_W, nw, px, rows_x, dots);
+            for (int64_t m = 0; m < rows_x; m++)
+                for (int i = 0; i < nw; i++) store_output(y, m * w->rows + t * TILE_W + i, dots[m * TILE_W + i], f32_out);
+        }
+        free(dots);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
+    }
+    free(px);
+    free(xs);
+}
 
 /* int8 weights q [out, in] with one fp32 scale per row; y in bf16, or in fp32 with f32_out. */
 void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, void *y, int64_t rows_x, int64_t out,
                    int64_t in, int f32_out, int threads) {
-    prepared xs[rows_x];
-    for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, 0);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < out; r++)
-        for (int64_t m = 0; m < rows_x; m++)
-            store_output(y, m * out + r, q8_row_dot(q + r * in, &xs[m]) * scale[r], f32_out);
-    for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
+    const matrix w = {8, out, in, in, (const uint8_t *)q, scale, NULL};
+    linear_quant(&w, x, y, rows_x, f32_out, threads);
 }
 
 /* 4-bit weights: packed [out, in / 2], scale and minimum [out, in / group] (fp16); y as in q3n_linear_q8. */
 void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t *minimum, int64_t group,
                    const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in, int f32_out, int threads) {
-    const int64_t groups = in / group;
-    prepared xs[rows_x];
-    for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, group);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < out; r++)
-        for (int64_t m = 0; m < rows_x; m++)
-            store_output(y, m * out + r,
-                         q4_row_dot(packed + r * in / 2, scale + r * groups, minimum + r * groups, &xs[m]), f32_out);
-    for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
+    const matrix w = {4, out, in, group, packed, scale, minimum};
+    linear_quant(&w, x, y, rows_x, f32_out, threads);
 }
 
-/* ---- routed experts packed one blob each (quant/layout.py): one token through k of them ---- */
+/* ---- routed experts packed one blob each (quant/layout.py) ---- */
 
 /* Where one projection lives inside an expert blob, and its format. */
 typedef struct {
@@ -207,51 +353,119 @@ typedef struct {
 Q3N_EXPORT_SIZEOF(q3n_projection)
 Q3N_EXPORT_SIZEOF(q3n_expert_layout)
 
-/* Row r of a projection inside `blob` times a vector prepared for that projection's format. */
-static inline float projection_row_dot(const uint8_t *blob, const q3n_projection *p, int64_t r, const prepared *x) {
-    if (p->bits == 8) return q8_row_dot((const int8_t *)(blob + p->codes) + r * p->cols, x) * ((const float *)(blob + p->scale))[r];
-    const int64_t groups = p->cols / p->group;
-    return q4_row_dot(blob + p->codes + r * (p->cols / 2), (const uint16_t *)(blob + p->scale) + r * groups,
-                      (const uint16_t *)(blob + p->minimum) + r * groups, x);
+static matrix projection_in(const uint8_t *blob, const q3n_projection *p) {
+    const matrix w = {p->bits, p->rows, p->cols, p->group, blob + p->codes, blob + p->scale,
+                      p->bits == 4 ? (const uint16_t *)(blob + p->minimum) : NULL};
+    return w;
 }
 
-static inline int64_t sums_group(const q3n_projection *p) { return p->bits == 4 ? p->group : 0; }
+/* The pairs sorted by expert (then by pair index), and where each expert's run of them starts. */
+typedef struct {
+    int64_t *order, *starts, *experts, count; /* starts[count] = pairs */
+} by_expert;
 
-/* out = sum_i weights[i] * down_i(silu(gate_i x) * up_i x) over the k experts ids[i], whose blobs start
- * at blobs[ids[i]]. Phase 1 computes every chosen expert's activations (k * inter rows of gate and
- * up), rounded to bf16 as the reference's bf16 matmuls round them; phase 2 every output row of the k
- * down projections. gate and up must share a 4-bit group size when both are 4-bit (the caller checks). */
-void q3n_experts_quant(const int64_t *blobs, const q3n_expert_layout *layout, const int64_t *ids,
-                       const float *weights, int64_t k, const uint16_t *x, uint16_t *out, int threads) {
-    const q3n_projection *gate = &layout->gate, *up = &layout->up, *down = &layout->down;
-    const int64_t hidden = gate->cols, inter = gate->rows;
-    prepared px, pa[k];
-    prepare_bf16(&px, x, hidden, sums_group(gate) ? sums_group(gate) : sums_group(up));
-    float *acts = malloc(sizeof(float) * (size_t)(k * inter + hidden)), *sums = acts + k * inter;
+static int compare_pairs(const void *a, const void *b) {
+    const int64_t *x = a, *y = b;
+    return x[0] != y[0] ? (x[0] < y[0] ? -1 : 1) : (x[1] < y[1] ? -1 : x[1] > y[1]);
+}
+
+static by_expert group_pairs(const int64_t *ids, int64_t pairs) {
+    int64_t *keyed = malloc(sizeof(int64_t) * (size_t)(2 * pairs));
+    for (int64_t p = 0; p < pairs; p++) keyed[2 * p] = ids[p], keyed[2 * p + 1] = p;
+    qsort(keyed, (size_t)pairs, 2 * sizeof(int64_t), compare_pairs);
+    by_expert g = {malloc(sizeof(int64_t) * (size_t)(3 * pairs + 1)), NULL, NULL, 0};
+    g.starts = g.order + pairs, g.experts = g.starts + pairs + 1;
+    for (int64_t j = 0; j < pairs; j++) {
+        g.order[j] = keyed[2 * j + 1];
+        if (j == 0 || keyed[2 * j] != keyed[2 * j - 2]) g.experts[g.count] = keyed[2 * j], g.starts[g.count++] = j;
+    }
+    g.starts[g.count] = pairs;
+    free(keyed);
+    return g;
+}
+
+/* pair_out [pairs, hidden] (fp32) = down(silu(gate x) * up x) for each pair p: token row tokens[p] of
+ * x [rows_x, hidden] through the expert whose blob starts at blobs[ids[p]]. Each expert runs once on all
+ * its pairs; its activations are rounded to bf16 as the reference's bf16 matmuls round them. gate and up
+ * must share a 4-bit group size when both are 4-bit (the caller checks). */
+void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, const int64_t *ids,
+                       const int64_t *tokens, int64_t pairs, const uint16_t *x, int64_t rows_x, float *pair_out,
+                       int threads) {
+    const int64_t hidden = layout->gate.cols, inter = layout->gate.rows;
+    const int64_t x_group = layout->gate.bits == 4 ? layout->gate.group : layout->up.bits == 4 ? layout->up.group : 0;
+    const int64_t act_group = layout->down.bits == 4 ? layout->down.group : 0;
+    by_expert g = group_pairs(ids, pairs);
+    prepared *xs = malloc(sizeof(prepared) * (size_t)(rows_x + pairs)), *acts_p = xs + rows_x;
+    const prepared **px = malloc(sizeof(prepared *) * (size_t)(2 * pairs)), **pa = px + pairs;
+    float *acts = malloc(sizeof(float) * (size_t)(pairs * inter));
+    int64_t longest = 0;
+    for (int64_t s = 0; s < g.count; s++) longest = g.starts[s + 1] - g.starts[s] > longest ? g.starts[s + 1] - g.starts[s] : longest;
+    const int64_t up_tiles = tiles_of(inter), down_tiles = tiles_of(hidden);
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < k * inter; j++) {
-            const uint8_t *blob = (const uint8_t *)(intptr_t)blobs[ids[j / inter]];
-            const int64_t r = j % inter;
-            float g = round_bf16(projection_row_dot(blob, gate, r, &px));
-            float u = round_bf16(projection_row_dot(blob, up, r, &px));
-            acts[j] = round_bf16(round_bf16(silu(g)) * u);
+        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * hidden, hidden, x_group);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < pairs; j++) px[j] = &xs[tokens[g.order[j]]], pa[j] = &acts_p[g.order[j]];
+        float *gates = malloc(sizeof(float) * (size_t)(2 * longest * TILE_W)), *ups = gates + longest * TILE_W;
+        /* round robin over (expert, tile): every thread works through every expert's rows */
+#pragma omp for schedule(static, 1)
+        for (int64_t item = 0; item < g.count * up_tiles; item++) {
+            const int64_t s = item / up_tiles, t = item % up_tiles, start = g.starts[s], nx = g.starts[s + 1] - start;
+            const uint8_t *blob = (const uint8_t *)(intptr_t)blobs[g.experts[s]];
+            const matrix gate = projection_in(blob, &layout->gate), up = projection_in(blob, &layout->up);
+            const int nw = tile_width(&gate, t);
+            tile_dots(&gate, t * TILE_W, nw, px + start, nx, gates);
+            tile_dots(&up, t * TILE_W, nw, px + start, nx, ups);
+            for (int64_t m = 0; m < nx; m++)
+                for (int i = 0; i < nw; i++) {
+                    float gv = round_bf16(gates[m * TILE_W + i]), uv = round_bf16(ups[m * TILE_W + i]);
+                    acts[g.order[start + m] * inter + t * TILE_W + i] = round_bf16(round_bf16(silu(gv)) * uv);
+                }
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < k; i++) prepare(&pa[i], acts + i * inter, inter, sums_group(down));
-        /* expert by expert, so each thread streams one expert's rows at a time (its rows of every
-         * expert: a static schedule over the same range gives each thread the same rows each time) */
-        for (int64_t i = 0; i < k; i++) {
-            const uint8_t *blob = (const uint8_t *)(intptr_t)blobs[ids[i]];
-#pragma omp for schedule(static) nowait
-            for (int64_t r = 0; r < hidden; r++) sums[r] = (i ? sums[r] : 0.0f) + weights[i] * projection_row_dot(blob, down, r, &pa[i]);
+        for (int64_t p = 0; p < pairs; p++) prepare(&acts_p[p], acts + p * inter, inter, act_group);
+#pragma omp for schedule(static, 1)
+        for (int64_t item = 0; item < g.count * down_tiles; item++) {
+            const int64_t s = item / down_tiles, t = item % down_tiles, start = g.starts[s], nx = g.starts[s + 1] - start;
+            const matrix down = projection_in((const uint8_t *)(intptr_t)blobs[g.experts[s]], &layout->down);
+            const int nw = tile_width(&down, t);
+            tile_dots(&down, t * TILE_W, nw, pa + start, nx, gates);
+            for (int64_t m = 0; m < nx; m++)
+                for (int i = 0; i < nw; i++) pair_out[g.order[start + m] * hidden + t * TILE_W + i] = gates[m * TILE_W + i];
         }
-#pragma omp barrier
+        free(gates);
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < hidden; r++) out[r] = f32_to_bf16(sums[r]);
+        for (int64_t m = 0; m < rows_x + pairs; m++) release(&xs[m]);
     }
-    for (int64_t i = 0; i < k; i++) release(&pa[i]);
-    release(&px);
     free(acts);
+    free(px);
+    free(xs);
+    free(g.order);
+}
+
+/* out [n, hidden] (bf16) = sum_i weights[t, i] * pair_out[t * k + i] in the router's order i, in fp32. */
+void q3n_experts_combine(const float *pair_out, const float *weights, int64_t n, int64_t k, int64_t hidden,
+                         uint16_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < n * hidden; j++) {
+        const int64_t t = j / hidden, r = j % hidden;
+        float sum = 0.0f;
+        for (int64_t i = 0; i < k; i++) sum += weights[t * k + i] * pair_out[(t * k + i) * hidden + r];
+        out[j] = f32_to_bf16(sum);
+    }
+}
+
+/* out [n, hidden] = sum_i weights[t, i] * expert_{ids[t, i]}(x[t]): q3n_experts_pairs, then
+ * q3n_experts_combine (the two halves a caller that acquires experts a few at a time runs itself). */
+void q3n_experts_quant(const int64_t *blobs, const q3n_expert_layout *layout, const int64_t *ids,
+                       const float *weights, int64_t n, int64_t k, const uint16_t *x, uint16_t *out, int threads) {
+    const int64_t hidden = layout->gate.cols;
+    int64_t *tokens = malloc(sizeof(int64_t) * (size_t)(n * k));
+    float *pair_out = malloc(sizeof(float) * (size_t)(n * k * hidden));
+    for (int64_t p = 0; p < n * k; p++) tokens[p] = p / k;
+    q3n_experts_pairs(blobs, layout, ids, tokens, n * k, x, n, pair_out, threads);
+    q3n_experts_combine(pair_out, weights, n, k, hidden, out, threads);
+    free(pair_out);
+    free(tokens);
 }

@@ -215,6 +215,12 @@ def test_a_client_that_goes_away_cancels_its_generation(server):
     assert re.search(r'"POST /v1/completions" 200 .* finish=cancelled', server.log.read_text())
 
 
+def test_a_client_that_gives_up_on_a_plain_request_cancels_it_too(server):
+    with pytest.raises(httpx2.ReadTimeout):
+        httpx2.post(f"{server.url}/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 1900}, timeout=1.5)
+    wait_until(lambda: server.health()["running"] == 0, 10, "the abandoned generation to stop")
+
+
 def test_a_full_queue_answers_503_with_retry_after(server, client):
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1900, "stream": True}
     with httpx2.Client(trust_env=False) as first, first.stream("POST", f"{server.url}/v1/completions", json=body) as running:

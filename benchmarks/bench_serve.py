@@ -26,6 +26,7 @@ import openai
 import uvicorn
 
 import qwen3next
+from qwen3next.prefix_cache import SNAPSHOTS
 from qwen3next.server.app import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def main() -> None:
     conversation(client, "bench", messages[:1], 4)  # warm-up: first-call costs out of the figures
     for _ in range(args.repeats):
         for mode in runs:
-            engine.keep_prefix_states(4 if mode == "reuse" else 0)
+            engine.keep_prefix_states(SNAPSHOTS if mode == "reuse" else 0)  # the server's default, or off
             runs[mode].append(conversation(client, "bench", messages, args.reply_tokens))
     server.should_exit = True
 

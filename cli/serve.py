@@ -9,7 +9,9 @@ import click
 
 from qwen3next.errors import Qwen3NextError
 from qwen3next.model_path import looks_like_repo_id
-from qwen3next.offload.budget import parse_size
+from qwen3next.offload.budget import format_size, parse_size
+from qwen3next.prefix_cache import SNAPSHOTS
+from qwen3next.server import MAX_BODY, MAX_QUEUE
 
 from .options import as_flags, load_engine, load_options
 
@@ -29,11 +31,11 @@ class MissingExtra(Qwen3NextError):
               help="Require `Authorization: Bearer KEY` on every endpoint but /health [env: QWEN3NEXT_API_KEY].")
 @click.option("--served-model-name", metavar="NAME",
               help="The model id clients must name [default: the hub id or folder name].")
-@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--max-queue", type=click.IntRange(min=1), default=MAX_QUEUE, show_default=True,
               help="Requests that may wait behind the running one; more are answered 503.")
-@click.option("--max-body", metavar="SIZE", default="16M", show_default=True,
-              help="Largest request body; a larger one is answered 413.")
-@click.option("--prefix-states", type=click.IntRange(min=0), default=4, show_default=True,
+@click.option("--max-body", metavar="SIZE", help=f"Largest request body; a larger one is answered 413 "
+              f"[default: {format_size(MAX_BODY)}].")
+@click.option("--prefix-states", type=click.IntRange(min=0), default=SNAPSHOTS, show_default=True,
               help="Turn-boundary states kept so a chat turn prefills only its new tokens (0: off).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or notices on stderr (the access log stays).")
 @click.pass_context
@@ -45,7 +47,7 @@ def serve_command(ctx, host, port, api_key, served_model_name, max_queue, max_bo
         from qwen3next.server.app import create_app
     except ImportError as error:
         raise MissingExtra(f'serve needs {error.name or "the serve extra"}: pip install "qwen3next[serve]"') from None
-    body_limit = as_flags(lambda: parse_size(max_body, "max_body"))
+    body_limit = MAX_BODY if max_body is None else as_flags(lambda: parse_size(max_body, "max_body"))
     if api_key is None and not _is_loopback(host):
         click.echo(f"qwen3next: warning: listening on {host} without --api-key: anyone who can reach this port "
                    "can use the model", err=True)

@@ -24,7 +24,7 @@ from .moe import RoutingObservers, set_routing_observer
 from .offload.budget import ExpertPlan
 from .offload.placement import Placement, resolve_device
 from .offload.router_stats import RouterStatistics
-from .prefix_cache import PrefixStates
+from .prefix_cache import SNAPSHOTS, PrefixStates
 from .request import PREFILL_CHUNK, Request, Result, Token, Usage
 from .sampling import Sampler, generation_defaults
 from .tokenizer import Tokenizer
@@ -54,7 +54,7 @@ class Engine:
         self.eos_ids = eos_ids or self.config.eos_token_ids
         self.prefix_states: PrefixStates | None = None  # off: each call prefills its whole prompt
 
-    def keep_prefix_states(self, limit: int = 4) -> None:
+    def keep_prefix_states(self, limit: int = SNAPSHOTS) -> None:
         """Keep generation state between calls, as a server does for chat turns: a prompt that extends an
         earlier prompt (or prompt and reply) token for token prefills only its new tokens. `limit`
         snapshots are kept (each copies the DeltaNet states; prefix_cache.py); 0 turns it off. The kept

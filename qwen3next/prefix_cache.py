@@ -19,11 +19,13 @@ from typing import Callable, Sequence
 
 from .cache import ModelCache
 
+SNAPSHOTS = 4  # the last two turns' prompt and reply ends: enough to resume one conversation
+
 
 class PrefixStates:
     """The live cache plus up to `limit` snapshots of it at token boundaries."""
 
-    def __init__(self, make_cache: Callable[[], ModelCache], limit: int = 4):
+    def __init__(self, make_cache: Callable[[], ModelCache], limit: int = SNAPSHOTS):
         if limit < 1:
             raise ValueError("PrefixStates keeps at least one snapshot")
         self._make_cache = make_cache

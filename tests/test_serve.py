@@ -462,3 +462,11 @@ def test_a_bad_body_limit_names_its_flag(capsys):
 
     assert main(["serve", "--max-body", "lots"]) == 2
     assert capsys.readouterr().err.startswith("qwen3next: error: --max-body 'lots': not a size")
+
+
+def test_the_model_id_is_the_name_given_the_hub_id_or_the_folder(tmp_path):
+    from qwen3next.cli.serve import _model_id
+
+    assert _model_id(None) == MODEL
+    assert _model_id("Qwen/Qwen3-Next-80B-A3B-Instruct") == "Qwen/Qwen3-Next-80B-A3B-Instruct"
+    assert _model_id(str(tmp_path)) == tmp_path.name

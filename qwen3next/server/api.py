@@ -61,7 +61,9 @@ def chat_call(body: Any, model_id: str) -> Call:
         raise APIError(400, 'tool_choice: only "auto" and "none" are supported (forcing a call needs constrained '
                        "decoding, which this server does not do)", param="tool_choice")
     tools = body.get("tools") if choice != "none" else None
-    messages = _messages(body.get("messages"))
+    if body.get("messages") is None:
+        raise APIError(400, "messages: is missing", param="messages")
+    messages = _messages(body["messages"])
     request = _request(body, "messages", messages=messages, tools=tools or None)
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return _call(body, request, True, field, tools=bool(tools))

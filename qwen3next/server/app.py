@@ -26,14 +26,13 @@ from starlette.routing import Route
 
 from qwen3next.errors import Qwen3NextError
 from qwen3next.request import Result, Token
+from qwen3next.server import MAX_BODY, MAX_QUEUE
 from qwen3next.server.api import Call, chat_call, completion_call, prepare
 from qwen3next.server.errors import APIError, from_library
 from qwen3next.server.reply import Piece, ReplyParser
 from qwen3next.server.responses import DONE, Answer, finish_reason, models_list, sse
 from qwen3next.server.scheduler import Job, QueueFull, Scheduler
 
-MAX_QUEUE = 16
-MAX_BODY = 16 * 2**20  # bytes: a long conversation is a few MB of JSON
 RETRY_AFTER_SECONDS = 5
 _OUTCOME = "qwen3next.outcome"  # the scope key where a generation leaves its figures for the access log
 _DISCONNECT_POLL_SECONDS = 0.25

@@ -100,8 +100,8 @@ def main() -> None:
         fresh = statistics.median(run[turn]["ttft"] for run in runs["fresh"])
         reused = statistics.median(run[turn]["ttft"] for run in runs["reuse"])
         sample = runs["reuse"][0][turn]
-        print(f"{turn + 1:>4} {sample['prompt']:>7} {sample['reused']:>7} {fresh * 1000:>9.0f}ms {reused * 1000:>10.0f}ms "
-              f"{fresh / reused:>8.1f}x")
+        print(f"{turn + 1:>4} {sample['prompt']:>7} {sample['reused']:>7} {fresh * 1000:>9.0f}ms "
+              f"{reused * 1000:>10.0f}ms {fresh / reused:>8.1f}x")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class PrefixStates:
         """The cache to generate `ids` with and how many of them it already holds (at most all but the
         last: the last prompt token's logits are what the first new token is drawn from)."""
         ids = tuple(ids)
-        usable = [(tokens, saved) for tokens, saved in self._saved if len(tokens) < len(ids) and ids[: len(tokens)] == tokens]
+        usable = [entry for entry in self._saved if len(entry[0]) < len(ids) and ids[: len(entry[0])] == entry[0]]
         if not usable:
             self._saved = []
             self._cache = self._make_cache()

@@ -103,6 +103,10 @@ def engine():
     return qwen3next.load(dtype="float32", quiet=True)
 
 
+def chat(client, messages=USER, **fields):
+    return client.chat.completions.create(model=MODEL, messages=messages, **fields)
+
+
 def post(server, path: str, body, **kwargs) -> httpx2.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx2.post(f"{server.url}{path}", content=content, headers={"Content-Type": "application/json"},
@@ -124,7 +128,7 @@ def test_health_and_models(server, client):
 
 
 def test_chat_answers_what_the_library_generates(client, engine):
-    answer = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0)
+    answer = chat(client, max_tokens=12, temperature=0)
     expected = engine.complete(Request(messages=USER, max_new_tokens=12, temperature=0))
     choice = answer.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == expected.text
@@ -134,17 +138,19 @@ def test_chat_answers_what_the_library_generates(client, engine):
 
 
 def test_chat_stream_role_first_then_content_finish_usage_and_done(server, client):
-    whole = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=10, temperature=0)
-    response = post(server, "/v1/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": 10, "temperature": 0,
-                                                     "stream": True, "stream_options": {"include_usage": True}})
+    whole = chat(client, max_tokens=10, temperature=0)
+    body = {"model": MODEL, "messages": USER, "max_tokens": 10, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    response = post(server, "/v1/chat/completions", body)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     events = sse_events(response)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1]) == whole.choices[0].message.content
+    text = whole.choices[0].message.content
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1]) == text
     assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-2]["choices"][0]["delta"] == {}
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 10
-    streamed = list(client.chat.completions.create(model=MODEL, messages=USER, max_tokens=10, temperature=0, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole.choices[0].message.content
+    streamed = list(chat(client, max_tokens=10, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
     assert all(c.usage is None for c in streamed)  # usage only when asked for
 
 
@@ -163,17 +169,16 @@ def test_completions_text_and_token_ids_streamed_and_not(client, engine):
 
 
 def test_stop_strings_end_the_reply_before_them(client):
-    free = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=24, temperature=0).choices[0].message.content
+    free = chat(client, max_tokens=24, temperature=0).choices[0].message.content
     word = free.split()[2]
-    stopped = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=24, temperature=0, stop=[word, "zzz"])
+    stopped = chat(client, max_tokens=24, temperature=0, stop=[word, "zzz"])
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].message.content == free[: free.index(word)]
 
 
 def test_a_seed_makes_sampling_reproducible(client):
     def sample(seed):
-        return client.chat.completions.create(model=MODEL, messages=USER, max_tokens=16, temperature=1.2, seed=seed)\
-            .choices[0].message.content
+        return chat(client, max_tokens=16, temperature=1.2, seed=seed).choices[0].message.content
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
 
@@ -181,7 +186,7 @@ def test_a_seed_makes_sampling_reproducible(client):
 def test_chat_turns_reuse_state_and_match_a_fresh_prefill(client, engine):
     messages = list(USER)
     for turn, followup in enumerate(["And then?", "Why?", None]):
-        answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        answer = chat(client, messages, max_tokens=8, temperature=0)
         fresh = engine.complete(Request(messages=messages, max_new_tokens=8, temperature=0))
         assert answer.choices[0].message.content == fresh.text
         if turn:
@@ -207,7 +212,8 @@ def test_the_readme_curl_example_runs(server):
 
 def test_a_client_that_goes_away_cancels_its_generation(server):
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1900, "stream": True}
-    with httpx2.Client(trust_env=False) as http, http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+    url = f"{server.url}/v1/completions"
+    with httpx2.Client(trust_env=False) as http, http.stream("POST", url, json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         assert server.health()["running"] == 1
@@ -217,13 +223,14 @@ def test_a_client_that_goes_away_cancels_its_generation(server):
 
 def test_a_client_that_gives_up_on_a_plain_request_cancels_it_too(server):
     with pytest.raises(httpx2.ReadTimeout):
-        httpx2.post(f"{server.url}/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 1900}, timeout=1.5)
+        httpx2.post(f"{server.url}/v1/completions", json={"prompt": "Once upon", "max_tokens": 1900}, timeout=1.5)
     wait_until(lambda: server.health()["running"] == 0, 10, "the abandoned generation to stop")
 
 
 def test_a_full_queue_answers_503_with_retry_after(server, client):
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1900, "stream": True}
-    with httpx2.Client(trust_env=False) as first, first.stream("POST", f"{server.url}/v1/completions", json=body) as running:
+    url = f"{server.url}/v1/completions"
+    with httpx2.Client(trust_env=False) as first, first.stream("POST", url, json=body) as running:
         lines = running.iter_lines()  # kept: closing the iterator would close the stream
         assert next(lines).startswith("data: ")
         with httpx2.Client(trust_env=False) as second, \
@@ -239,7 +246,7 @@ def test_a_full_queue_answers_503_with_retry_after(server, client):
 
 
 def test_the_access_log_names_requests_but_not_their_text(server, client):
-    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "xylophone quandary"}], max_tokens=2)
+    chat(client, [{"role": "user", "content": "xylophone quandary"}], max_tokens=2)
     log = server.log.read_text()
     assert '"POST /v1/chat/completions" 200' in log and "prompt=" in log and "completion=2" in log
     assert "xylophone" not in log
@@ -253,7 +260,8 @@ BAD_CHAT = [
     ({}, 400, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 7}]}, 400, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+     "messages[0].content[0]"),
     ({"messages": USER, "temperature": -1}, 400, "temperature"),
     ({"messages": USER, "temperature": 3}, 400, "temperature"),
     ({"messages": USER, "temperature": "hot"}, 400, "temperature"),
@@ -282,12 +290,14 @@ def test_a_bad_chat_request_is_an_openai_error(server, body, status, param):
     response = post(server, "/v1/chat/completions", {"model": MODEL, **body})
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and "\n" not in error["message"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    assert "\n" not in error["message"]
 
 
 def test_errors_give_both_numbers_when_the_context_is_exceeded(server):
     too_many = post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 5000}).json()["error"]
-    assert too_many["code"] == "context_length_exceeded" and re.search(r"5000 .* 2048 .* leaves \d+", too_many["message"])
+    assert too_many["code"] == "context_length_exceeded"
+    assert re.search(r"5000 .* 2048 .* leaves \d+", too_many["message"])
     too_long = post(server, "/v1/completions", {"prompt": LONG_PROMPT}).json()["error"]
     assert too_long["param"] == "prompt" and re.search(r"prompt is \d+ tokens .* context is 2048", too_long["message"])
 
@@ -316,15 +326,15 @@ def test_unknown_endpoints_and_methods_are_openai_errors(server):
 
 
 def test_fields_that_change_nothing_are_accepted(client):
-    answer = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, user="u1", metadata={"k": "v"},
-                                            n=1, logprobs=False, frequency_penalty=0, response_format={"type": "text"})
+    answer = chat(client, max_tokens=2, user="u1", metadata={"k": "v"}, n=1, logprobs=False, frequency_penalty=0,
+                  response_format={"type": "text"})
     assert answer.usage.completion_tokens == 2
 
 
 def test_the_server_keeps_serving_after_bad_input(server, client):
     post(server, "/v1/chat/completions", b"{")
     assert server.health()["status"] == "ok"
-    assert client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).usage.completion_tokens == 2
+    assert chat(client, max_tokens=2).usage.completion_tokens == 2
 
 
 # --- tool calls, reasoning, the API key and a failing template: an in-process server with scripted replies
@@ -332,8 +342,9 @@ def test_the_server_keeps_serving_after_bad_input(server, client):
 KEY = "sesame-" + "x" * 20
 REFUSING_TEMPLATE = ("{%- if messages[0].role == 'assistant' %}{{- raise_exception('a conversation must open with a "
                      "user or system message') }}{%- endif %}")
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
 class Scripted:
@@ -381,7 +392,7 @@ def test_a_tool_call_round_trip(scripted):
                            "It is raining in Bath."]
     messages = [{"role": "user", "content": "What is the weather in Bath?"}]
     first = client.chat.completions.create(model="scripted", messages=messages, tools=[WEATHER])
-    assert "get_weather" in scripted.prompts[-1] and "<tools>" in scripted.prompts[-1]  # the template rendered the tools
+    assert "get_weather" in scripted.prompts[-1] and "<tools>" in scripted.prompts[-1]  # the tools were rendered
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -396,7 +407,8 @@ def test_a_tool_call_round_trip(scripted):
 
 
 def test_tool_calls_stream_as_deltas(scripted):
-    scripted.replies[:] = ['Looking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Derby"}}\n</tool_call>']
+    scripted.replies[:] = ['Looking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Derby"}}\n'
+                           '</tool_call>']
     chunks = list(scripted.client.chat.completions.create(
         model="scripted", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER], stream=True))
     content = "".join(c.choices[0].delta.content or "" for c in chunks)

@@ -30,10 +30,11 @@ _INERT = {
     "parallel_tool_calls": (True,), "echo": (False,), "best_of": (1,), "suffix": ("",),
 }
 _COMMON = {"model", "stream", "stream_options", "stop", "max_tokens", *_SAMPLING, *_IGNORED}
-_CHAT_FIELDS = _COMMON | {"messages", "tools", "tool_choice", "max_completion_tokens", "n", "logprobs", "top_logprobs",
-                          "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "parallel_tool_calls"}
-_COMPLETION_FIELDS = _COMMON | {"prompt", "n", "logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "echo",
-                                "best_of", "suffix"}
+_CHAT_FIELDS = _COMMON | {"messages", "tools", "tool_choice", "max_completion_tokens", "n", "logprobs",
+                          "top_logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "response_format",
+                          "parallel_tool_calls"}
+_COMPLETION_FIELDS = _COMMON | {"prompt", "n", "logprobs", "frequency_penalty", "presence_penalty", "logit_bias",
+                                "echo", "best_of", "suffix"}
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def prepare(engine, call: Call) -> tuple[Request, bool]:
     prompt, context = len(ids), engine.context_length
     if prompt >= context:
         raise APIError(400, f"{call.prompt_field}: the prompt is {prompt} tokens and the model's context is {context} "
-                       "tokens, which leaves no room to generate", param=call.prompt_field, code="context_length_exceeded")
+                       "tokens, which leaves no room to generate", param=call.prompt_field,
+                       code="context_length_exceeded")
     room = context - prompt
     wanted = call.max_tokens
     if wanted is not None and wanted > room:
@@ -113,8 +115,9 @@ def _fields(body: Any, known: set[str], model_id: str) -> dict:
     for name, value in body.items():
         if name not in known:
             raise APIError(400, f"{name}: not a field this endpoint accepts", param=name)
-        if name in _INERT and value is not None and not any(type(value) is type(ok) and value == ok for ok in _INERT[name]):
-            raise APIError(400, f"{name}: {value!r} is not supported (only {_INERT[name][0]!r})", param=name)
+        inert = _INERT.get(name)
+        if inert and value is not None and not any(type(value) is type(ok) and value == ok for ok in inert):
+            raise APIError(400, f"{name}: {value!r} is not supported (only {inert[0]!r})", param=name)
     model = body.get("model")
     if model is not None and model != model_id:
         raise APIError(404, f"model: {model!r} is not served here (this server serves {model_id!r})", param="model",

@@ -29,7 +29,7 @@ from qwen3next.request import Result, Token
 from qwen3next.server import MAX_BODY, MAX_QUEUE
 from qwen3next.server.api import Call, chat_call, completion_call, prepare
 from qwen3next.server.errors import APIError, from_library
-from qwen3next.server.reply import Piece, ReplyParser
+from qwen3next.server.reply import Piece, PlainText, ReplyParser
 from qwen3next.server.responses import DONE, Answer, finish_reason, models_list, sse
 from qwen3next.server.scheduler import Job, QueueFull, Scheduler
 
@@ -91,10 +91,10 @@ class _Service:
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         outcome = request.scope.setdefault(_OUTCOME, {})
         answer = Answer(self.model_id, call.chat, call.include_usage)
-        parser = ReplyParser(reasoning, call.tools) if call.chat else None
+        parser = ReplyParser(reasoning, call.tools) if call.chat else PlainText()
         if call.stream:
-            return StreamingResponse(_stream(job, answer, parser, outcome), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            events = _stream(job, answer, parser, outcome, call.prompt_field)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collecting = asyncio.ensure_future(_collect(job, parser))
         while not (await asyncio.wait({collecting}, timeout=_DISCONNECT_POLL_SECONDS))[0]:
             if await request.is_disconnected():
@@ -110,45 +110,35 @@ class _Service:
         return JSONResponse(answer.whole(pieces, reason, result.usage))
 
 
-def _pieces(parser: ReplyParser | None, text: str) -> list[Piece]:
-    if parser is None:  # a completion: the text as it is
-        return [Piece("content", text)] if text else []
-    return parser.feed(text)
-
-
-async def _collect(job: Job, parser: ReplyParser | None) -> tuple[list[Piece], Result, int]:
+async def _collect(job: Job, parser: ReplyParser | PlainText) -> tuple[list[Piece], Result, int]:
     pieces: list[Piece] = []
     async for event in job.events():
         if isinstance(event, Token):
-            pieces += _pieces(parser, event.text)
+            pieces += parser.feed(event.text)
         else:
-            pieces += parser.finish() if parser is not None else []
-            return pieces, event, parser.calls if parser is not None else 0
+            return pieces + parser.finish(), event, parser.calls
     raise APIError(500, "the generation ended without a result")
 
 
-async def _stream(job: Job, answer: Answer, parser: ReplyParser | None, outcome: dict):
+async def _stream(job: Job, answer: Answer, parser: ReplyParser | PlainText, outcome: dict, prompt_field: str):
     """The SSE body. Leaving early (the client went away) cancels the job at its next token."""
     outcome["finish"] = "cancelled"
     try:
         if answer.chat:
             yield answer.role_chunk()
         async for event in job.events():
-            if isinstance(event, Token):
-                pieces = _pieces(parser, event.text)
-            else:
-                pieces = parser.finish() if parser is not None else []
+            pieces = parser.feed(event.text) if isinstance(event, Token) else parser.finish()
             for piece in pieces:
                 for chunk in answer.piece_chunks(piece):
                     yield chunk
             if isinstance(event, Result):
-                reason = finish_reason(event.finish_reason, parser.calls if parser is not None else 0)
+                reason = finish_reason(event.finish_reason, parser.calls)
                 outcome.update(usage=event.usage, finish=reason)
                 for chunk in answer.finish_chunks(reason, event.usage):
                     yield chunk
     except Qwen3NextError as error:  # after the 200 went out: the error as the stream's last event
         outcome["finish"] = "error"
-        yield sse(from_library(error, "messages" if answer.chat else "prompt").body())
+        yield sse(from_library(error, prompt_field).body())
         yield DONE
     finally:
         job.cancel()  # nothing to stop when it finished
@@ -231,7 +221,8 @@ class _AccessLog:
             outcome = scope.get(_OUTCOME, {})
             usage = outcome.get("usage")
             if usage is not None:
-                line += f" prompt={usage.prompt_tokens} cached={usage.cached_tokens} completion={usage.completion_tokens}"
+                line += f" prompt={usage.prompt_tokens} cached={usage.cached_tokens} " \
+                        f"completion={usage.completion_tokens}"
             if "finish" in outcome:
                 line += f" finish={outcome['finish']}"
             self.log(line + problem)

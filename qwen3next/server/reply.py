@@ -134,6 +134,18 @@ class ReplyParser:
             out.append(Piece("content", body))
 
 
+class PlainText:
+    """A completion's reply: all of it content, exactly as generated (the ReplyParser interface)."""
+
+    calls = 0
+
+    def feed(self, text: str) -> list[Piece]:
+        return [Piece("content", text)] if text else []
+
+    def finish(self) -> list[Piece]:
+        return []
+
+
 def parse_tool_call(block: str) -> ToolCall | None:
     """The call in the text between `<tool_call>` and `</tool_call>`, or None when it is not one."""
     try:

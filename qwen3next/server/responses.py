@@ -56,8 +56,8 @@ class Answer:
                 self.chunk({"delta": {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}})]
 
     def finish_chunks(self, finish_reason: str, usage: Usage) -> list[str]:
-        last = {"delta": {}, "finish_reason": finish_reason} if self.chat else {"text": "", "finish_reason": finish_reason}
-        chunks = [self.chunk(last)]
+        last = {"delta": {}} if self.chat else {"text": ""}
+        chunks = [self.chunk({**last, "finish_reason": finish_reason})]
         if self.include_usage:
             kind = "chat.completion.chunk" if self.chat else "text_completion"
             chunks.append(sse(self._object(kind, [], usage)))
@@ -76,8 +76,8 @@ class Answer:
         calls = [p.call for p in pieces if p.kind == "tool_call"]
         if calls:
             message["content"] = content or None
-            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                     for c in calls]
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
         return self._object("chat.completion", [choice], usage)
 
@@ -97,4 +97,5 @@ def sse(data: dict) -> str:
 
 
 def models_list(model_id: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "qwen3next"}]}
+    model = {"id": model_id, "object": "model", "created": created, "owned_by": "qwen3next"}
+    return {"object": "list", "data": [model]}

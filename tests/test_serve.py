@@ -125,6 +125,9 @@ def sse_events(response: httpx2.Response) -> list:
 def test_health_and_models(server, client):
     assert server.health() == {"status": "ok", "model": MODEL, "running": 0, "waiting": 0}
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
 
 def test_chat_answers_what_the_library_generates(client, engine):

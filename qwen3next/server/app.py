@@ -1,7 +1,7 @@
 """The HTTP side: endpoints, API key, body limit, access log, errors (Starlette; uvicorn runs it).
 
 `create_app(engine, model_id, ...)` returns the ASGI app. GET /health (never behind the key),
-GET /v1/models, POST /v1/chat/completions, POST /v1/completions. Every error is OpenAI-shaped JSON
+GET /v1/models (and /v1/models/ID), POST /v1/chat/completions, POST /v1/completions. Every error is OpenAI-shaped JSON
 with its status; anything unexpected is a one-line 500 (the traceback only with debug), and the
 server goes on serving. The access log names the client, route, status, time and token counts,
 never the prompt or the reply.
@@ -30,7 +30,7 @@ from qwen3next.server import MAX_BODY, MAX_QUEUE
 from qwen3next.server.api import Call, chat_call, completion_call, prepare
 from qwen3next.server.errors import APIError, from_library
 from qwen3next.server.reply import Piece, PlainText, ReplyParser
-from qwen3next.server.responses import DONE, Answer, finish_reason, models_list, sse
+from qwen3next.server.responses import DONE, Answer, finish_reason, model_object, sse
 from qwen3next.server.scheduler import Job, QueueFull, Scheduler
 
 RETRY_AFTER_SECONDS = 5
@@ -54,6 +54,7 @@ def create_app(engine, model_id: str, api_key: str | None = None, max_queue: int
     routes = [
         Route("/health", service.health, methods=["GET"]),
         Route("/v1/models", service.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", service.model, methods=["GET"]),
         Route("/v1/chat/completions", service.chat, methods=["POST"]),
         Route("/v1/completions", service.completions, methods=["POST"]),
     ]
@@ -74,7 +75,14 @@ class _Service:
                              "waiting": self.scheduler.waiting})
 
     async def models(self, request: HTTPRequest) -> Response:
-        return JSONResponse(models_list(self.model_id, self.created))
+        return JSONResponse({"object": "list", "data": [model_object(self.model_id, self.created)]})
+
+    async def model(self, request: HTTPRequest) -> Response:
+        name = request.path_params["model"]
+        if name != self.model_id:
+            raise APIError(404, f"model: {name!r} is not served here (this server serves {self.model_id!r})",
+                           param="model", code="model_not_found")
+        return JSONResponse(model_object(self.model_id, self.created))
 
     async def chat(self, request: HTTPRequest) -> Response:
         return await self._generate(request, chat_call(await _read_json(request, self.max_body), self.model_id))

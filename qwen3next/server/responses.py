@@ -96,6 +96,5 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def models_list(model_id: str, created: int) -> dict:
-    model = {"id": model_id, "object": "model", "created": created, "owned_by": "qwen3next"}
-    return {"object": "list", "data": [model]}
+def model_object(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "qwen3next"}

@@ -221,8 +221,9 @@ def test_a_client_that_goes_away_cancels_its_generation(server):
         assert next(lines).startswith("data: ")
         assert server.health()["running"] == 1
     wait_until(lambda: server.health()["running"] == 0, 10, "the cancelled generation to stop")
-    wait_until(lambda: re.search(r'"POST /v1/completions" 200 .* finish=cancelled', server.log.read_text()), 10,
-               "the access log to show the cancellation")
+    cancelled = wait_until(lambda: re.search(r'"POST /v1/completions" 200 .* completion=(\d+) finish=cancelled',
+                                             server.log.read_text()), 10, "the access log to show the cancellation")
+    assert 1 <= int(cancelled.group(1)) < 1900
 
 
 def test_a_client_that_gives_up_on_a_plain_request_cancels_it_too(server):

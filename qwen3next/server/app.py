@@ -103,7 +103,7 @@ class _Service:
         if call.stream:
             events = _stream(job, answer, parser, outcome, call.prompt_field)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        collecting = asyncio.ensure_future(_collect(job, parser))
+        collecting = asyncio.ensure_future(_collect(job, parser, outcome))
         while not (await asyncio.wait({collecting}, timeout=_DISCONNECT_POLL_SECONDS))[0]:
             if await request.is_disconnected():
                 job.cancel()
@@ -118,10 +118,11 @@ class _Service:
         return JSONResponse(answer.whole(pieces, reason, result.usage))
 
 
-async def _collect(job: Job, parser: ReplyParser | PlainText) -> tuple[list[Piece], Result, int]:
+async def _collect(job: Job, parser: ReplyParser | PlainText, outcome: dict) -> tuple[list[Piece], Result, int]:
     pieces: list[Piece] = []
     async for event in job.events():
         if isinstance(event, Token):
+            outcome["tokens"] = outcome.get("tokens", 0) + 1
             pieces += parser.feed(event.text)
         else:
             return pieces + parser.finish(), event, parser.calls
@@ -135,6 +136,8 @@ async def _stream(job: Job, answer: Answer, parser: ReplyParser | PlainText, out
         if answer.chat:
             yield answer.role_chunk()
         async for event in job.events():
+            if isinstance(event, Token):
+                outcome["tokens"] = outcome.get("tokens", 0) + 1
             pieces = parser.feed(event.text) if isinstance(event, Token) else parser.finish()
             for piece in pieces:
                 for chunk in answer.piece_chunks(piece):
@@ -231,6 +234,8 @@ class _AccessLog:
             if usage is not None:
                 line += f" prompt={usage.prompt_tokens} cached={usage.cached_tokens} " \
                         f"completion={usage.completion_tokens}"
+            elif "tokens" in outcome:  # cut short: what was generated before
+                line += f" completion={outcome['tokens']}"
             if "finish" in outcome:
                 line += f" finish={outcome['finish']}"
             self.log(line + problem)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from qwen3next.errors import ContextLengthError, Qwen3NextError, RequestError, TokenizerError
 
 # The Request's field names that the OpenAI API spells differently.
-API_FIELD_NAMES = {"max_new_tokens": "max_tokens"}
+_API_NAMES = {"max_new_tokens": "max_tokens"}
 
 
 class APIError(Exception):
@@ -23,8 +23,9 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        return {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        if self.status == 401:
+            return "authentication_error"
+        return "invalid_request_error" if self.status < 500 else "server_error"
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -33,7 +34,7 @@ class APIError(Exception):
 def from_library(error: Qwen3NextError, prompt_field: str) -> APIError:
     """The answer for a library error raised while checking or rendering a request."""
     if isinstance(error, RequestError):
-        name = API_FIELD_NAMES.get(error.field, error.field)
+        name = _API_NAMES.get(error.field, error.field)
         name = prompt_field if name == "prompt" else name
         return APIError(400, str(RequestError(name, error.value, error.rule)), param=name)  # the API's name
     if isinstance(error, ContextLengthError):

@@ -238,6 +238,7 @@ class Result:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["usage"]["total_tokens"] = self.usage.total_tokens
-        out["timings"]["prefill_tokens_per_second"] = self.timings.prefill_tokens_per_second(self.usage.prompt_tokens)
+        prefilled = self.usage.prompt_tokens - self.usage.cached_tokens  # kept tokens were not prefilled again
+        out["timings"]["prefill_tokens_per_second"] = self.timings.prefill_tokens_per_second(prefilled)
         out["timings"]["decode_tokens_per_second"] = self.timings.decode_tokens_per_second
         return out

@@ -1,17 +1,29 @@
-"""Decode kernels vs torch on this CPU: the numbers behind writing csrc/decode_kernels.c and quant_kernels.c.
+"""CPU kernels vs torch on this CPU: the numbers behind csrc/decode_kernels.c and quant_kernels.c (docs/kernels.md).
 
     python benchmarks/bench_kernels.py
+    python benchmarks/bench_kernels.py --prefill MODEL [--tokens 512] [--baseline CHECKOUT] [--rounds 3]
 
-Matrix-vector products over weights that do not fit in cache (each call reads a different
-matrix, as decode does) for bf16, int8 and int4 weights (ours, and torch's own weight-only int8 and
-int4 CPU kernels on their own layouts), a few rows through an expert's 4-bit matrices (our kernels
-MAX_ROWS rows per call against dequantizing the matrix: where quant/modules.KERNEL_ROWS comes from),
-the one-call MoE decode block, and one Gated DeltaNet layer over a 256-token prompt.
+Without --prefill: matrix-vector products over weights that do not fit in cache (each call reads a
+different matrix, as decode does) for bf16, int8 and int4 weights (ours, and torch's own weight-only
+int8 and int4 CPU kernels on their own layouts), many rows through quantized matrices (our kernels in
+one call against dequantizing the matrix for a bf16 GEMM, alternating), the one-call MoE decode block,
+and one Gated DeltaNet layer over a 256-token prompt.
+
+With --prefill: one prefill chunk of --tokens tokens through MODEL, timed per module kind, in a fresh
+subprocess per round, then DECODE_STEPS decode steps on its cache; with --baseline (another checkout of this repository, e.g. from `git worktree add`
+or `git archive`) the same measurement of that tree's code alternates with this one's, side by side.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -136,37 +148,117 @@ def deltanet_table() -> None:
         print(f"{f'hidden {hidden}, 32 value heads of {dim}':<30} {figures[0]:>16.1f} {figures[1]:>14.1f}")
 
 
-def expert_rows_table() -> None:
-    """One expert's gate and down 4-bit matrices ([512, 2048], [2048, 512]) for a prefill chunk's rows."""
+def rows_table() -> None:
+    """Many rows through quantized matrices (an expert's 4-bit gate and down, an 8-bit DeltaNet input
+    projection at real width): the kernel in one call against dequantizing for a bf16 GEMM, best of 3 alternated."""
     from qwen3next.quant.modules import dequantize, linear
 
-    gate, down = int4.quantize(torch.randn(512, 2048), 64), int4.quantize(torch.randn(2048, 512), 64)
-    print(f"{'rows':<8}{'kernels (ms)':>14}{'dequantized (ms)':>18}")
-    for rows in (8, 20, 40, 80, 128, 200, 400):
-        x, h = torch.randn(rows, 2048, dtype=torch.bfloat16), torch.randn(rows, 512, dtype=torch.bfloat16)
-        step = cpu_kernels.MAX_ROWS
+    print(f"\n{'rows x matrix':<28}{'kernel (ms)':>12}{'dequantized (ms)':>18}{'kernel GMAC/s':>15}")
+    for bits, (out_features, in_features) in [(4, (512, 2048)), (4, (2048, 512)), (8, (12288, 2048))]:
+        w = torch.randn(out_features, in_features) * in_features**-0.5
+        arrays = int4.quantize(w, 64) if bits == 4 else int8.quantize(w)
+        kernel = cpu_kernels.linear_q4 if bits == 4 else cpu_kernels.linear_q8
+        for rows in (1, 8, 20, 64, 128, 512):
+            x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+            calls = max(1, 64 // rows)
+            ours = theirs = float("inf")
+            for _ in range(3):
+                ours = min(ours, seconds_per_call(lambda: kernel(x, *arrays), calls))
+                theirs = min(theirs, seconds_per_call(lambda: linear(x, dequantize(bits, arrays, x.dtype)), calls))
+            label = f"{rows} x {bits}-bit {[out_features, in_features]}"
+            print(f"{label:<28}{ours * 1e3:>12.2f}{theirs * 1e3:>18.2f}{rows * w.numel() / ours / 1e9:>15.1f}")
 
-        def kernels():
-            for i in range(0, rows, step):
-                cpu_kernels.linear_q4(x[i : i + step], *gate)
-                cpu_kernels.linear_q4(h[i : i + step], *down)
 
-        def dequantized():
-            linear(x, dequantize(4, gate, x.dtype))
-            linear(h, dequantize(4, down, h.dtype))
+DECODE_STEPS = 32
 
-        ours, theirs = seconds_per_call(kernels, 20), seconds_per_call(dequantized, 20)
-        print(f"{rows:<8}{ours * 1e3:>14.2f}{theirs * 1e3:>18.2f}")
+
+def prefill_child(model: str, tokens: int, repeats: int) -> None:
+    """One tree's measurement: the best of `repeats` prefill chunks, and that chunk's time per module kind."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import qwen3next
+    from decode_breakdown import instrument
+
+    engine = qwen3next.load(model)
+    seconds = instrument(engine)
+    ids = torch.randint(0, engine.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    best, parts = float("inf"), {}
+    with torch.inference_mode():
+        engine.model(ids[:, :16], engine.model.make_cache(), last_only=True)  # warm: thread start-up, first touches
+        for _ in range(repeats):
+            seconds.clear()
+            cache = engine.model.make_cache()
+            start = time.perf_counter()
+            engine.model(ids, cache, last_only=True)
+            if time.perf_counter() - start < best:
+                best, parts = time.perf_counter() - start, dict(seconds)
+        start = time.perf_counter()
+        for step in range(DECODE_STEPS):  # then decode on that cache: the one-row kernels, which must not slow down
+            engine.model(ids[:, step : step + 1], cache, last_only=True)
+    print(json.dumps({"seconds": best, "parts": parts, "decode": (time.perf_counter() - start) / DECODE_STEPS}))
+
+
+def import_tree(checkout: Path, folder: Path) -> Path:
+    """A folder for PYTHONPATH under which `import qwen3next` (and its quant, offload, cli subpackages, which the
+    repository keeps at top level) loads `checkout`'s code rather than the installed tree."""
+    package = folder / "qwen3next"
+    package.mkdir(parents=True)
+    for entry in (checkout / "qwen3next").iterdir():
+        (package / entry.name).symlink_to(entry)
+    for sub in ("quant", "offload", "cli"):
+        (package / sub).symlink_to(checkout / sub)
+    return folder
+
+
+def prefill_table(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"this tree": None}
+        if args.baseline:
+            trees = {"baseline": import_tree(Path(args.baseline).resolve(), Path(tmp)), **trees}
+        best: dict[str, dict] = {}
+        decodes: dict[str, dict] = {}
+        for _ in range(args.rounds):  # alternating subprocesses: the machine's noise falls on both
+            for name, path in trees.items():
+                env = dict(os.environ, **({"PYTHONPATH": str(path)} if path else {}))
+                command = [sys.executable, __file__, "--child", "--prefill", args.prefill, "--tokens", str(args.tokens),
+                           "--threads", str(args.threads), "--repeats", str(args.repeats)]
+                done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                if name not in best or result["seconds"] < best[name]["seconds"]:
+                    best[name] = result
+                if name not in decodes or result["decode"] < decodes[name]["decode"]:
+                    decodes[name] = result
+    print(f"prefill chunk of {args.tokens} tokens, {args.prefill}, {torch.get_num_threads()} threads, "
+          f"best of {args.rounds}" + "".join(f"{name:>14}" for name in best))
+    kinds = sorted({k for r in best.values() for k in r["parts"]}, key=lambda k: -max(r["parts"].get(k, 0)
+                                                                                       for r in best.values()))
+    for kind in kinds:
+        print(f"  {kind:<40}" + "".join(f"{r['parts'].get(kind, 0) * 1e3:>12.0f}ms" for r in best.values()))
+    print(f"  {'whole chunk':<40}" + "".join(f"{r['seconds'] * 1e3:>12.0f}ms" for r in best.values()))
+    print(f"  {'prefill tokens/s':<40}" + "".join(f"{args.tokens / r['seconds']:>14.1f}" for r in best.values()))
+    print(f"  {'decode tokens/s (best round)':<40}" + "".join(f"{1 / r['decode']:>14.1f}" for r in decodes.values()))
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prefill", metavar="MODEL", help="time a prefill chunk through this model folder")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--baseline", metavar="CHECKOUT", help="another checkout to measure alternately")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="chunks per subprocess")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return prefill_child(args.prefill, args.tokens, args.repeats)
+    if args.prefill:
+        return prefill_table(args)
     if cpu_kernels.library() is None:
         raise SystemExit("the decode kernels could not be built here (no C compiler?)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with torch.inference_mode():
         gemv_table()
-        expert_rows_table()
+        rows_table()
         moe_block_table()
         deltanet_table()
 

@@ -27,12 +27,8 @@ def timed(record: dict, name: str, fn):
     return wrapper
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model")
-    parser.add_argument("--steps", type=int, default=32)
-    args = parser.parse_args()
-    engine = qwen3next.load(args.model)
+def instrument(engine) -> dict[str, float]:
+    """Seconds per module kind, accumulated by timers wrapped around the model's forwards (and the store's run)."""
     model, seconds = engine.model, collections.defaultdict(float)
     for layer in model.model.layers:
         mixer = getattr(layer, "self_attn", None) or layer.linear_attn
@@ -41,6 +37,16 @@ def main() -> None:
         layer.mlp.shared_expert.forward = timed(seconds, "shared expert", layer.mlp.shared_expert.forward)
     engine.expert_store.run = timed(seconds, "routed experts (store.run)", engine.expert_store.run)
     model.logits_from_hidden = timed(seconds, "lm_head", model.logits_from_hidden)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--steps", type=int, default=32)
+    args = parser.parse_args()
+    engine = qwen3next.load(args.model)
+    model, seconds = engine.model, instrument(engine)
     cache = model.make_cache()
     with torch.no_grad():
         model(torch.tensor([list(range(100, 164))]), cache, last_only=True)

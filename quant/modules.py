@@ -26,10 +26,12 @@ def quantized_matmul(x: torch.Tensor, bits: int, arrays: list[torch.Tensor], fp3
     """x [..., in] @ W.T for a matrix stored as `arrays` (fp32 sums kept with fp32_out, for logits).
 
     bf16 rows on the CPU take the 8/4-bit kernels in one call, any number of rows: each row's result is
-    the same bits alone or in a prefill chunk (a speculative verify pass needs that), they beat
-    dequantizing the matrix for a bf16 GEMM at every row count measured (docs/kernels.md), and they
-    allocate nothing the size of the matrix. Other devices, or no C compiler, take a dense matmul on the
-    dequantized matrix."""
+    the same bits alone or in a prefill chunk (a speculative verify pass needs that, and a prompt's
+    logits do not depend on the chunk size), they allocate nothing the size of the matrix, and they
+    beat dequantizing it for a bf16 GEMM wherever the model meets them (docs/kernels.md: a routed
+    expert's few rows, the large always-active matrices at a whole chunk; only a small matrix at
+    hundreds of rows, a shared expert's, runs faster through the GEMM). Other devices, or no C
+    compiler, take a dense matmul on the dequantized matrix."""
     if arrays[0].device.type == "cpu" and cpu_kernels.usable(x):
         kernel = cpu_kernels.linear_q8 if bits == 8 else cpu_kernels.linear_q4
         return kernel(x, *arrays, fp32_out=fp32_out)

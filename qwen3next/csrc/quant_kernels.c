@@ -1,14 +1,17 @@
-/* CPU kernels for quantized weights (formats: qwen3next/quant/int8.py, int4.py; docs/format.md).
+/* CPU kernels for quantized weights (formats: qwen3next/quant/int8.py, int4.py; docs/format.md;
+ * figures in docs/kernels.md).
  *
- * Products of a few or many activation rows with a quantized matrix, streaming the weights once per
- * call. Decode is bound by reading weights, so 8-bit weights halve and 4-bit weights (4.5 bits with
- * their scales) nearly quarter what a bf16 step reads, provided the arithmetic keeps up with the
- * memory; prefill chunks and verify passes are bound by the arithmetic. Widening every code to fp32
- * does not keep up (~16 G weights/s here), so on CPUs with AVX-512 VNNI activation rows are turned
- * into integer codes once per call (int16 for 8-bit weights, int8 for 4-bit ones, one fp32 scale per
- * block of 64) and multiplied with integer dot-product instructions over tiles of TILE_W weight rows
- * by TILE_X activation rows: each weight row is unpacked once per tile and each activation block
- * loaded once per tile. Other CPUs take plain fp32 loops, one row pair at a time.
+ * Products of one, a few or many activation rows with a quantized matrix. Decode is bound by reading
+ * weights, so 8-bit weights halve and 4-bit weights (4.5 bits with their scales) nearly quarter what a
+ * bf16 step reads, provided the arithmetic keeps up with the memory; prefill chunks and verify passes
+ * are bound by the arithmetic. Widening every code to fp32 does not keep up (~16 G weights/s here), so
+ * on CPUs with AVX-512 VNNI activation rows are turned into integer codes once per call (int16 for
+ * 8-bit weights, int8 for 4-bit ones, one fp32 scale per block of 64) and multiplied with integer
+ * dot-product instructions over tiles, so that each weight is unpacked once per tile of activation
+ * rows and each activation block loaded once per tile of weight rows, as llama.cpp's repacked GEMMs
+ * do: 4-bit tiles hold 16 weight rows in the vector lanes (a row's 4 code bytes per lane against 4
+ * broadcast activation bytes), 8-bit tiles 4 x 4 row pairs. Other CPUs take plain fp32 loops, one row
+ * pair at a time.
  *
  * Every (weight row, activation row) pair has its own accumulator and the same sequence of
  * operations whatever the tile it falls in and however many rows share the call, so a row's
@@ -18,8 +21,10 @@
 
 #define XBLOCK 64 /* activation values sharing one integer-code scale */
 #define TILE_W 16  /* weight rows per unit of work (the 4-bit tile: one per vector lane) */
-#define Q8_TILE_W 4 /* weight rows per 8-bit tile */
+#define Q8_TILE_W 4 /* weight rows per 8-bit tile (with at least TILE_X activation rows) */
 #define TILE_X 4    /* activation rows per tile (their accumulators stay in registers) */
+#define PREFETCH 8   /* chunks of 64 bytes a tile prefetches ahead in each of its rows */
+#define X_ROWS 64   /* activation rows per pass over a dense matrix: their codes stay in the core's cache */
 
 /* An activation vector x [n] in the forms the row dots read. */
 typedef struct {
@@ -31,17 +36,15 @@ typedef struct {
     float *block_scale;     /* [n / XBLOCK]: x ~ q * block_scale */
     int8_t *even_b, *odd_b; /* int8 codes of the split x, for 4-bit weights */
     float *block_scale_b;   /* [n / XBLOCK]: x ~ code * block_scale_b */
-    float *pair_scale_b;    /* [n / 128][16]: block_scale_b of blocks 2c (lanes 0-7) and 2c+1 (8-15) */
 } prepared;
 
 static void prepare(prepared *p, const float *x, int64_t n, int64_t group) {
-    const int64_t groups = group ? n / group : 0, blocks = n / XBLOCK, pairs = n / (2 * XBLOCK);
+    const int64_t groups = group ? n / group : 0, blocks = n / XBLOCK;
     p->n = n, p->group = group;
-    p->f = malloc(sizeof(float) * (size_t)(2 * n + groups + 2 * blocks + 16 * pairs) +
-                  sizeof(int16_t) * (size_t)(2 * n) + (size_t)n);
+    p->f = malloc(sizeof(float) * (size_t)(2 * n + groups + 2 * blocks) + sizeof(int16_t) * (size_t)(2 * n) + (size_t)n);
     p->even = p->f + n, p->odd = p->even + n / 2, p->sums = p->odd + n / 2, p->block_scale = p->sums + groups;
-    p->block_scale_b = p->block_scale + blocks, p->pair_scale_b = p->block_scale_b + blocks;
-    p->q = (int16_t *)(p->pair_scale_b + 16 * pairs), p->even_q = p->q + n, p->odd_q = p->even_q + n / 2;
+    p->block_scale_b = p->block_scale + blocks;
+    p->q = (int16_t *)(p->block_scale_b + blocks), p->even_q = p->q + n, p->odd_q = p->even_q + n / 2;
     p->even_b = (int8_t *)(p->odd_q + n / 2), p->odd_b = p->even_b + n / 2;
     memcpy(p->f, x, sizeof(float) * (size_t)n);
     for (int64_t j = 0; j < n / 2; j++) p->even[j] = x[2 * j], p->odd[j] = x[2 * j + 1];
@@ -63,8 +66,6 @@ static void prepare(prepared *p, const float *x, int64_t n, int64_t group) {
             p->odd_b[j] = (int8_t)lrintf(x[2 * j + 1] * inverse_b);
         }
     }
-    for (int64_t c = 0; c < pairs; c++)
-        for (int l = 0; l < 16; l++) p->pair_scale_b[16 * c + l] = p->block_scale_b[2 * c + l / 8];
     for (int64_t j = 0; j < blocks * XBLOCK / 2; j++) p->even_q[j] = p->q[2 * j], p->odd_q[j] = p->q[2 * j + 1];
 }
 
@@ -137,6 +138,13 @@ static inline float q4_row_dot(const matrix *w, int64_t r, const prepared *x) {
 /* ---- tiles: dots[m * TILE_W + i] = row r0 + i of w times xs[m], for i < nw <= TILE_W, m < nx ---- */
 
 #ifdef Q3N_VNNI
+/* Prefetch byte `at` of a row of `length` bytes, or past its end the same distance into the row a tile of
+ * `tile` rows further on: a tile reads its rows side by side, which the hardware prefetchers do not follow
+ * as they follow one row after another (one-row decode from RAM ran at half speed without this). */
+static inline void prefetch_ahead(const uint8_t *row, int64_t length, int tile, int64_t at) {
+    _mm_prefetch((const char *)(at < length ? row + at : row + tile * length + (at - length)), _MM_HINT_T0);
+}
+
 /* Integer dot products need whole blocks of 64 (for 4 bits: groups of 64, in pairs: 64-byte chunks). */
 static inline int q8_tiles(const matrix *w) { return w->cols % XBLOCK == 0; }
 static inline int q4_tiles(const matrix *w) { return w->group == XBLOCK && w->cols % (2 * XBLOCK) == 0; }
@@ -163,6 +171,7 @@ static inline __attribute__((always_inline)) void q8_tile_at(const matrix *w, in
         __m512i w0[Q8_TILE_W], w1[Q8_TILE_W];
         for (int i = 0; i < nw; i++) {
             const int8_t *row = (const int8_t *)w->codes + (r0 + i) * w->cols + b * XBLOCK;
+            prefetch_ahead((const uint8_t *)row - b * XBLOCK, w->cols, nw, (b + PREFETCH) * XBLOCK);
             w0[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)row));
             w1[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + 32)));
         }
@@ -179,13 +188,16 @@ static inline __attribute__((always_inline)) void q8_tile_at(const matrix *w, in
         for (int i = 0; i < nw; i++) dots[m * TILE_W + i] = _mm512_reduce_add_ps(acc[m][i]) * ((const float *)w->scale)[r0 + i];
 }
 
+/* Fewer than TILE_X activation rows (decode) take the weight rows one at a time: read side by side, 8-bit
+ * rows streamed from RAM at half the speed of one row after another, and the rows' bits are the same. */
 static void q8_tile(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
-    for (int i = 0; i < nw; i += Q8_TILE_W) {
+    const int side_by_side = nx >= TILE_X ? Q8_TILE_W : 1;
+    for (int i = 0; i < nw; i += side_by_side) {
 #define Q3N_Q8_CALL(rows_x) q8_tile_at(w, r0 + i, Q8_TILE_W, xs + m0, rows_x, dots + m0 * TILE_W + i)
 #define Q3N_Q8_ONE(rows_x) q8_tile_at(w, r0 + j, 1, xs + m0, rows_x, dots + m0 * TILE_W + j)
-        if (nw - i >= Q8_TILE_W) Q3N_TILE_ROWS(Q3N_Q8_CALL)
+        if (side_by_side == Q8_TILE_W && nw - i >= Q8_TILE_W) Q3N_TILE_ROWS(Q3N_Q8_CALL)
         else
-            for (int j = i; j < nw; j++) Q3N_TILE_ROWS(Q3N_Q8_ONE)
+            for (int j = i; j < i + side_by_side && j < nw; j++) Q3N_TILE_ROWS(Q3N_Q8_ONE)
 #undef Q3N_Q8_CALL
 #undef Q3N_Q8_ONE
     }
@@ -260,6 +272,11 @@ static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *
         minimum_rows[l] = w->minimum + r * groups;
     }
     __m512 scale[groups], minimum[groups];
+    for (int l = 0; l < 16; l++)
+        for (int64_t at = 0; at < 2 * groups; at += 64) {
+            prefetch_ahead((const uint8_t *)scale_rows[l], 2 * groups, 16, 2 * groups + at);
+            prefetch_ahead((const uint8_t *)minimum_rows[l], 2 * groups, 16, 2 * groups + at);
+        }
     q4_columns(scale_rows, groups, scale);
     q4_columns(minimum_rows, groups, minimum);
     const __m512i nibble = _mm512_set1_epi8(0xF);
@@ -267,7 +284,10 @@ static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *
     memset(acc, 0, sizeof(float) * (size_t)(nx * TILE_W));
     for (int64_t c = 0; c < half / 64; c++) {
         __m512i v[16], t[16], codes[32];
-        for (int l = 0; l < 16; l++) v[l] = _mm512_loadu_si512(rows[l] + 64 * c);
+        for (int l = 0; l < 16; l++) {
+            prefetch_ahead(rows[l], half, 16, 64 * (c + PREFETCH));
+            v[l] = _mm512_loadu_si512(rows[l] + 64 * c);
+        }
         transpose16(v, t);
         for (int e = 0; e < 16; e++)
             codes[e] = _mm512_and_si512(t[e], nibble), codes[16 + e] = _mm512_and_si512(_mm512_srli_epi16(t[e], 4), nibble);
@@ -309,15 +329,19 @@ static void linear_quant(const matrix *w, const uint16_t *x, void *y, int64_t ro
     {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * w->cols, w->cols, sums_group(w)), px[m] = &xs[m];
-        float *dots = malloc(sizeof(float) * (size_t)(rows_x * TILE_W));
+        float dots[X_ROWS * TILE_W];
+        /* activation rows X_ROWS at a time, so that their codes stay in cache while every weight tile passes */
+        for (int64_t m0 = 0; m0 < rows_x; m0 += X_ROWS) {
+            const int64_t nx = rows_x - m0 < X_ROWS ? rows_x - m0 : X_ROWS;
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles_of(w->rows); t++) {
-            const int nw = tile_width(w, t);
-            tile_dots(w, t * TILE_W, nw, px, rows_x, dots);
-            for (int64_t m = 0; m < rows_x; m++)
-                for (int i = 0; i < nw; i++) store_output(y, m * w->rows + t * TILE_W + i, dots[m * TILE_W + i], f32_out);
+            for (int64_t t = 0; t < tiles_of(w->rows); t++) {
+                const int nw = tile_width(w, t);
+                tile_dots(w, t * TILE_W, nw, px + m0, nx, dots);
+                for (int64_t m = 0; m < nx; m++)
+                    for (int i = 0; i < nw; i++)
+                        store_output(y, (m0 + m) * w->rows + t * TILE_W + i, dots[m * TILE_W + i], f32_out);
+            }
         }
-        free(dots);
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
     }

@@ -1,4 +1,4 @@
-"""The options every command that loads a model shares (run, eval, and the coming serve): one definition.
+"""The options every command that loads a model shares (run, eval, serve): one definition.
 
 Each flag is a `qwen3next.load()` keyword with dashes; a library error naming the keyword is
 reported as the flag (`as_flags`).

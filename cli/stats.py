@@ -22,7 +22,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 def format_stats(result: Result, engine: Engine) -> str:
     usage, timings, device = result.usage, result.timings, engine.device
     line = (
-        f"prompt: {usage.prompt_tokens} tokens, prefill {timings.prefill_tokens_per_second(usage.prompt_tokens):.1f} tok/s | "
+        f"prompt: {usage.prompt_tokens} tokens, prefill {timings.prefill_tokens_per_second(usage.prefilled_tokens):.1f} tok/s | "
         f"generated: {usage.completion_tokens} tokens, decode {timings.decode_tokens_per_second:.1f} tok/s | "
         f"finish: {result.finish_reason} | peak memory ({device.type}): {peak_memory_bytes(device) / 2**20:.0f} MiB | "
         f"compute: {engine.compute}"

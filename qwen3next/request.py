@@ -209,6 +209,11 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def prefilled_tokens(self) -> int:
+        """Prompt tokens this call ran through the model (kept tokens were not prefilled again)."""
+        return self.prompt_tokens - self.cached_tokens
+
 
 @dataclass
 class Timings:
@@ -238,7 +243,6 @@ class Result:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["usage"]["total_tokens"] = self.usage.total_tokens
-        prefilled = self.usage.prompt_tokens - self.usage.cached_tokens  # kept tokens were not prefilled again
-        out["timings"]["prefill_tokens_per_second"] = self.timings.prefill_tokens_per_second(prefilled)
+        out["timings"]["prefill_tokens_per_second"] = self.timings.prefill_tokens_per_second(self.usage.prefilled_tokens)
         out["timings"]["decode_tokens_per_second"] = self.timings.decode_tokens_per_second
         return out

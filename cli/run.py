@@ -17,7 +17,7 @@ from .stats import format_stats, stats_object
 
 # run's options that are Request fields (the flag is the field name with dashes).
 _REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
-                    "chat", "system", "prefill_chunk")
+                    "chat", "system", "prefill_chunk", "speculative")
 
 
 @click.command()
@@ -36,6 +36,9 @@ _REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", 
 @click.option("--prefill-chunk", type=click.IntRange(min=1),
               help=f"Prompt tokens per prefill step (bounds peak memory on long prompts) [default: {PREFILL_CHUNK}; "
               f"{OFFLOAD_PREFILL_CHUNK} when experts are read from disk].")
+@click.option("--speculative", type=int, metavar="N",
+              help="Draft N tokens per step with the model's MTP head and verify them in one pass (greedy output "
+              "unchanged; docs/speculative.md) [default: 0, off].")
 @click.option("--jsonl", is_flag=True, help='Read one JSON request per stdin line ({"prompt": ..., ...}); '
               "answer each with one JSON line.")
 @click.option("--stats", is_flag=True, help="Print token counts, speeds and peak memory to stderr.")

@@ -2,7 +2,8 @@
 
 The two kinds differ in a way speculative decoding cares about: a KV cache rolls back by
 truncation, a DeltaNet state does not (it is overwritten in place of history), so
-`ModelCache.snapshot()` copies DeltaNet states and only remembers KV lengths.
+`ModelCache.snapshot()` copies DeltaNet states and only remembers KV lengths, and speculative
+decoding's verify pass keeps a copy of each DeltaNet state per drafted position (`ModelCache.rewind`).
 """
 
 from __future__ import annotations
@@ -74,16 +75,35 @@ class DeltaNetState:
 
 
 class ModelCache:
-    """The state of every layer plus the number of positions already processed."""
+    """The state of every layer plus the number of positions already processed.
 
-    def __init__(self, layer_caches: list) -> None:
+    `mtp` holds the MTP head's KV caches (one per MTP layer; empty without a head): they hold the
+    head's entries for positions whose main hidden state and next token were both known, so they
+    may lag the main layers (speculative.py) but never run ahead of them.
+    """
+
+    def __init__(self, layer_caches: list, mtp_caches: list[KVCache] | None = None) -> None:
         self.layers = layer_caches
+        self.mtp = mtp_caches or []
         self.position = 0
 
-    def snapshot(self) -> tuple[int, list]:
-        return self.position, [layer.snapshot() for layer in self.layers]
+    def snapshot(self) -> tuple[int, list, list[int]]:
+        return self.position, [layer.snapshot() for layer in self.layers], [kv.snapshot() for kv in self.mtp]
 
-    def restore(self, saved: tuple[int, list]) -> None:
-        self.position, states = saved
+    def restore(self, saved: tuple[int, list, list[int]]) -> None:
+        self.position, states, mtp_lengths = saved
         for layer, state in zip(self.layers, states):
             layer.restore(state)
+        for kv, length in zip(self.mtp, mtp_lengths):
+            kv.restore(length)
+
+    def rewind(self, position: int, states: list[DeltaNetState | None]) -> None:
+        """Go back to `position` inside the last verify pass: KV caches truncate, each DeltaNet layer takes
+        the state the pass kept for that position (`states[i]` for layer i, None for attention layers).
+        The kept states are taken, not copied: the pass made them for this and keeps no other reference."""
+        self.position = position
+        for layer, state in zip(self.layers, states):
+            if state is None:
+                layer.restore(position)
+            else:
+                layer.conv, layer.recurrent = state.conv, state.recurrent

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,6 +28,7 @@ from .offload.router_stats import RouterStatistics
 from .prefix_cache import SNAPSHOTS, PrefixStates
 from .request import PREFILL_CHUNK, Request, Result, Token, Usage
 from .sampling import Sampler, generation_defaults
+from .speculative import speculative_ids
 from .tokenizer import Tokenizer
 
 
@@ -112,6 +114,10 @@ class Engine:
         if not isinstance(request, Request):
             raise UsageError(f"stream() takes a qwen3next.Request, not {type(request).__name__}")
         params = self.sampling_defaults.updated(**request.sampling_overrides())
+        if request.speculative and self.model.mtp is None:
+            raise RequestError("speculative", request.speculative, "this checkpoint has no MTP head (mtp.*) to draft with")
+        if request.speculative and params.temperature != 0:
+            raise RequestError("speculative", request.speculative, "needs greedy decoding (temperature 0) for now")
         ids = self.prompt_ids(request)
         self._check_context(len(ids), room=1)
         return self._stream(ids, Sampler(params, request.seed), request)
@@ -135,9 +141,9 @@ class Engine:
         texts = []
         states = self.prefix_states
         kept, result.usage.cached_tokens = (None, 0) if states is None else states.start(ids)
-        tokens = generate_ids(self.model, ids, sampler, request.max_new_tokens, self.eos_ids, self.context_length,
-                              result.timings, request.prefill_chunk or self.prefill_chunk, kept,
-                              result.usage.cached_tokens)
+        generate = partial(speculative_ids, draft_tokens=request.speculative) if request.speculative else generate_ids
+        tokens = generate(self.model, ids, sampler, request.max_new_tokens, self.eos_ids, self.context_length,
+                          result.timings, request.prefill_chunk or self.prefill_chunk, kept, result.usage.cached_tokens)
         if self.router_stats is not None:
             self.router_stats.start_sequence()
         cache = getattr(self.expert_store, "cache", None)

@@ -9,7 +9,7 @@ across `yield` would leak it into the caller's code.
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -18,11 +18,18 @@ from .model import Qwen3NextForCausalLM
 from .request import PREFILL_CHUNK, Timings
 from .sampling import Sampler
 
-def prefill(model: Qwen3NextForCausalLM, ids: torch.Tensor, cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Run ids [1, T] into `cache` chunk by chunk; return the last position's logits [vocab]."""
+def prefill(model: Qwen3NextForCausalLM, ids: torch.Tensor, cache, chunk: int = PREFILL_CHUNK,
+            on_hidden: Callable[[torch.Tensor, int], None] | None = None) -> torch.Tensor:
+    """Run ids [1, T] into `cache` chunk by chunk; return the last position's logits [vocab].
+
+    `on_hidden(hidden, start)` sees each chunk's final hidden states and first position (the MTP drafter's input)."""
     for start in range(0, ids.shape[1], chunk):
         with torch.inference_mode():
-            logits = model(ids[:, start : start + chunk], cache, last_only=True)
+            first = cache.position
+            hidden = model.hidden_states(ids[:, start : start + chunk], cache)
+            if on_hidden is not None:
+                on_hidden(hidden, first)
+            logits = model.logits_from_hidden(hidden[:, -1:])
     return logits[0, -1]
 
 

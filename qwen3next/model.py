@@ -102,7 +102,8 @@ class Qwen3NextForCausalLM(nn.Module):
 
     def make_cache(self, max_length: int | None = None) -> ModelCache:
         """Empty per-layer states; max_length caps the KV buffers (the context the memory plan reserved)."""
-        return ModelCache([layer.make_cache(max_length) for layer in self.model.layers])
+        mtp = [] if self.mtp is None else [KVCache(max_length) for _ in self.mtp.layers]
+        return ModelCache([layer.make_cache(max_length) for layer in self.model.layers], mtp)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits whatever the activation dtype: rounded to bf16 (a step of 0.0625 at logits of 8-16),
@@ -127,6 +128,27 @@ class Qwen3NextForCausalLM(nn.Module):
         if cache is not None:
             cache.position += T
         return self.model.norm(x)
+
+    def decode_steps(self, input_ids: torch.Tensor, cache: ModelCache) -> tuple[torch.Tensor, list[list]]:
+        """Final hidden states [1, T, hidden] for input_ids [1, T], each position computed exactly as a
+        one-token decode step computes it (the same calls on the same shapes, so no kernel sees how many
+        positions there are), layer by layer so each layer's weights are read from memory once for all T.
+
+        Also returns, per position t, each DeltaNet layer's state after t (None for attention layers):
+        copies for t < T - 1, the live states for the last; `ModelCache.rewind` goes back to one."""
+        start, T = cache.position, input_ids.shape[1]
+        rows = list(self.model.embed_tokens(input_ids).split(1, dim=1))
+        cos_sins = [self.rotary.cos_sin(torch.arange(p, p + 1, device=input_ids.device), rows[0].dtype)
+                    for p in range(start, start + T)]
+        states: list[list] = [[] for _ in range(T)]
+        for layer, layer_cache in zip(self.model.layers, cache.layers):
+            deltanet = isinstance(layer_cache, DeltaNetState)
+            for t in range(T):
+                rows[t] = layer(rows[t], cos_sins[t], layer_cache)
+                states[t].append(None if not deltanet else layer_cache.snapshot() if t < T - 1
+                                 else DeltaNetState(layer_cache.conv, layer_cache.recurrent))
+        cache.position += T
+        return torch.cat([self.model.norm(row) for row in rows], dim=1), states
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, last_only: bool = False) -> torch.Tensor:
         """fp32 logits [B, T, vocab] (or [B, 1, vocab] with last_only, which skips lm_head on the rest)."""

@@ -49,6 +49,7 @@ class Request:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     prefill_chunk: int | None = None  # None: the engine's (PREFILL_CHUNK, larger when experts come from disk)
+    speculative: int | None = None  # MTP draft tokens verified per step; 0 or None: off (docs/speculative.md)
 
     def __post_init__(self) -> None:
         # Lists arrive from Python and JSON; tuples keep the request hashable and immutable.
@@ -188,6 +189,7 @@ _FIELDS: dict[str, Callable[[str, Any], None]] = {
     "seed": _integer(-(2**63), 2**64),  # what torch.Generator.manual_seed takes
     "stop": _stop,
     "prefill_chunk": _integer(1),
+    "speculative": _integer(0),
 }
 
 

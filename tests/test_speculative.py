@@ -1,0 +1,190 @@
+"""Speculative decoding with the MTP head: greedy output token for token as without it, and the cache rewound.
+
+Random checkpoints' MTP heads draft almost nothing the main model accepts, so besides the real head
+an oracle drafter proposes the plain run's own continuation with some tokens corrupted: that makes
+long accepted runs, rejections at every draft position, and finishes inside an accepted run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwen3next
+from qwen3next import speculative
+from qwen3next.errors import RequestError
+from qwen3next.generate import generate_ids
+from qwen3next.request import Request, Timings
+from qwen3next.sampling import Sampler, SamplingParams
+from qwen3next.speculative import speculative_ids
+
+from test_cli import cli  # noqa: F401  (the fixture)
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def engine(models, request):
+    return qwen3next.load(models("tiny"), dtype=request.param, quiet=True)
+
+
+def plain(engine, prompt, n, eos=(), **kw):
+    return [t for t, _ in generate_ids(engine.model, prompt, Sampler(GREEDY), n, eos, engine.context_length,
+                                       Timings(), **kw)]
+
+
+def spec(engine, prompt, n, drafts, eos=(), **kw):
+    return [t for t, _ in speculative_ids(engine.model, prompt, Sampler(GREEDY), n, eos, engine.context_length,
+                                          Timings(), draft_tokens=drafts, **kw)]
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    """Drafts that follow `reference` (prompt + the plain continuation), every third call one token off;
+    counts calls and the drafts the main model would accept."""
+    state = {"reference": None, "calls": 0}
+
+    def draft(self, hidden, next_tokens, start, n):
+        state["calls"] += 1
+        first = start + len(next_tokens) + 1
+        out = list(state["reference"][first : first + n])
+        out += [0] * (n - len(out))
+        if state["calls"] % 3 == 0:
+            wrong = state["calls"] % n
+            out[wrong] = (out[wrong] + 1) % self.model.config.vocab_size
+        return out
+
+    monkeypatch.setattr(speculative.Drafter, "draft", draft)
+    return state
+
+
+@pytest.mark.parametrize("drafts", [1, 3])
+def test_mtp_drafts_give_the_plain_greedy_tokens(engine, drafts):
+    for prompt in ([5, 17, 99, 3], list(range(40, 70))):
+        assert spec(engine, prompt, 12, drafts) == plain(engine, prompt, 12)
+
+
+@pytest.mark.parametrize("drafts", [1, 3, 5])
+def test_oracle_runs_finish_anywhere_inside_an_accepted_run(engine, oracle, drafts):
+    prompt = [7, 8, 9, 10, 11]
+    expected = plain(engine, prompt, 24)
+    oracle["reference"] = prompt + expected
+    for n in range(1, 2 * drafts + 3):  # max_new_tokens lands at every offset of the runs
+        assert spec(engine, prompt, n, drafts) == expected[:n]
+    calls = oracle["calls"]
+    assert spec(engine, prompt, 24, drafts) == expected
+    assert oracle["calls"] - calls < 24 * 0.75  # runs were accepted: fewer verify passes than tokens
+    for eos in expected[3:9]:  # an eos id inside an accepted run ends there
+        cut = expected.index(eos) + 1
+        assert spec(engine, prompt, 24, drafts, eos=[eos]) == plain(engine, prompt, 24, eos=[eos]) == expected[:cut]
+
+
+def test_chunked_prefill_with_the_real_head(engine):
+    prompt = list(range(100, 137))
+    assert spec(engine, prompt, 12, 2, prefill_chunk=5) == plain(engine, prompt, 12, prefill_chunk=5)
+
+
+def test_chunked_prefill_with_accepted_runs(engine, oracle):
+    prompt = list(range(100, 137))
+    expected = plain(engine, prompt, 12, prefill_chunk=5)  # (chunking itself may move bf16 bits)
+    oracle["reference"] = prompt + expected
+    assert spec(engine, prompt, 12, 3, prefill_chunk=5) == expected
+
+
+@pytest.mark.parametrize("drafts", [1, 3])
+def test_the_cache_holds_the_prompt_and_earlier_tokens_when_a_token_is_yielded(engine, oracle, drafts):
+    """Stop inside an accepted run: the cache must be exactly prompt + tokens[:-1], DeltaNet states included,
+    so plain decoding resumed from it gives the plain continuation."""
+    prompt = [3, 1, 4, 1, 5, 9]
+    expected = plain(engine, prompt, 20)
+    oracle["reference"] = prompt + expected
+    for stop_at in (2, 5, 6, 9):
+        cache = engine.model.make_cache(engine.context_length)
+        tokens = speculative_ids(engine.model, prompt, Sampler(GREEDY), 20, (), engine.context_length, Timings(),
+                                 cache=cache, draft_tokens=drafts)
+        got = [next(tokens)[0] for _ in range(stop_at)]
+        tokens.close()
+        assert got == expected[:stop_at]
+        assert cache.position == len(prompt) + stop_at - 1
+        resumed = plain(engine, prompt + got, 20 - stop_at, cache=cache, cached=cache.position)
+        assert got + resumed == expected
+
+
+def test_end_of_the_context_clips_the_drafts(models, oracle):
+    engine = qwen3next.load(models("short_context"), dtype="float32", quiet=True)
+    prompt = list(range(1, 40))  # 48 positions: 9 left
+    expected = plain(engine, prompt, 30)
+    assert len(expected) == 9
+    oracle["reference"] = prompt + expected
+    assert spec(engine, prompt, 30, 6) == expected
+
+
+def test_stop_strings_and_the_request_field(models):
+    engine = qwen3next.load(models("tiny"), dtype="float32", quiet=True)
+    base = engine.complete(Request(prompt="Once upon a time", max_new_tokens=24, temperature=0))
+    stop = base.text[len(base.text) // 2 :][:3]
+    for n in (0, 1, 3):
+        result = engine.complete(Request(prompt="Once upon a time", max_new_tokens=24, temperature=0, speculative=n))
+        assert result.tokens == base.tokens
+        stopped = engine.complete(Request(prompt="Once upon a time", max_new_tokens=24, temperature=0, speculative=n,
+                                          stop=[stop]))
+        assert stopped.finish_reason == "stop" and stopped.text == base.text[: base.text.index(stop)]
+
+
+def test_demo_model_greedy_is_unchanged_and_drafts_are_accepted(monkeypatch):
+    engine = qwen3next.load(quiet=True)
+    prompt = engine.tokenizer.encode("The river flows through the old town, and")
+    expected = plain(engine, prompt, 40)
+    passes = []
+    steps = engine.model.decode_steps
+    monkeypatch.setattr(engine.model, "decode_steps", lambda *a: passes.append(1) or steps(*a))
+    for drafts in (1, 2):
+        passes.clear()
+        assert spec(engine, prompt, 40, drafts) == expected
+        assert len(passes) < 35  # the demo head's drafts are mostly right
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "2", True])
+def test_bad_values_name_the_field(value):
+    with pytest.raises(RequestError) as info:
+        Request(prompt="x", speculative=value)
+    assert info.value.field == "speculative"
+
+
+def test_no_mtp_head_or_sampling_is_a_request_error(models):
+    tied = qwen3next.load(models("tied"), dtype="float32", quiet=True)
+    assert tied.model.mtp is None
+    assert tied.complete(Request(prompt="hi", max_new_tokens=3, temperature=0, speculative=0)).tokens
+    with pytest.raises(RequestError, match="MTP head") as info:
+        tied.complete(Request(prompt="hi", max_new_tokens=3, temperature=0, speculative=2))
+    assert info.value.field == "speculative"
+    engine = qwen3next.load(models("tiny"), dtype="float32", quiet=True)
+    with pytest.raises(RequestError, match="greedy"):
+        engine.complete(Request(prompt="hi", max_new_tokens=3, temperature=0.7, speculative=1))
+
+
+def test_cli_flag(cli, models):  # noqa: F811
+    code, out, err = cli(["run", "-m", str(models("tied")), "-p", "hi", "-n", "3", "-q", "--speculative", "2"])
+    assert code != 0 and "--speculative 2" in err and "MTP head" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli(["run", "-m", str(models("tiny")), "-p", "hi", "-n", "3", "-q", "--speculative", "-1"])
+    assert code != 0 and "--speculative -1" in err and len(err.strip().splitlines()) == 1
+    outputs = [cli(["run", "-m", str(models("tiny")), "-p", "hi", "-n", "6", "-t", "0", "-q", "--speculative", n])[1]
+               for n in ("0", "2")]
+    assert outputs[0] == outputs[1]
+
+
+def test_verify_pass_keeps_states_per_position(engine):
+    """decode_steps equals T one-token steps, state by state."""
+    prompt = torch.tensor([[2, 7, 1, 8]])
+    ids = torch.tensor([[28, 18, 28]])
+    a, b = engine.model.make_cache(64), engine.model.make_cache(64)
+    with torch.inference_mode():
+        engine.model(prompt, a)
+        engine.model(prompt, b)
+        hidden, states = engine.model.decode_steps(ids, a)
+        for t in range(3):
+            one = engine.model.hidden_states(ids[:, t : t + 1], b)
+            assert torch.equal(one[0, 0], hidden[0, t])
+            for layer, kept in zip(b.layers, states[t]):
+                if kept is not None:
+                    assert torch.equal(layer.recurrent, kept.recurrent) and torch.equal(layer.conv, kept.conv)

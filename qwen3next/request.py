@@ -222,6 +222,9 @@ class Timings:
     prefill_seconds: float = 0.0  # the prompt, up to and including the first new token
     decode_seconds: float = 0.0  # every later token
     decode_steps: int = 0
+    verify_steps: int = 0  # speculative decoding: main-model passes over the newest token and its drafts
+    drafted: int = 0  # MTP draft tokens verified
+    accepted: int = 0  # of them, those the main model agreed with
 
     def prefill_tokens_per_second(self, prompt_tokens: int) -> float:
         return prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0

@@ -125,6 +125,9 @@ def speculative_ids(
                 if i == len(drafts) or run[-1] != drafts[i]:
                     break
         timings.decode_seconds += time.perf_counter() - started
+        timings.verify_steps += 1
+        timings.drafted += len(drafts)
+        timings.accepted += len(run) - 1
         for k, token in enumerate(run):
             cache.rewind(position + k + 1, states[k])
             history.append(token)

@@ -10,8 +10,9 @@ one call against dequantizing the matrix for a bf16 GEMM, alternating), the one-
 and one Gated DeltaNet layer over a 256-token prompt.
 
 With --prefill: one prefill chunk of --tokens tokens through MODEL, timed per module kind, in a fresh
-subprocess per round, then DECODE_STEPS decode steps on its cache; with --baseline (another checkout of this repository, e.g. from `git worktree add`
-or `git archive`) the same measurement of that tree's code alternates with this one's, side by side.
+subprocess per round, then DECODE_STEPS decode steps on its cache; with --baseline (another checkout of
+this repository, e.g. from `git worktree add` or `git archive`) the same measurement of that tree's code
+alternates with this one's, side by side.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Weight-only quantized stand-ins for the model's Linear and Embedding modules (gpt-fast style swap-in).
 
 The loader replaces a module whose matrix the checkpoint stores quantized; the model code does not
-change. bf16 calls on the CPU run the 8/4-bit kernels on the stored codes, whatever the number of rows;
-everything else (other devices or dtypes, no C compiler) dequantizes the matrix for the call and uses a
-dense matmul.
+change. bf16 calls on the CPU run the 8/4-bit kernels on the stored codes (any number of rows where the
+kernels have their integer tiles); everything else (other devices or dtypes, no C compiler) dequantizes
+the matrix for the call and uses a dense matmul.
 """
 
 from __future__ import annotations
@@ -22,17 +22,21 @@ def dequantize(bits: int, arrays: list[torch.Tensor], dtype: torch.dtype) -> tor
     return int8.dequantize(*arrays, dtype=dtype) if bits == 8 else int4.dequantize(*arrays, dtype=dtype)
 
 
+KERNEL_ROWS = 128  # rows up to which the kernels' row loops (no integer tiles) beat dequantizing the matrix
+
+
 def quantized_matmul(x: torch.Tensor, bits: int, arrays: list[torch.Tensor], fp32_out: bool = False) -> torch.Tensor:
     """x [..., in] @ W.T for a matrix stored as `arrays` (fp32 sums kept with fp32_out, for logits).
 
-    bf16 rows on the CPU take the 8/4-bit kernels in one call, any number of rows: each row's result is
-    the same bits alone or in a prefill chunk (a speculative verify pass needs that, and a prompt's
-    logits do not depend on the chunk size), they allocate nothing the size of the matrix, and they
-    beat dequantizing it for a bf16 GEMM wherever the model meets them (docs/kernels.md: a routed
-    expert's few rows, the large always-active matrices at a whole chunk; only a small matrix at
-    hundreds of rows, a shared expert's, runs faster through the GEMM). Other devices, or no C
-    compiler, take a dense matmul on the dequantized matrix."""
-    if arrays[0].device.type == "cpu" and cpu_kernels.usable(x):
+    bf16 rows on the CPU take the 8/4-bit kernels in one call: any number of rows where the kernels have
+    their integer tiles (AVX-512 VNNI), up to KERNEL_ROWS elsewhere (their fp32 row loops lose to a GEMM
+    beyond). Each row's result is then the same bits alone or among the others (a speculative verify pass
+    needs that, and with the tiles a prompt's logits do not depend on the chunk size), and nothing the size
+    of the matrix is allocated. The tiles beat dequantizing for a bf16 GEMM wherever the model meets them
+    but on small matrices at hundreds of rows (docs/kernels.md). Other devices, more rows without the
+    tiles, or no C compiler: a dense matmul on the dequantized matrix."""
+    few = x.numel() // x.shape[-1] <= KERNEL_ROWS
+    if arrays[0].device.type == "cpu" and cpu_kernels.usable(x) and (few or cpu_kernels.integer_tiles()):
         kernel = cpu_kernels.linear_q8 if bits == 8 else cpu_kernels.linear_q4
         return kernel(x, *arrays, fp32_out=fp32_out)
     return linear(x, dequantize(bits, arrays, x.dtype), fp32_out)

@@ -222,6 +222,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q3n_attend_one_bf16.restype = None
     lib.q3n_gated_delta_bf16.argtypes = [p] * 9 + [i64] * 6 + [ctypes.c_float, c_int]
     lib.q3n_gated_delta_bf16.restype = None
+    lib.q3n_integer_tiles.restype = c_int
     lib.q3n_isa.restype = ctypes.c_char_p
     lib.q3n_openmp.restype = c_int
     for name in ("q3n_max_rows", "q3n_max_conv_kernel", *(f"q3n_sizeof_{name}" for name in MIRRORS)):
@@ -295,6 +296,12 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool = False) -
     _lib.q3n_linear_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), x.numel() // in_features, out_features,
                          in_features, fp32_out, torch.get_num_threads())
     return y
+
+
+def integer_tiles() -> bool:
+    """Whether the quantized kernels have their integer tiles here (AVX-512 VNNI): then any number of rows runs
+    faster through them than through a GEMM on the dequantized matrix; elsewhere only a few rows do."""
+    return library() is not None and bool(_lib.q3n_integer_tiles())
 
 
 def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:

@@ -320,6 +320,15 @@ static inline int tile_width(const matrix *w, int64_t tile) {
 }
 static inline int64_t sums_group(const matrix *w) { return w->bits == 4 ? w->group : 0; }
 
+/* 1 where the integer tiles are built in: only then do many rows beat dequantizing for a GEMM (quant/modules.py). */
+int q3n_integer_tiles(void) {
+#ifdef Q3N_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* ---- dense matrices: y [rows_x, out] = x [rows_x, in] @ W.T, any number of rows ---- */
 
 static void linear_quant(const matrix *w, const uint16_t *x, void *y, int64_t rows_x, int f32_out, int threads) {

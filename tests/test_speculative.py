@@ -64,6 +64,7 @@ def test_mtp_drafts_give_the_plain_greedy_tokens(engine, drafts):
         assert spec(engine, prompt, 12, drafts) == plain(engine, prompt, 12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafts", [1, 3, 5])
 def test_oracle_runs_finish_anywhere_inside_an_accepted_run(engine, oracle, drafts):
     prompt = [7, 8, 9, 10, 11]
@@ -84,6 +85,7 @@ def test_chunked_prefill_with_the_real_head(engine):
     assert spec(engine, prompt, 12, 2, prefill_chunk=5) == plain(engine, prompt, 12, prefill_chunk=5)
 
 
+@pytest.mark.slow
 def test_chunked_prefill_with_accepted_runs(engine, oracle):
     prompt = list(range(100, 137))
     expected = plain(engine, prompt, 12, prefill_chunk=5)  # (chunking itself may move bf16 bits)
@@ -91,6 +93,21 @@ def test_chunked_prefill_with_accepted_runs(engine, oracle):
     assert spec(engine, prompt, 12, 3, prefill_chunk=5) == expected
 
 
+def test_repetition_penalty_sees_the_accepted_drafts(engine, oracle):
+    """Each verified position's choice is penalised with the tokens accepted before it in the same step.
+    (A penalty below 1 favours seen tokens: on a random model that is what makes the history matter.)"""
+    sampler = lambda: Sampler(SamplingParams(temperature=0.0, repetition_penalty=0.5))  # noqa: E731
+    prompt = [4, 4, 4, 9, 9]
+    expected = [t for t, _ in generate_ids(engine.model, prompt, sampler(), 16, (), engine.context_length, Timings())]
+    assert expected != plain(engine, prompt, 16)  # the penalty changes the output
+    oracle["reference"] = prompt + expected
+    got = [t for t, _ in speculative_ids(engine.model, prompt, sampler(), 16, (), engine.context_length, Timings(),
+                                         draft_tokens=4)]
+    assert got == expected
+    assert spec(engine, prompt, 0, 2) == []
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("drafts", [1, 3])
 def test_the_cache_holds_the_prompt_and_earlier_tokens_when_a_token_is_yielded(engine, oracle, drafts):
     """Stop inside an accepted run: the cache must be exactly prompt + tokens[:-1], DeltaNet states included,
@@ -110,6 +127,7 @@ def test_the_cache_holds_the_prompt_and_earlier_tokens_when_a_token_is_yielded(e
         assert got + resumed == expected
 
 
+@pytest.mark.slow
 def test_end_of_the_context_clips_the_drafts(models, oracle):
     engine = qwen3next.load(models("short_context"), dtype="float32", quiet=True)
     prompt = list(range(1, 40))  # 48 positions: 9 left
@@ -119,6 +137,7 @@ def test_end_of_the_context_clips_the_drafts(models, oracle):
     assert spec(engine, prompt, 30, 6) == expected
 
 
+@pytest.mark.slow
 def test_stop_strings_and_the_request_field(models):
     engine = qwen3next.load(models("tiny"), dtype="float32", quiet=True)
     base = engine.complete(Request(prompt="Once upon a time", max_new_tokens=24, temperature=0))
@@ -131,6 +150,7 @@ def test_stop_strings_and_the_request_field(models):
         assert stopped.finish_reason == "stop" and stopped.text == base.text[: base.text.index(stop)]
 
 
+@pytest.mark.slow
 def test_demo_model_greedy_is_unchanged_and_drafts_are_accepted():
     engine = qwen3next.load(quiet=True)
     ask = lambda n: engine.complete(Request(prompt="The river flows through the old town, and",  # noqa: E731
@@ -165,6 +185,7 @@ def test_no_mtp_head_or_sampling_is_a_request_error(models):
         engine.complete(Request(prompt="hi", max_new_tokens=3, temperature=0.7, speculative=1))
 
 
+@pytest.mark.slow
 def test_cli_flag(cli, models):  # noqa: F811
     code, out, err = cli(["run", "-m", str(models("tied")), "-p", "hi", "-n", "3", "-q", "--speculative", "2"])
     assert code != 0 and "--speculative 2" in err and "MTP head" in err and len(err.strip().splitlines()) == 1
@@ -192,6 +213,7 @@ def test_verify_pass_keeps_states_per_position(engine):
                     assert torch.equal(layer.recurrent, kept.recurrent) and torch.equal(layer.conv, kept.conv)
 
 
+@pytest.mark.slow
 def test_kept_chat_turns_with_speculation_give_the_plain_replies():
     """The server's turn reuse snapshots the cache while tokens are yielded: with drafting on, every turn's
     reply must still be the plain one (fp32 demo model: a kept state equals a fresh prefill to the bit)."""

@@ -27,6 +27,10 @@ def format_stats(result: Result, engine: Engine) -> str:
         f"finish: {result.finish_reason} | peak memory ({device.type}): {peak_memory_bytes(device) / 2**20:.0f} MiB | "
         f"compute: {engine.compute}"
     )
+    if timings.verify_steps:
+        line += (f"\nspeculative: {timings.drafted} drafted, {timings.accepted} accepted "
+                 f"({timings.accepted / max(timings.drafted, 1):.0%}) | "
+                 f"{timings.decode_steps / timings.verify_steps:.2f} tokens per verify step")
     if result.experts is not None:
         e = result.experts
         line += (f"\nexperts: RAM hit rate {e['hit_rate']:.1%} ({e['hits']} hits, {e['misses']} misses) | disk "

@@ -7,6 +7,8 @@ long accepted runs, rejections at every draft position, and finishes inside an a
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -194,6 +196,11 @@ def test_cli_flag(cli, models):  # noqa: F811
     outputs = [cli(["run", "-m", str(models("tiny")), "-p", "hi", "-n", "6", "-t", "0", "-q", "--speculative", n])[1]
                for n in ("0", "2")]
     assert outputs[0] == outputs[1]
+    code, out, err = cli(["run", "-m", str(models("tiny")), "-p", "hi", "-n", "6", "-t", "0", "-q", "--stats",
+                          "--speculative", "2"])
+    line = next(x for x in err.splitlines() if x.startswith("speculative: "))
+    drafted, accepted = (int(x) for x in re.findall(r"(\d+) (?:drafted|accepted)", line))
+    assert code == 0 and 0 < drafted <= 2 * 5 and 0 <= accepted <= drafted and "tokens per verify step" in line
 
 
 def test_verify_pass_keeps_states_per_position(engine):

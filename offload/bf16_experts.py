@@ -43,6 +43,6 @@ class Bf16Compute:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, down)
 
-    def combine(self, results: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+    def combine(self, pairs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
                 x: torch.Tensor) -> torch.Tensor:
-        return weighted_sum(results, order, weights, x)
+        return weighted_sum(pairs, order, weights, x)

@@ -52,16 +52,16 @@ class ExpertCompute(Protocol):
         """Whether the layer's address table is the bf16 [experts, 3] table the fused MoE kernel reads."""
         ...
 
-    def combine(self, results: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+    def combine(self, pairs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
                 x: torch.Tensor) -> torch.Tensor:
-        """[N, hidden]: run_expert's results for the (token, slot) pairs order[j] (ids.flatten() positions,
-        grouped by expert), weighted by weights [N, k] and summed per token."""
+        """[N, hidden]: run_expert's results pairs [N * k, hidden] (row n * k + i: token n's i-th choice),
+        weighted by weights [N, k] and summed per token; order groups the pairs by expert (ascending)."""
         ...
 
 
-def weighted_sum(results: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def weighted_sum(pairs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """ExpertCompute.combine as moe.StackedExperts sums: one index_add_ in the same (expert, token) order."""
-    weighted = results * weights.flatten()[order, None]
+    weighted = pairs[order] * weights.flatten()[order, None]
     return torch.zeros_like(x).index_add_(0, order // weights.shape[-1], weighted.to(x.dtype))
 
 
@@ -118,17 +118,22 @@ class CachedExperts:
         top_k = ids.shape[-1]
         order = torch.argsort(ids.flatten(), stable=True)  # (token, slot) pairs grouped by expert
         counts = torch.bincount(ids.flatten(), minlength=self.cache.experts).tolist()
-        tokens = order // top_k
         chosen = [e for e, n in enumerate(counts) if n]
         self.cache.prefetch(layer, chosen)
-        results = []
-        for expert, part in zip(chosen, x[tokens].split([counts[e] for e in chosen])):
+        pairs = None  # [N * k, hidden]: each expert's results written where its (token, slot) pairs sit
+        start = 0
+        for expert in chosen:
+            rows = order[start : start + counts[expert]]
+            start += counts[expert]
             self.cache.acquire(layer, [expert])
             try:
-                results.append(self.compute.run_expert(layer, self._slot_bytes(layer, expert), part))
+                result = self.compute.run_expert(layer, self._slot_bytes(layer, expert), x[rows // top_k])
             finally:
                 self.cache.release(layer, [expert])
-        return self.compute.combine(torch.cat(results), order, weights, x)
+            if pairs is None:
+                pairs = result.new_empty(ids.numel(), result.shape[-1])
+            pairs[rows] = result
+        return self.compute.combine(pairs, order, weights, x)
 
     def _slot_bytes(self, layer: int, expert: int) -> torch.Tensor:
         if self.device_arena is not None:

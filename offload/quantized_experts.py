@@ -44,12 +44,10 @@ class QuantizedCompute:
         rows = torch.arange(x.shape[0])
         return cpu_kernels.experts_pairs(x, torch.tensor([expert.data_ptr()]), layout, torch.zeros_like(rows), rows)
 
-    def combine(self, results: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+    def combine(self, pairs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
                 x: torch.Tensor) -> torch.Tensor:
-        if results.dtype != torch.float32 or x.dtype != torch.bfloat16:  # run_expert's dequantizing path
-            return weighted_sum(results, order, weights, x)
-        pairs = torch.empty_like(results)
-        pairs[order] = results
+        if pairs.dtype != torch.float32 or x.dtype != torch.bfloat16:  # run_expert's dequantizing path
+            return weighted_sum(pairs, order, weights, x)
         return cpu_kernels.experts_combine(pairs, weights.float())
 
     def fused_table(self, layer: int) -> bool:

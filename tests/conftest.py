@@ -30,6 +30,8 @@ import torch  # noqa: E402
 def _isolated_cache() -> None:
     """Tests write router statistics into a cache folder of their own (inherited by subprocesses), while
     the compiled kernels stay in the user's cache, so each session does not compile them again."""
+    import atexit
+    import shutil
     import tempfile
 
     user = Path(os.environ.get("QWEN3NEXT_CACHE") or Path.home() / ".cache" / "qwen3next")
@@ -37,6 +39,7 @@ def _isolated_cache() -> None:
     isolated = Path(tempfile.mkdtemp(prefix="qwen3next-test-cache-"))
     (isolated / "kernels").symlink_to(user / "kernels", target_is_directory=True)
     os.environ["QWEN3NEXT_CACHE"] = str(isolated)
+    atexit.register(shutil.rmtree, isolated, ignore_errors=True)  # the link to the kernels goes, not the kernels
 
 
 _isolated_cache()

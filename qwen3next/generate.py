@@ -33,6 +33,11 @@ def prefill(model: Qwen3NextForCausalLM, ids: torch.Tensor, cache, chunk: int = 
     return logits[0, -1]
 
 
+def finish_reason(token: int, eos: set[int], produced: int, limit: int) -> str | None:
+    """Why generation ends after the `produced`-th new token, if it does: "stop" (an eos id) or "length"."""
+    return "stop" if token in eos else "length" if produced == limit else None
+
+
 def generate_ids(
     model: Qwen3NextForCausalLM,
     prompt_ids: Sequence[int],
@@ -71,7 +76,7 @@ def generate_ids(
         else:
             timings.decode_seconds += now - started
             timings.decode_steps += 1
-        finish = "stop" if token in eos else "length" if step == limit - 1 else None
+        finish = finish_reason(token, eos, step + 1, limit)
         yield token, finish
         if finish:
             return

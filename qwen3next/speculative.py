@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .cache import ModelCache
-from .generate import prefill
+from .generate import finish_reason, prefill
 from .model import Qwen3NextForCausalLM
 from .request import PREFILL_CHUNK, Timings
 from .sampling import Sampler
@@ -106,7 +106,7 @@ def speculative_ids(
     history.append(token)
     timings.prefill_seconds = time.perf_counter() - started
     produced = 1
-    finish = "stop" if token in eos else "length" if produced == limit else None
+    finish = finish_reason(token, eos, produced, limit)
     yield token, finish
     if finish:
         return
@@ -133,7 +133,7 @@ def speculative_ids(
             history.append(token)
             produced += 1
             timings.decode_steps += 1
-            finish = "stop" if token in eos else "length" if produced == limit else None
+            finish = finish_reason(token, eos, produced, limit)
             yield token, finish
             if finish:
                 return

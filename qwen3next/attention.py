@@ -37,7 +37,10 @@ class GatedAttention(nn.Module):
         x: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv: KVCache | None,
+        as_steps: bool = False,
     ) -> torch.Tensor:
+        """as_steps: each of the T queries attends alone over the keys up to its own position, as a one-token
+        step would (speculative verification); otherwise T > 1 queries share one causal SDPA call."""
         B, T, _ = x.shape
         query, gate = self.q_proj(x).view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
         query = self.q_norm(query).transpose(1, 2)  # [B, heads, T, head_dim]
@@ -49,10 +52,12 @@ class GatedAttention(nn.Module):
         if kv is not None:
             past = kv.length
             key, value = kv.append(key, value)
-        if T == 1 and B == 1 and cpu_kernels.usable(query):
-            out = cpu_kernels.attend_one_bf16(query, key, value)
-        elif T == 1:
+        if T == 1:
             out = self._attend_one(query, key, value)
+        elif as_steps:
+            length = key.shape[2] - T
+            out = torch.cat([self._attend_one(query[:, :, t : t + 1], key[:, :, : length + t + 1],
+                                              value[:, :, : length + t + 1]) for t in range(T)], dim=2)
         else:
             out = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=_causal_mask(T, past, x.device), is_causal=past == 0, enable_gqa=True
@@ -63,9 +68,12 @@ class GatedAttention(nn.Module):
     def _attend_one(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """One query per head over all cached keys: plain matmuls, several times faster than SDPA at decode.
 
-        Query heads sharing a kv head are stacked as rows, so GQA needs no repeated keys.
+        Query heads sharing a kv head are stacked as rows, so GQA needs no repeated keys. One bf16 sequence
+        on the CPU takes the kernel.
         """
         B, _, _, D = query.shape
+        if B == 1 and cpu_kernels.usable(query):
+            return cpu_kernels.attend_one_bf16(query, key, value)
         grouped = query.view(B, self.kv_heads, self.heads // self.kv_heads, D)
         scores = (grouped @ key.transpose(-1, -2)) * D**-0.5  # [B, kv_heads, group, S]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)

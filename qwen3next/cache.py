@@ -57,10 +57,14 @@ class KVCache:
 
 @dataclass
 class DeltaNetState:
-    """The last (kernel - 1) conv inputs [B, channels, kernel - 1] and the fp32 delta-rule state."""
+    """The last (kernel - 1) conv inputs [B, channels, kernel - 1] and the fp32 delta-rule state.
+
+    `kept`: after a multi-token forward with as_steps, the states after each of its tokens but the last
+    (written by the kernel; `ModelCache.rewind` takes one)."""
 
     conv: torch.Tensor | None = None
     recurrent: torch.Tensor | None = None
+    kept: list["DeltaNetState"] | None = None
 
     def snapshot(self) -> "DeltaNetState":
         return DeltaNetState(

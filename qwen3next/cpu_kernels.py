@@ -220,7 +220,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q3n_rms_norm_bf16.restype = None
     lib.q3n_attend_one_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, c_int]
     lib.q3n_attend_one_bf16.restype = None
-    lib.q3n_gated_delta_bf16.argtypes = [p] * 9 + [i64] * 6 + [ctypes.c_float, c_int]
+    lib.q3n_gated_delta_bf16.argtypes = [p] * 11 + [i64] * 6 + [ctypes.c_float, c_int]
     lib.q3n_gated_delta_bf16.restype = None
     lib.q3n_integer_tiles.restype = c_int
     lib.q3n_isa.restype = ctypes.c_char_p
@@ -461,12 +461,17 @@ def attend_one_bf16(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 
 def gated_delta_bf16(qkvz, ba, conv_weight, conv_state, A_log, dt_bias, norm_weight, state, out,
-                     k_heads: int, v_heads: int, k_dim: int, v_dim: int, eps: float) -> None:
-    """Tokens [1, T, ...] through a Gated DeltaNet core (csrc/decode_kernels.c); updates the states in place."""
+                     k_heads: int, v_heads: int, k_dim: int, v_dim: int, eps: float,
+                     kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Tokens [1, T, ...] through a Gated DeltaNet core (csrc/decode_kernels.c); updates the states in place.
+
+    kept = (recurrent [T - 1, *state.shape[1:]], conv [T - 1, *conv_state.shape[1:]]) receives the states after
+    each token but the last (a speculative verify pass rolls back to them)."""
+    kept_state, kept_conv = (None, None) if kept is None else (kept[0].data_ptr(), kept[1].data_ptr())
     _lib.q3n_gated_delta_bf16(
         qkvz.data_ptr(), ba.data_ptr(), conv_weight.data_ptr(), conv_state.data_ptr(), A_log.data_ptr(),
-        dt_bias.data_ptr(), norm_weight.data_ptr(), state.data_ptr(), out.data_ptr(), qkvz.shape[1], k_heads,
-        v_heads, k_dim, v_dim, conv_weight.shape[-1], eps, torch.get_num_threads(),
+        dt_bias.data_ptr(), norm_weight.data_ptr(), state.data_ptr(), out.data_ptr(), kept_state, kept_conv,
+        qkvz.shape[1], k_heads, v_heads, k_dim, v_dim, conv_weight.shape[-1], eps, torch.get_num_threads(),
     )
 
 

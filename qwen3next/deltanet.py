@@ -42,16 +42,27 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.v_dim, config.rms_norm_eps)
         self.out_proj = Linear(value_total, hidden)
 
-    def _fused_cpu(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
-        """bf16 on the CPU: conv, delta rule (sequential form) and gated norm in one kernel call."""
+    def _fused_cpu(self, x: torch.Tensor, state: DeltaNetState, keep: bool) -> torch.Tensor:
+        """bf16 on the CPU: conv, delta rule (sequential form) and gated norm in one kernel call; each token's
+        output is the bits of a one-token call. keep: the kernel also writes the states after every token but
+        the last into `state.kept` (a speculative verify pass rolls back to them)."""
         if state.conv is None:  # a sequence starts: zero history (the kernel updates both states in place)
             state.conv = x.new_zeros(1, self.conv_channels, self.kernel - 1)
             state.recurrent = x.new_zeros(1, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32)
-        out = x.new_empty(1, x.shape[1], self.v_heads * self.v_dim)
+        T = x.shape[1]
+        out = x.new_empty(1, T, self.v_heads * self.v_dim)
+        kept = None
+        if keep and T > 1:
+            kept = (state.recurrent.new_empty(T - 1, *state.recurrent.shape[1:]),
+                    state.conv.new_empty(T - 1, *state.conv.shape[1:]))
         cpu_kernels.gated_delta_bf16(
             self.in_proj_qkvz(x), self.in_proj_ba(x), self.conv1d.weight, state.conv, self.A_log, self.dt_bias,
             self.norm.weight, state.recurrent, out, self.k_heads, self.v_heads, self.k_dim, self.v_dim, self.norm.eps,
+            kept,
         )
+        if keep:
+            state.kept = [] if kept is None else [DeltaNetState(conv, recurrent) for recurrent, conv
+                                                  in zip(kept[0].split(1), kept[1].split(1))]
         return self.out_proj(out)
 
     def _project(self, x: torch.Tensor):
@@ -85,11 +96,17 @@ class GatedDeltaNet(nn.Module):
             out = F.conv1d(window, self.conv1d.weight, groups=C)
         return F.silu(out).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, state: DeltaNetState | None) -> torch.Tensor:
+    def fused_kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether x runs through the one-call CPU kernel (bf16, one sequence, a conv the kernel takes)."""
+        return x.shape[0] == 1 and self.conv1d.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x) \
+            and self.kernel <= cpu_kernels.MAX_CONV_KERNEL  # usable() first: only CPU inputs touch the library
+
+    def forward(self, x: torch.Tensor, state: DeltaNetState | None, as_steps: bool = False) -> torch.Tensor:
+        """as_steps (the fused kernel only, which computes tokens in order anyway): also keep the state after
+        each token in `state.kept`."""
         B, T, _ = x.shape
-        if B == 1 and self.conv1d.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x) \
-                and self.kernel <= cpu_kernels.MAX_CONV_KERNEL:  # usable() first: only CPU inputs touch the library
-            return self._fused_cpu(x, DeltaNetState() if state is None else state)
+        if self.fused_kernel_applies(x):
+            return self._fused_cpu(x, DeltaNetState() if state is None else state, as_steps)
         conv_input, z, b, a = self._project(x)
         mixed = self._conv(conv_input, state)
         key_total = self.k_heads * self.k_dim

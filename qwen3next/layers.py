@@ -19,7 +19,7 @@ def rms_normalize(x: torch.Tensor, eps: float, scale: torch.Tensor | None = None
     return F.rms_norm(x.float(), x.shape[-1:], scale, eps)
 
 
-_KERNEL_NORM_ELEMENTS = 1 << 16  # decode-sized inputs: the single-threaded C norm beats torch's op overhead
+KERNEL_NORM_ELEMENTS = 1 << 16  # decode-sized inputs: the single-threaded C norm beats torch's op overhead
 
 
 class ZeroCenteredRMSNorm(nn.Module):
@@ -31,7 +31,7 @@ class ZeroCenteredRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= _KERNEL_NORM_ELEMENTS and self.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
+        if x.numel() <= KERNEL_NORM_ELEMENTS and self.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
             return cpu_kernels.rms_norm_bf16(x, self.weight, self.eps, offset=1.0)
         return rms_normalize(x, self.eps, 1.0 + self.weight.float()).to(x.dtype)
 
@@ -103,9 +103,12 @@ class SwiGLU(nn.Module):
         self.up_proj = Linear(hidden, intermediate)
         self.down_proj = Linear(intermediate, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and self._all_bf16_linear() and cpu_kernels.usable(x):
-            return self._fused_decode(x)
+    def forward(self, x: torch.Tensor, as_steps: bool = False) -> torch.Tensor:
+        """as_steps: each row of x gets the bits a one-token call gives it (the fused kernel row by row)."""
+        if (x.numel() == x.shape[-1] or as_steps) and self._all_bf16_linear() and cpu_kernels.usable(x):
+            if x.numel() == x.shape[-1]:
+                return self._fused_decode(x)
+            return torch.cat([self._fused_decode(row) for row in x.reshape(-1, x.shape[-1]).split(1)]).view(x.shape)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def _all_bf16_linear(self) -> bool:

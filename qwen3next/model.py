@@ -15,7 +15,8 @@ from .attention import GatedAttention
 from .cache import DeltaNetState, KVCache, ModelCache
 from .config import FULL_ATTENTION, Qwen3NextConfig
 from .deltanet import GatedDeltaNet
-from .layers import Linear, PartialRotary, SwiGLU, ZeroCenteredRMSNorm, linear
+from . import cpu_kernels
+from .layers import KERNEL_NORM_ELEMENTS, Linear, PartialRotary, SwiGLU, ZeroCenteredRMSNorm, linear
 from .moe import ExpertStore, SparseMoE
 
 
@@ -36,14 +37,15 @@ class DecoderLayer(nn.Module):
     def make_cache(self, max_length: int | None = None) -> KVCache | DeltaNetState:
         return KVCache(max_length) if self.layer_type == FULL_ATTENTION else DeltaNetState()
 
-    def forward(self, x: torch.Tensor, cos_sin, cache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin, cache, as_steps: bool = False) -> torch.Tensor:
+        """as_steps: compute each position as a one-token decode step would (Qwen3NextForCausalLM.decode_steps)."""
         h = self.input_layernorm(x)
         if self.layer_type == FULL_ATTENTION:
-            h = self.self_attn(h, cos_sin, cache)
+            h = self.self_attn(h, cos_sin, cache, as_steps)
         else:
-            h = self.linear_attn(h, cache)
+            h = self.linear_attn(h, cache, as_steps)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), as_steps)
 
 
 class Backbone(nn.Module):
@@ -129,26 +131,58 @@ class Qwen3NextForCausalLM(nn.Module):
             cache.position += T
         return self.model.norm(x)
 
-    def decode_steps(self, input_ids: torch.Tensor, cache: ModelCache) -> tuple[torch.Tensor, list[list]]:
-        """Final hidden states [1, T, hidden] for input_ids [1, T], each position computed exactly as a
-        one-token decode step computes it (the same calls on the same shapes, so no kernel sees how many
-        positions there are), layer by layer so each layer's weights are read from memory once for all T.
+    def decode_steps(self, input_ids: torch.Tensor, cache: ModelCache) -> tuple[torch.Tensor, torch.Tensor, list[list]]:
+        """Final hidden states [1, T, hidden] and fp32 logits [1, T, vocab] for input_ids [1, T], each position
+        computed exactly as a one-token decode step computes it (a speculative verify pass), advancing `cache`.
 
-        Also returns, per position t, each DeltaNet layer's state after t (None for attention layers):
-        copies for t < T - 1, the live states for the last; `ModelCache.rewind` goes back to one."""
+        Also returns, per position t, each DeltaNet layer's state after t (None for attention layers), for
+        `ModelCache.rewind`: kept copies for t < T - 1, the live states for the last.
+
+        Where every kernel computes each row alone (`rows_stand_alone`), the T positions share each layer's
+        calls: every weight is read once for all of them and the per-call overhead is paid once. Elsewhere
+        each position runs through its own one-token calls, layer by layer."""
         start, T = cache.position, input_ids.shape[1]
-        rows = list(self.model.embed_tokens(input_ids).split(1, dim=1))
-        cos_sins = [self.rotary.cos_sin(torch.arange(p, p + 1, device=input_ids.device), rows[0].dtype)
-                    for p in range(start, start + T)]
-        states: list[list] = [[] for _ in range(T)]
+        x = self.model.embed_tokens(input_ids)
+        tables = [self.rotary.cos_sin(torch.arange(p, p + 1, device=input_ids.device), x.dtype)
+                  for p in range(start, start + T)]  # per position, as a step computes them
+        if self.rows_stand_alone(x):
+            cos_sin = tuple(torch.cat(parts) for parts in zip(*tables))
+            states: list[list] = [[] for _ in range(T)]
+            for layer, layer_cache in zip(self.model.layers, cache.layers):
+                x = layer(x, cos_sin, layer_cache, as_steps=True)
+                if isinstance(layer_cache, DeltaNetState):
+                    kept = layer_cache.kept + [DeltaNetState(layer_cache.conv, layer_cache.recurrent)]
+                    layer_cache.kept = None
+                else:
+                    kept = [None] * T
+                for t in range(T):
+                    states[t].append(kept[t])
+            cache.position += T
+            hidden = self.model.norm(x)
+            return hidden, self.logits_from_hidden(hidden), states
+        rows = list(x.split(1, dim=1))
+        states = [[] for _ in range(T)]
         for layer, layer_cache in zip(self.model.layers, cache.layers):
             deltanet = isinstance(layer_cache, DeltaNetState)
             for t in range(T):
-                rows[t] = layer(rows[t], cos_sins[t], layer_cache)
+                rows[t] = layer(rows[t], tables[t], layer_cache)
                 states[t].append(None if not deltanet else layer_cache.snapshot() if t < T - 1
                                  else DeltaNetState(layer_cache.conv, layer_cache.recurrent))
         cache.position += T
-        return torch.cat([self.model.norm(row) for row in rows], dim=1), states
+        hidden = [self.model.norm(row) for row in rows]
+        return torch.cat(hidden, dim=1), torch.cat([self.logits_from_hidden(row) for row in hidden], dim=1), states
+
+    def rows_stand_alone(self, x: torch.Tensor) -> bool:
+        """Whether x's rows [1, T, hidden] can share every call of a decode step and still each get the bits of a
+        step of their own: on the bf16 CPU kernels, which compute each row of a linear, norm or quantized matmul
+        alone, within their row limits (tests/test_speculative.py holds them to it). torch's GEMMs and SDPA
+        block rows differently by row count, so elsewhere they cannot."""
+        c, T = self.config, x.shape[1]
+        widest_norm = max(c.hidden_size, c.num_attention_heads * c.head_dim)  # elements a norm sees per row
+        return (x.shape[0] == 1 and cpu_kernels.usable(x) and T <= cpu_kernels.MAX_ROWS
+                and T * widest_norm <= KERNEL_NORM_ELEMENTS
+                and all(layer.linear_attn.fused_kernel_applies(x) for layer in self.model.layers
+                        if layer.layer_type != FULL_ATTENTION))
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, last_only: bool = False) -> torch.Tensor:
         """fp32 logits [B, T, vocab] (or [B, 1, vocab] with last_only, which skips lm_head on the rest)."""

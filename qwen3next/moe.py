@@ -8,7 +8,7 @@ them without this module knowing. Only the selected experts run, each on all its
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,11 @@ class Routing:
     def __init__(self, ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor):
         self.ids, self.weights, self.logits = ids, weights, logits
 
+    @staticmethod
+    def concat(routings: "Sequence[Routing]") -> "Routing":
+        """The routings of consecutive tokens as one."""
+        return Routing(*(torch.cat([getattr(r, name) for r in routings]) for name in Routing.__slots__))
+
 
 class SparseMoE(nn.Module):
     def __init__(self, config: Qwen3NextConfig, layer: int):
@@ -175,27 +180,33 @@ class SparseMoE(nn.Module):
             weights, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
         return Routing(ids, weights.to(logits.dtype), logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, as_steps: bool = False) -> torch.Tensor:
+        """as_steps: each token gets the bits it gets alone (the fused kernel token by token; the other path's
+        kernels compute each row alone already), for a speculative verify pass."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         observer = self.observer
         if observer is not None:
             observer.before_routing(self.layer, x)
-        table = self.fused_decode_table(x)
-        if table is not None:
-            out = self._fused_decode(x, table)
+        table = self.fused_decode_table(x) if x.shape[0] == 1 or as_steps else None
+        if table is not None and x.shape[0] == 1:
+            out, _ = self._fused_decode(x, table)
+        elif table is not None:
+            outs, routings = zip(*(self._fused_decode(row, table) for row in x.split(1)))
+            out, self.last_routing = torch.cat(outs), Routing.concat(routings)
         else:
             routing = self.route(x)
             self.last_routing = routing
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, as_steps)
             out = self.store.run(self.layer, x, routing.ids, routing.weights) + shared
         if observer is not None:
             observer.routed(self.layer, self.last_routing.ids)
         return out.view(shape)
 
-    def _fused_decode(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def _fused_decode(self, x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """One token through router, routed experts and shared expert in one CPU kernel call; with experts
-        not all resident, the same kernel's two halves around acquiring the chosen experts (same bits)."""
+        not all resident, the same kernel's two halves around acquiring the chosen experts (same bits).
+        Sets and returns the routing."""
         kernel_weights = self._cached_kernel_weights(table)
         if self.store.all_resident:
             out, ids, weights, logits = cpu_kernels.moe_block_bf16(x, kernel_weights)
@@ -207,11 +218,12 @@ class SparseMoE(nn.Module):
             finally:
                 self.store.release(self.layer, ids)
         self.last_routing = Routing(ids, weights, logits)
-        return out
+        return out, self.last_routing
 
     def fused_decode_table(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The store's expert address table when this block can run as one CPU kernel call for x, else None."""
-        if x.numel() != x.shape[-1] or not cpu_kernels.usable(x):
+        """The store's expert address table when this block can run as one CPU kernel call per token of x,
+        else None."""
+        if not cpu_kernels.usable(x):
             return None
         table = self.store.address_table(self.layer)
         shared = self.shared_expert

@@ -117,11 +117,10 @@ def speculative_ids(
         with torch.inference_mode():
             drafts = drafter.draft(rows, row_tokens, row_start, n) if n else []
             position = cache.position
-            hidden, states = model.decode_steps(torch.tensor([history[-1:] + drafts], device=device), cache)
+            hidden, logits, states = model.decode_steps(torch.tensor([history[-1:] + drafts], device=device), cache)
             run = []  # the main model's choices: the accepted drafts, then its own next token
             for i in range(len(drafts) + 1):
-                logits = model.logits_from_hidden(hidden[:, i : i + 1])[0, -1]
-                run.append(sampler(logits, torch.tensor(history + run) if use_history else None))
+                run.append(sampler(logits[0, i], torch.tensor(history + run) if use_history else None))
                 if i == len(drafts) or run[-1] != drafts[i]:
                     break
         timings.decode_seconds += time.perf_counter() - started

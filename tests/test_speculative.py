@@ -203,21 +203,67 @@ def test_cli_flag(cli, models):  # noqa: F811
     assert code == 0 and 0 < drafted <= 2 * 5 and 0 <= accepted <= drafted and "tokens per verify step" in line
 
 
-def test_verify_pass_keeps_states_per_position(engine):
-    """decode_steps equals T one-token steps, state by state."""
-    prompt = torch.tensor([[2, 7, 1, 8]])
-    ids = torch.tensor([[28, 18, 28]])
+@pytest.fixture(scope="module")
+def variants(models, tmp_path_factory):
+    """load() arguments by name: the tiny model resident, quantized, and with experts read from disk (4 slots)."""
+    from checkpoints import budget_for_slots
+    from qwen3next.quant.convert import quantize_checkpoint
+    from qwen3next.quant.policy import Policy
+
+    root = tmp_path_factory.mktemp("verify")
+    folders = {"bf16": models("tiny")}
+    for bits in (4, 8):
+        folders[f"q{bits}"] = root / f"q{bits}"
+        quantize_checkpoint(models("tiny"), folders[f"q{bits}"], Policy(bits), progress=False)
+
+    def arguments(name: str) -> dict:
+        folder = folders[name.split()[0]]
+        args = dict(dtype="bfloat16", router_stats=False, quiet=True)
+        if name.endswith("offloaded"):
+            args.update(cpu_mem=budget_for_slots(folder, 4, dtype="bfloat16", max_context=256), max_context=256)
+        return folder, args
+
+    return arguments
+
+
+def one_steps_equal_a_verify_pass(engine, prompt, ids):
     a, b = engine.model.make_cache(64), engine.model.make_cache(64)
     with torch.inference_mode():
         engine.model(prompt, a)
         engine.model(prompt, b)
-        hidden, states = engine.model.decode_steps(ids, a)
-        for t in range(3):
+        hidden, logits, states = engine.model.decode_steps(ids, a)
+        for t in range(ids.shape[1]):
             one = engine.model.hidden_states(ids[:, t : t + 1], b)
             assert torch.equal(one[0, 0], hidden[0, t])
+            assert torch.equal(engine.model.logits_from_hidden(one)[0, 0], logits[0, t])
             for layer, kept in zip(b.layers, states[t]):
                 if kept is not None:
                     assert torch.equal(layer.recurrent, kept.recurrent) and torch.equal(layer.conv, kept.conv)
+                else:
+                    assert layer.length == len(prompt[0]) + t + 1
+
+
+def test_verify_pass_keeps_states_per_position(engine):
+    """decode_steps equals T one-token steps, state by state (fp32: position by position; bf16: one pass)."""
+    one_steps_equal_a_verify_pass(engine, torch.tensor([[2, 7, 1, 8]]), torch.tensor([[28, 18, 28]]))
+
+
+@pytest.mark.parametrize("variant", ["bf16", "q4", "q8", "q4 offloaded", "bf16 offloaded"])
+def test_one_verify_pass_over_all_positions_has_the_bits_of_single_steps(variants, variant):
+    """With the CPU kernels the positions share every call (each kernel computes a row alone): resident, quantized
+    and with experts read from disk into 4 slots; without them (the torch fallback) positions run one by one."""
+    from qwen3next import cpu_kernels
+
+    folder, args = variants(variant)
+    with qwen3next.load(folder, **args) as engine:
+        ids = torch.tensor([[28, 18, 28, 45, 9]])
+        with torch.inference_mode():
+            shared = engine.model.rows_stand_alone(engine.model.model.embed_tokens(ids))
+        assert shared == (cpu_kernels.library() is not None)
+        one_steps_equal_a_verify_pass(engine, torch.tensor([[2, 7, 1, 8, 3, 3]]), ids)
+        prompt = list(range(40, 60))
+        expected = plain(engine, prompt, 10)
+        assert spec(engine, prompt, 10, 3) == expected
 
 
 @pytest.mark.slow

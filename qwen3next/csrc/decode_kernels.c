@@ -379,10 +379,15 @@ void q3n_attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
  * with beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias); finally out = rmsnorm(o) * norm_w * silu(z).
  * The recurrence costs tokens * v_heads * dk * dv multiply-adds, cheap enough on a CPU that this
  * sequential form also serves prefill. Intermediate roundings to bf16 follow the reference's
- * activation dtype. */
+ * activation dtype.
+ *
+ * kept_state [tokens - 1, v_heads, dk, dv] and kept_conv [tokens - 1, channels, kernel - 1], when not NULL,
+ * receive the states after each token but the last (the live states hold the last): a speculative verify
+ * pass rolls back to any of its positions from them, written while each head's state is in cache. */
 void q3n_gated_delta_bf16(const uint16_t *qkvz, const uint16_t *ba, const uint16_t *conv_weight,
                           uint16_t *conv_state, const uint16_t *A_log, const uint16_t *dt_bias,
-                          const uint16_t *norm_weight, float *state, uint16_t *out, int64_t tokens, int64_t k_heads,
+                          const uint16_t *norm_weight, float *state, uint16_t *out, float *kept_state,
+                          uint16_t *kept_conv, int64_t tokens, int64_t k_heads,
                           int64_t v_heads, int64_t dk, int64_t dv, int64_t kernel, float eps, int threads) {
     const int64_t r = v_heads / k_heads, group = 2 * dk + 2 * r * dv, key_total = k_heads * dk;
     const int64_t channels = 2 * key_total + v_heads * dv, row = k_heads * group, history = kernel - 1;
@@ -433,6 +438,10 @@ void q3n_gated_delta_bf16(const uint16_t *qkvz, const uint16_t *ba, const uint16
                         dst[b] = round_bf16(silu(round_bf16(acc)));
                     }
                 }
+                if (kept_conv != NULL && t + 1 < tokens)
+                    for (int64_t b = 0; b < count; b++)
+                        for (int64_t j = 0; j < history; j++)
+                            kept_conv[(t * channels + first + b) * history + j] = f32_to_bf16(hist[j * BLOCK + b]);
             }
             for (int64_t b = 0; b < count; b++)
                 for (int64_t j = 0; j < history; j++)
@@ -494,6 +503,8 @@ void q3n_gated_delta_bf16(const uint16_t *qkvz, const uint16_t *ba, const uint16
                     float normed = round_bf16(round_bf16(o[m] * scale) * bf16_to_f32(norm_weight[m]));
                     out[t * v_heads * dv + h * dv + m] = f32_to_bf16(normed * silu(bf16_to_f32(z[m])));
                 }
+                if (kept_state != NULL && t + 1 < tokens)
+                    memcpy(kept_state + (t * v_heads + h) * dk * dv, S, sizeof(float) * (size_t)(dk * dv));
             }
         }
     }

@@ -28,8 +28,9 @@ def format_stats(result: Result, engine: Engine) -> str:
         f"compute: {engine.compute}"
     )
     if timings.verify_steps:
+        by_position = " ".join(f"{a / d:.0%}" for a, d in zip(timings.accepted_by_position, timings.drafted_by_position))
         line += (f"\nspeculative: {timings.drafted} drafted, {timings.accepted} accepted "
-                 f"({timings.accepted / max(timings.drafted, 1):.0%}) | "
+                 f"({timings.accepted / max(timings.drafted, 1):.0%}; by draft position {by_position or '-'}) | "
                  f"{timings.decode_steps / timings.verify_steps:.2f} tokens per verify step")
     if result.experts is not None:
         e = result.experts

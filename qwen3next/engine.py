@@ -116,8 +116,6 @@ class Engine:
         params = self.sampling_defaults.updated(**request.sampling_overrides())
         if request.speculative and self.model.mtp is None:
             raise RequestError("speculative", request.speculative, "this checkpoint has no MTP head (mtp.*) to draft with")
-        if request.speculative and params.temperature != 0:
-            raise RequestError("speculative", request.speculative, "needs greedy decoding (temperature 0) for now")
         ids = self.prompt_ids(request)
         self._check_context(len(ids), room=1)
         return self._stream(ids, Sampler(params, request.seed), request)

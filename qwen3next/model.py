@@ -81,10 +81,11 @@ class MultiTokenPredictor(nn.Module):
         )
         self.norm = ZeroCenteredRMSNorm(hidden, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos_sin, caches) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos_sin, caches,
+                as_steps: bool = False) -> torch.Tensor:
         u = self.fc(torch.cat((self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)), dim=-1))
         for layer, cache in zip(self.layers, caches):
-            u = layer(u, cos_sin, cache)
+            u = layer(u, cos_sin, cache, as_steps)
         return self.norm(u)
 
 

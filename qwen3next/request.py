@@ -225,6 +225,18 @@ class Timings:
     verify_steps: int = 0  # speculative decoding: main-model passes over the newest token and its drafts
     drafted: int = 0  # MTP draft tokens verified
     accepted: int = 0  # of them, those the main model agreed with
+    drafted_by_position: list[int] = field(default_factory=list)  # [i]: verify steps with an (i+1)-th draft
+    accepted_by_position: list[int] = field(default_factory=list)  # [i]: those whose (i+1)-th draft was accepted
+
+    def count_verify(self, drafted: int, accepted: int) -> None:
+        """One verify step over `drafted` drafts, of which the first `accepted` were accepted."""
+        self.verify_steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        for counts, n in ((self.drafted_by_position, drafted), (self.accepted_by_position, accepted)):
+            counts.extend([0] * (drafted - len(counts)))
+            for i in range(n):
+                counts[i] += 1
 
     def prefill_tokens_per_second(self, prompt_tokens: int) -> float:
         return prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0

@@ -108,6 +108,10 @@ class Sampler:
         """One draw from `probs` (need not be normalised) with this sampler's seeded generator."""
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
+    def uniform(self) -> float:
+        """One draw from U[0, 1) with the same generator (speculative sampling's acceptance test)."""
+        return float(torch.rand((), generator=self.generator))
+
     def _penalized(self, logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
         logits = logits.float().cpu()
         if self.params.repetition_penalty != 1.0 and history is not None and history.numel():

@@ -201,6 +201,18 @@ def test_quantized_rows_do_not_depend_on_the_rows_beside_them(bits, out_features
             assert torch.equal(blocks, alone), rows
 
 
+@pytest.mark.parametrize("in_features", [256, 200, 72, 9, 1000])
+def test_bf16_linear_rows_do_not_depend_on_the_rows_beside_them(in_features):
+    """Every row count up to MAX_ROWS gives each row its one-row bits, tails of the vector loops included."""
+    weight = bf16(33, in_features, seed=3)
+    x = bf16(cpu_kernels.MAX_ROWS, in_features, seed=4)
+    for fp32_out in (False, True):
+        alone = torch.cat([cpu_kernels.linear_bf16(x[r : r + 1], weight, fp32_out) for r in range(len(x))])
+        for rows in range(2, cpu_kernels.MAX_ROWS + 1):
+            assert torch.equal(cpu_kernels.linear_bf16(x[:rows], weight, fp32_out), alone[:rows]), rows
+        assert torch.allclose(alone.float(), x.float() @ weight.float().T, rtol=2e-2, atol=2e-2)
+
+
 def expert_blobs(bits: int, experts: int, hidden: int, inter: int):
     """Random quantized expert blobs in quant/layout.py's format: (blobs, their address table, the layout)."""
     from qwen3next.quant.layout import ExpertLayout

@@ -46,7 +46,7 @@ def oracle(monkeypatch):
     counts calls and the drafts the main model would accept."""
     state = {"reference": None, "calls": 0}
 
-    def draft(self, hidden, next_tokens, start, n):
+    def draft(self, hidden, next_tokens, start, n, rule, history):
         state["calls"] += 1
         first = start + len(next_tokens) + 1
         out = list(state["reference"][first : first + n])
@@ -175,16 +175,79 @@ def test_bad_values_name_the_field(value):
     assert info.value.field == "speculative"
 
 
-def test_no_mtp_head_or_sampling_is_a_request_error(models):
+def test_no_mtp_head_is_a_request_error(models):
     tied = qwen3next.load(models("tied"), dtype="float32", quiet=True)
     assert tied.model.mtp is None
     assert tied.complete(Request(prompt="hi", max_new_tokens=3, temperature=0, speculative=0)).tokens
     with pytest.raises(RequestError, match="MTP head") as info:
         tied.complete(Request(prompt="hi", max_new_tokens=3, temperature=0, speculative=2))
     assert info.value.field == "speculative"
+
+
+def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.5 * float((a / a.sum() - b / b.sum()).abs().sum())
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=5),
+                                    SamplingParams(temperature=1.2, top_p=0.7, min_p=0.05)])
+def test_the_sampling_rule_gives_the_target_distribution(params):
+    """Drafts from q, judged against p: the first token is distributed as p (the filters applied), for a q far
+    from p. 40,000 trials: the empirical distribution's total variation from p is ~0.01; accepting every draft
+    (0.27 from p here) or never resampling from the residual would be far off."""
+    vocab, trials = 12, 40_000
+    generator = torch.Generator().manual_seed(0)
+    target_logits = torch.randn(vocab, generator=generator) * 2
+    draft_logits = torch.randn(vocab, generator=generator) * 2
+    sampler = Sampler(params, seed=1)
+    rule = speculative.SamplingRule(sampler)
+    p, q = sampler.probabilities(target_logits), sampler.probabilities(draft_logits)
+    counts, accepted = torch.zeros(vocab), 0
+    for _ in range(trials):
+        draft = rule.propose(draft_logits, None)
+        run = rule.accept(torch.stack((target_logits, target_logits)), [draft], [], False)
+        counts[run[0]] += 1
+        accepted += len(run) == 2
+    assert total_variation(counts, p) < 0.02
+    assert total_variation(q, p) > 0.1  # the test could fail: the draft distribution is not the target
+    assert abs(accepted / trials - float(torch.minimum(p, q).sum())) < 0.02  # acceptance = sum min(p, q)
+    assert torch.equal(counts[p == 0], torch.zeros_like(counts[p == 0]))  # filtered-out tokens never appear
+
+
+def sequence_probabilities(engine, prompt: list[int], params: SamplingParams, length: int) -> dict:
+    """Every continuation of `length` tokens the sampler can draw, with its exact probability (product of
+    Sampler.probabilities along it, from plain forwards of the model)."""
+    sampler, out = Sampler(params), {(): 1.0}
+    for _ in range(length):
+        grown = {}
+        for sequence, probability in out.items():
+            with torch.inference_mode():
+                logits = engine.model(torch.tensor([prompt + list(sequence)]), last_only=True)[0, -1]
+            p = sampler.probabilities(logits)
+            for token in p.nonzero().flatten().tolist():
+                grown[sequence + (token,)] = probability * float(p[token])
+        out = grown
+    return out
+
+
+@pytest.mark.slow
+def test_sampled_speculation_draws_from_the_plain_distribution(models):
+    """End to end on a tiny model with a weak head (many rejections): 800 seeded runs of 3 tokens drawn with
+    drafting follow the exact distribution of plain sampling over the 8 continuations top_k 2 allows (total
+    variation ~0.04 expected from noise; drafts kept regardless would follow the head's guesses instead), and
+    one seed with one draft setting gives the same tokens twice."""
     engine = qwen3next.load(models("tiny"), dtype="float32", quiet=True)
-    with pytest.raises(RequestError, match="greedy"):
-        engine.complete(Request(prompt="hi", max_new_tokens=3, temperature=0.7, speculative=1))
+    params, prompt, runs = SamplingParams(temperature=1.0, top_k=2), [5, 17, 99, 3], 800
+    exact = sequence_probabilities(engine, prompt, params, 3)
+    counts, timings = dict.fromkeys(exact, 0), Timings()
+    for seed in range(runs):
+        tokens = tuple(t for t, _ in speculative_ids(engine.model, prompt, Sampler(params, seed), 3, (),
+                                                     engine.context_length, timings, draft_tokens=2))
+        counts[tokens] += 1  # a continuation outside the 8 would be a KeyError
+    distance = 0.5 * sum(abs(counts[s] / runs - exact[s]) for s in exact)
+    assert distance < 0.1 and timings.drafted > 0
+    again = [[t for t, _ in speculative_ids(engine.model, prompt, Sampler(params, 7), 12, (), engine.context_length,
+                                            Timings(), draft_tokens=2)] for _ in range(2)]
+    assert again[0] == again[1]
 
 
 @pytest.mark.slow
@@ -201,6 +264,15 @@ def test_cli_flag(cli, models):  # noqa: F811
     line = next(x for x in err.splitlines() if x.startswith("speculative: "))
     drafted, accepted = (int(x) for x in re.findall(r"(\d+) (?:drafted|accepted)", line))
     assert code == 0 and 0 < drafted <= 2 * 5 and 0 <= accepted <= drafted and "tokens per verify step" in line
+    assert re.search(r"by draft position \d+% \d+%\)", line)
+
+
+def test_acceptance_is_counted_per_draft_position():
+    timings = Timings()
+    for drafted, accepted in ((3, 1), (3, 3), (2, 0), (1, 1)):
+        timings.count_verify(drafted, accepted)
+    assert (timings.verify_steps, timings.drafted, timings.accepted) == (4, 9, 5)
+    assert timings.drafted_by_position == [4, 3, 2] and timings.accepted_by_position == [3, 1, 1]
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,7 @@ static inline int omp_get_num_threads(void) { return 1; }
  * Four accumulators and a tree reduction make a row cost little more than its loads. Rows are
  * still read one at a time, front to back: computing four rows at once (sharing the loads of x)
  * measured slower from memory, presumably as four interleaved streams defeat the hardware
- * prefetcher. The sums differ from dot_bf16_f32's only in fp32 summation order. (q3n_linear_bf16
- * keeps dot_bf16_f32: on its longer, single-matrix runs this measured no faster.) */
+ * prefetcher. The sums differ from dot_bf16_f32's only in fp32 summation order. */
 static inline float dot_row_bf16(const uint16_t *w, const float *x, int64_t n) {
 #if defined(Q3N_AVX512)
 #define Q3N_WIDEN(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
@@ -75,6 +74,86 @@ static inline float dot_row_bf16(const uint16_t *w, const float *x, int64_t n) {
 #endif
 }
 
+/* out[m] = dot_row_bf16(w, x + m * stride, n) for m < count (at most 4), bit for bit: each row keeps
+ * dot_row_bf16's accumulators and order, but the rows share each widened chunk of w and their
+ * independent chains overlap, so a few rows cost little more than one on short matrices (where one
+ * row's chain of dependent multiply-adds, not memory, sets the pace). */
+static inline __attribute__((always_inline)) void dot_rows_upto4(const uint16_t *w, const float *x, int64_t stride,
+                                                                 const int count, int64_t n, float *out) {
+#if defined(Q3N_AVX512)
+#define Q3N_WIDEN(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+    __m512 a0[4], a1[4], a2[4], a3[4];
+    for (int m = 0; m < count; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        const __m512 w0 = Q3N_WIDEN(w + i), w1 = Q3N_WIDEN(w + i + 16), w2 = Q3N_WIDEN(w + i + 32), w3 = Q3N_WIDEN(w + i + 48);
+        for (int m = 0; m < count; m++) {
+            const float *xm = x + m * stride + i;
+            a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), a0[m]);
+            a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), a1[m]);
+            a2[m] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), a2[m]);
+            a3[m] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), a3[m]);
+        }
+    }
+    for (; i + 16 <= n; i += 16) {
+        const __m512 w0 = Q3N_WIDEN(w + i);
+        for (int m = 0; m < count; m++) a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * stride + i), a0[m]);
+    }
+    if (i < n) {
+        const __mmask16 mask = (__mmask16)((1u << (n - i)) - 1);
+        __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w + i)), 16));
+        for (int m = 0; m < count; m++) a1[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * stride + i), a1[m]);
+    }
+#undef Q3N_WIDEN
+    for (int m = 0; m < count; m++)
+        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[m], a1[m]), _mm512_add_ps(a2[m], a3[m])));
+#elif defined(Q3N_AVX2)
+#define Q3N_WIDEN(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+    __m256 a0[4], a1[4], a2[4], a3[4];
+    for (int m = 0; m < count; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256 w0 = Q3N_WIDEN(w + i), w1 = Q3N_WIDEN(w + i + 8), w2 = Q3N_WIDEN(w + i + 16), w3 = Q3N_WIDEN(w + i + 24);
+        for (int m = 0; m < count; m++) {
+            const float *xm = x + m * stride + i;
+            a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a0[m]);
+            a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a1[m]);
+            a2[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a2[m]);
+            a3[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a3[m]);
+        }
+    }
+    for (; i + 8 <= n; i += 8) {
+        const __m256 w0 = Q3N_WIDEN(w + i);
+        for (int m = 0; m < count; m++) a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * stride + i), a0[m]);
+    }
+#undef Q3N_WIDEN
+    for (int m = 0; m < count; m++) {
+        __m256 v = _mm256_add_ps(_mm256_add_ps(a0[m], a1[m]), _mm256_add_ps(a2[m], a3[m]));
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        float acc = _mm_cvtss_f32(h);
+        for (int64_t j = i; j < n; j++) acc += bf16_to_f32(w[j]) * x[m * stride + j];
+        out[m] = acc;
+    }
+#else
+    for (int m = 0; m < count; m++) out[m] = dot_row_bf16(w, x + m * stride, n);
+#endif
+}
+
+/* out[m] = dot_row_bf16(w, x + m * stride, n) for every m < rows, four rows at a time. */
+static inline void dot_rows_bf16(const uint16_t *w, const float *x, int64_t stride, int64_t rows, int64_t n,
+                                 float *out) {
+    int64_t m = 0;
+    for (; m + 4 <= rows; m += 4) dot_rows_upto4(w, x + m * stride, stride, 4, n, out + m);
+    switch (rows - m) { /* constant counts, so each call unrolls its row loops */
+    case 3: dot_rows_upto4(w, x + m * stride, stride, 3, n, out + m); break;
+    case 2: dot_rows_upto4(w, x + m * stride, stride, 2, n, out + m); break;
+    case 1: dot_rows_upto4(w, x + m * stride, stride, 1, n, out + m); break;
+    default: break;
+    }
+}
+
 /* This thread's contiguous part [begin, end) of [0, total). */
 static inline void thread_share(int64_t total, int64_t *begin, int64_t *end) {
     const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
@@ -87,11 +166,15 @@ static inline void thread_share(int64_t total, int64_t *begin, int64_t *end) {
 void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in,
                      int f32_out, int threads) {
     float *xf = widen(x, rows_x * in);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < out; r++) {
-        const uint16_t *row = w + r * in;
-        for (int64_t m = 0; m < rows_x; m++)
-            store_output(y, m * out + r, dot_bf16_f32(row, xf + m * in, in), f32_out);
+#pragma omp parallel num_threads(threads)
+    {
+        float *sums = malloc(sizeof(float) * (size_t)rows_x);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < out; r++) {
+            dot_rows_bf16(w + r * in, xf, in, rows_x, in, sums);
+            for (int64_t m = 0; m < rows_x; m++) store_output(y, m * out + r, sums[m], f32_out);
+        }
+        free(sums);
     }
     free(xf);
 }

@@ -46,7 +46,7 @@ def main() -> None:
                 runs[n].append(result.timings)
     base = statistics.median(t.decode_tokens_per_second for t in runs[0])
     print(f"{'N':>2} | {'decode tok/s':>12} | {'speed-up':>8} | {'tokens/verify':>13} | {'accepted':>8} | "
-          f"{'verify cost (steps)':>19}")
+          f"{'verify cost (steps)':>19} | accepted by draft position")
     for n in settings:
         timings = runs[n]
         speed = statistics.median(t.decode_tokens_per_second for t in timings)
@@ -54,8 +54,11 @@ def main() -> None:
         drafted, accepted = sum(t.drafted for t in timings), sum(t.accepted for t in timings)
         per_verify = steps / verifies if verifies else 1.0
         cost = per_verify * base / speed  # seconds per verify step over seconds per plain step
+        by_position = [sum(column) for column in zip(*(t.accepted_by_position for t in timings))]
+        reached = [sum(column) for column in zip(*(t.drafted_by_position for t in timings))]
         print(f"{n:>2} | {speed:>12.1f} | {speed / base:>7.2f}x | {per_verify:>13.2f} | "
-              f"{accepted / drafted if drafted else 0:>8.1%} | {cost:>19.2f}")
+              f"{accepted / drafted if drafted else 0:>8.1%} | {cost:>19.2f} | "
+              + " ".join(f"{a / r:.1%}" for a, r in zip(by_position, reached)))
 
 
 if __name__ == "__main__":

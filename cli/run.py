@@ -37,8 +37,8 @@ _REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", 
               help=f"Prompt tokens per prefill step (bounds peak memory on long prompts) [default: {PREFILL_CHUNK}; "
               f"{OFFLOAD_PREFILL_CHUNK} when experts are read from disk].")
 @click.option("--speculative", type=int, metavar="N",
-              help="Draft N tokens per step with the model's MTP head and verify them in one pass (greedy output "
-              "unchanged; docs/speculative.md) [default: 0, off].")
+              help="Draft N tokens per step with the model's MTP head and verify them in one pass: greedy output "
+              "unchanged, sampled output from the same distribution (docs/speculative.md) [default: 0, off].")
 @click.option("--jsonl", is_flag=True, help='Read one JSON request per stdin line ({"prompt": ..., ...}); '
               "answer each with one JSON line.")
 @click.option("--stats", is_flag=True, help="Print token counts, speeds and peak memory to stderr.")

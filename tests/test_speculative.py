@@ -358,3 +358,34 @@ def test_kept_chat_turns_with_speculation_give_the_plain_replies():
     kept = conversation(2)
     assert [ids for ids, _ in kept] == [ids for ids, _ in plain_turns]
     assert all(cached > 0 for _, cached in kept[1:])
+
+
+def test_a_verify_pass_reads_each_expert_of_a_layer_once(variants):
+    """Experts from disk (12 slots, more than a layer's 8 experts): the positions of one pass share each read
+    (a later position's experts that an earlier one fetched are hits), so its misses are at most the distinct
+    (layer, expert) pairs it routed to, while the rows chose many more."""
+    from qwen3next.moe import set_routing_observer
+    from checkpoints import budget_for_slots
+
+    folder, args = variants("q4")
+    args.update(cpu_mem=budget_for_slots(folder, 12, dtype="bfloat16", max_context=256), max_context=256, prefetch=False)
+    with qwen3next.load(folder, **args) as engine:
+        cache = engine.expert_store.cache
+        assert cache.slot_count == 12 and not cache.complete
+        chosen = []
+
+        class Recorder:
+            def before_routing(self, layer, x):
+                pass
+
+            def routed(self, layer, ids):
+                chosen.extend((layer, e) for e in ids.flatten().tolist())
+
+        model_cache = engine.model.make_cache(64)
+        with torch.inference_mode():
+            engine.model(torch.tensor([[2, 7, 1, 8]]), model_cache)
+            set_routing_observer(engine.model, Recorder())
+            misses = cache.counters.misses
+            engine.model.decode_steps(torch.tensor([[28, 18, 28, 45, 9]]), model_cache)
+            misses = cache.counters.misses - misses
+        assert 0 < misses <= len(set(chosen)) < len(chosen)

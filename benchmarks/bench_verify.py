@@ -1,0 +1,110 @@
+"""What a speculative verify pass costs: decode_steps over T = N + 1 positions against one decode step,
+alternating, on any model folder (resident, or with experts read from disk under --cpu-mem).
+
+    python benchmarks/bench_verify.py                                   # the embedded demo model
+    python benchmarks/bench_verify.py --model /tmp/q4-real --cpu-mem 4G --max-rows 3
+
+Per T: milliseconds per pass, the ratio to one plain step, and the decode speed-up that ratio gives at
+the demo model's acceptance (--acceptance: the measured fraction of drafts accepted at each draft
+position, benchmarks/bench_speculative.py), counting the head's draft steps as measured here too:
+speed-up = (1 + sum of the acceptance rates) / (verify ratio + N x draft ratio). Random real-width weights
+accept almost nothing, so at real width this implied figure is the one to read. With experts read from
+disk, the expert cache's disk bytes per pass are printed too (the file's pages are dropped first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import qwen3next
+from qwen3next.offload.disk import drop_cached_pages
+from qwen3next.sampling import Sampler, SamplingParams
+from qwen3next.speculative import Drafter, GreedyRule
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model folder [default: the embedded demo model]")
+    parser.add_argument("--cpu-mem", help="memory budget (experts beyond it are read from disk)")
+    parser.add_argument("--max-rows", type=int, default=4, help="largest T = N + 1 to time")
+    parser.add_argument("--context", type=int, default=256, help="prompt positions before the timed passes")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--acceptance", default="0.66,0.30,0.17",
+                        help="acceptance rate at each draft position (the demo model's, N=3 run)")
+    args = parser.parse_args()
+    acceptance = [float(a) for a in args.acceptance.split(",")]
+    if args.model:
+        for shard in Path(args.model).glob("*.safetensors"):
+            drop_cached_pages(shard)
+    engine = qwen3next.load(args.model, cpu_mem=args.cpu_mem, router_stats=False, quiet=True)
+    model = engine.model
+    if model.mtp is None:
+        raise SystemExit(f"{args.model}: no MTP head (mtp.*) to draft with")
+    store_cache = getattr(engine.expert_store, "cache", None)
+    disk = store_cache is not None and not store_cache.complete
+    cache = model.make_cache(args.context + 4 * args.rounds * args.max_rows + 64)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
+    rule = GreedyRule(Sampler(SamplingParams(temperature=0.0)))
+    with torch.inference_mode():
+        hidden = model.hidden_states(prompt, cache)
+        drafter = Drafter(model, cache)
+        drafter.feed(hidden[:, :-1], prompt[0, 1:].tolist(), 0)
+        print(f"model: {args.model or 'demo'} | experts {'from disk, cpu-mem ' + args.cpu_mem if disk else 'resident'}"
+              f" | compute: {engine.compute} | one pass shares its calls: "
+              f"{model.rows_stand_alone(hidden[:, :2])}", flush=True)
+        times: dict[str, list[float]] = {}
+        disk_bytes: dict[str, list[int]] = {}
+
+        def timed(name: str, run) -> None:
+            before = store_cache.counters.disk_bytes if disk else 0
+            started = time.perf_counter()
+            run()
+            times.setdefault(name, []).append(time.perf_counter() - started)
+            disk_bytes.setdefault(name, []).append((store_cache.counters.disk_bytes if disk else 0) - before)
+
+        def verify(rows: int):
+            def run():
+                position = cache.position
+                ids = torch.randint(0, model.config.vocab_size, (1, rows))
+                _, _, states = model.decode_steps(ids, cache)
+                cache.rewind(position + 1, states[0])  # the pass's first position stays: the cache grows by one
+            return run
+
+        def step():
+            model(torch.randint(0, model.config.vocab_size, (1, 1)), cache)
+
+        def draft():
+            drafter.draft(hidden[:, -1:], [int(prompt[0, -1])], args.context - 1, 1, rule, None)
+
+        for round_ in range(args.rounds + 2):  # the first two rounds warm up
+            for name, run in [("step", step), ("draft", draft)] + [(f"T={t}", verify(t)) for t in
+                                                                      range(1, args.max_rows + 1)]:
+                timed(name, run)
+            if round_ < 2:
+                times.clear()
+                disk_bytes.clear()
+    base = statistics.median(times["step"])
+    draft_ratio = statistics.median(times["draft"]) / base
+    print(f"one decode step {base * 1e3:.1f} ms | one head draft step {draft_ratio:.2f} steps")
+    print(f"{'T':>3} | {'ms / pass':>9} | {'in steps':>8} | {'speed-up at the acceptance given':>32}"
+          + (" | disk MiB / pass" if disk else ""))
+    for rows in range(1, args.max_rows + 1):
+        seconds = statistics.median(times[f"T={rows}"])
+        ratio, n = seconds / base, rows - 1
+        tokens = 1 + sum(acceptance[:n])
+        implied = tokens / (ratio + n * draft_ratio) if n else 1.0
+        line = f"{rows:>3} | {seconds * 1e3:>9.1f} | {ratio:>8.2f} | {implied:>31.2f}x"
+        if disk:
+            line += f" | {statistics.median(disk_bytes[f'T={rows}']) / 2**20:>15.1f}"
+        print(line)
+    if disk:
+        print(f"disk MiB per plain step {statistics.median(disk_bytes['step']) / 2**20:.1f}")
+
+
+if __name__ == "__main__":
+    main()

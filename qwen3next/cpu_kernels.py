@@ -200,7 +200,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q3n_linear_bf16.restype = None
     lib.q3n_swiglu_experts_bf16.argtypes = [p, p, p, i64, p, p, i64, i64, c_int]
     lib.q3n_swiglu_experts_bf16.restype = None
-    lib.q3n_moe_block_bf16.argtypes = [p, p, ctypes.POINTER(MoeWeights), i64, p, p, p, c_int]
+    lib.q3n_moe_block_bf16.argtypes = [p, p, ctypes.POINTER(MoeWeights), i64, i64, p, p, p, c_int]
     lib.q3n_moe_block_bf16.restype = None
     lib.q3n_moe_route_bf16.argtypes = [p, ctypes.POINTER(MoeWeights), i64, p, p, p, p, c_int]
     lib.q3n_moe_route_bf16.restype = None
@@ -352,18 +352,21 @@ class MoeWeights(ctypes.Structure):
                 ("shared_inter", ctypes.c_int64), ("shared_expert_gate", ctypes.c_void_p)]
 
 
-def _routing_buffers(weights: MoeWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (torch.empty(1, weights.top_k, dtype=torch.int64), torch.empty(1, weights.top_k),
-            torch.empty(1, weights.experts))
+def _routing_buffers(weights: MoeWeights, tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty(tokens, weights.top_k, dtype=torch.int64), torch.empty(tokens, weights.top_k),
+            torch.empty(tokens, weights.experts))
 
 
 def moe_block_bf16(x: torch.Tensor, weights: MoeWeights):
-    """A sparse MoE block for one token x [1, hidden]. Returns (output [1, hidden], ids [1, k] int64,
-    routing weights [1, k] fp32, router logits [1, experts] fp32)."""
+    """A sparse MoE block for tokens x [T, hidden] (T <= MAX_ROWS), each token with the bits it gets alone.
+    Returns (output [T, hidden], ids [T, k] int64, routing weights [T, k] fp32, router logits [T, experts] fp32)."""
     x = x.contiguous()
+    tokens = x.numel() // x.shape[-1]
+    if tokens > MAX_ROWS:
+        raise ValueError(f"moe_block_bf16: {tokens} tokens, more than the kernel's {MAX_ROWS}")
     out = torch.empty_like(x)
-    ids, routing, logits = _routing_buffers(weights)
-    _lib.q3n_moe_block_bf16(x.data_ptr(), out.data_ptr(), ctypes.byref(weights), x.shape[-1], ids.data_ptr(),
+    ids, routing, logits = _routing_buffers(weights, tokens)
+    _lib.q3n_moe_block_bf16(x.data_ptr(), out.data_ptr(), ctypes.byref(weights), x.shape[-1], tokens, ids.data_ptr(),
                             routing.data_ptr(), logits.data_ptr(), torch.get_num_threads())
     return out, ids, routing, logits
 

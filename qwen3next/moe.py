@@ -189,9 +189,9 @@ class SparseMoE(nn.Module):
         if observer is not None:
             observer.before_routing(self.layer, x)
         table = self.fused_decode_table(x) if x.shape[0] == 1 or as_steps else None
-        if table is not None and x.shape[0] == 1:
+        if table is not None and (x.shape[0] == 1 or self.store.all_resident):
             out, _ = self._fused_decode(x, table)
-        elif table is not None:
+        elif table is not None:  # experts acquired token by token
             outs, routings = zip(*(self._fused_decode(row, table) for row in x.split(1)))
             out, self.last_routing = torch.cat(outs), Routing.concat(routings)
         else:
@@ -204,9 +204,9 @@ class SparseMoE(nn.Module):
         return out.view(shape)
 
     def _fused_decode(self, x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        """One token through router, routed experts and shared expert in one CPU kernel call; with experts
-        not all resident, the same kernel's two halves around acquiring the chosen experts (same bits).
-        Sets and returns the routing."""
+        """Tokens (one, or up to MAX_ROWS when all experts are resident) through router, routed experts and
+        shared expert in one CPU kernel call; with experts not all resident, one token through the same
+        kernel's two halves around acquiring the chosen experts (same bits). Sets and returns the routing."""
         kernel_weights = self._cached_kernel_weights(table)
         if self.store.all_resident:
             out, ids, weights, logits = cpu_kernels.moe_block_bf16(x, kernel_weights)

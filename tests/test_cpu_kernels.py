@@ -110,6 +110,22 @@ def test_the_moe_blocks_two_halves_give_the_fused_kernels_bits(models):
         assert torch.equal(out, out2)
 
 
+def test_the_moe_block_gives_each_of_several_tokens_its_bits_alone(models):
+    """A verify pass runs its positions through one moe_block_bf16 call: every row as a one-token call."""
+    model = qwen3next.load(models("small"), dtype="bfloat16").model
+    block = model.model.layers[1].mlp
+    weights = block.kernel_weights(block.store.address_table(block.layer))
+    x = bf16(cpu_kernels.MAX_ROWS, model.config.hidden_size, seed=30)
+    with torch.inference_mode():
+        alone = [cpu_kernels.moe_block_bf16(x[t : t + 1], weights) for t in range(len(x))]
+        for tokens in (2, 3, cpu_kernels.MAX_ROWS):
+            together = cpu_kernels.moe_block_bf16(x[:tokens], weights)
+            for part, rows in zip(together, zip(*alone)):
+                assert torch.equal(part, torch.cat(rows[:tokens])), tokens
+        with pytest.raises(ValueError, match="tokens"):
+            cpu_kernels.moe_block_bf16(bf16(cpu_kernels.MAX_ROWS + 1, model.config.hidden_size), weights)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_rms_norm(offset):
     x, w = bf16(5, 64, seed=6), bf16(64, seed=7, scale=0.1)

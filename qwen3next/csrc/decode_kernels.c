@@ -300,12 +300,13 @@ typedef struct {
     q3n_expert_work work;
 } q3n_moe_scratch;
 
-static q3n_moe_scratch moe_scratch(const q3n_moe_weights *m, const uint16_t *x, int64_t hidden) {
+/* Scratch for one token at a time; xf (the token widened to fp32) stays the caller's. */
+static q3n_moe_scratch moe_scratch(const q3n_moe_weights *m, float *xf, int64_t hidden) {
     const int64_t top_k = m->top_k, rows = top_k * m->inter + m->shared_inter;
     q3n_moe_scratch s;
     s.experts = malloc(sizeof(q3n_expert) * (size_t)(top_k + 1));
     s.experts[top_k] = (q3n_expert){m->shared_gate, m->shared_up, m->shared_down, m->shared_inter};
-    s.xf = widen(x, hidden);
+    s.xf = xf;
     s.scratch = malloc(sizeof(float) * (size_t)(2 * rows + 2 * hidden));
     s.routed = s.scratch + 2 * rows;
     s.d = s.routed + hidden;
@@ -315,7 +316,6 @@ static q3n_moe_scratch moe_scratch(const q3n_moe_weights *m, const uint16_t *x, 
 
 static void moe_scratch_free(q3n_moe_scratch *s) {
     free(s->scratch);
-    free(s->xf);
     free(s->experts);
 }
 
@@ -358,25 +358,43 @@ static void moe_experts_phase(const q3n_moe_weights *m, const q3n_moe_scratch *s
         out[r] = f32_to_bf16(round_bf16(s->routed[r]) + round_bf16(scale * round_bf16(s->d[r])));
 }
 
-/* A whole sparse MoE block for one token: router, top-k routed SwiGLU experts and the shared expert
- * scaled by sigmoid(shared_expert_gate x). Writes the block output and, for router statistics, the
- * chosen ids, their weights and the router logits. */
-void q3n_moe_block_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights *m, int64_t hidden, int64_t *ids,
-                        float *weights, float *logits, int threads) {
-    q3n_moe_scratch s = moe_scratch(m, x, hidden);
-    float gate_logit = 0.0f;
+/* A whole sparse MoE block for each of `tokens` (at most Q3N_MAX_ROWS) tokens: router, top-k routed SwiGLU
+ * experts and the shared expert scaled by sigmoid(shared_expert_gate x). Writes the block outputs and, for
+ * router statistics, the chosen ids, their weights and the router logits, a row per token. Each token gets
+ * the bits it gets alone (a speculative verify pass relies on it): the router reads each weight row once for
+ * all tokens (dot_rows_bf16, one-row bits), then the tokens' experts run one token after another. */
+void q3n_moe_block_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights *m, int64_t hidden, int64_t tokens,
+                        int64_t *ids, float *weights, float *logits, int threads) {
+    float *xf = widen(x, tokens * hidden), gate_logits[Q3N_MAX_ROWS];
+    q3n_moe_scratch s = moe_scratch(m, xf, hidden);
 #pragma omp parallel num_threads(threads)
     {
-        moe_router_phase(m, s.xf, hidden, logits, &gate_logit);
+        int64_t begin, end;
+        float sums[Q3N_MAX_ROWS];
+        thread_share(m->experts + 1, &begin, &end); /* the router's rows, then the shared expert's gate */
+        for (int64_t e = begin; e < end; e++) {
+            dot_rows_bf16(e < m->experts ? m->router + e * hidden : m->shared_expert_gate, xf, hidden, tokens, hidden,
+                          sums);
+            for (int64_t t = 0; t < tokens; t++) {
+                if (e < m->experts) logits[t * m->experts + e] = round_bf16(sums[t]);
+                else gate_logits[t] = round_bf16(sums[t]);
+            }
+        }
 #pragma omp barrier
+        for (int64_t t = 0; t < tokens; t++) {
 #pragma omp single
-        {
-            route_top_k(logits, m->experts, m->top_k, (int)m->norm_topk, ids, weights);
-            moe_choose(m, ids, s.experts);
-        } /* implicit barrier: every thread sees the chosen experts */
-        moe_experts_phase(m, &s, weights, gate_logit, out);
+            {
+                route_top_k(logits + t * m->experts, m->experts, m->top_k, (int)m->norm_topk, ids + t * m->top_k,
+                            weights + t * m->top_k);
+                moe_choose(m, ids + t * m->top_k, s.experts);
+                s.work.x = xf + t * hidden;
+            } /* implicit barrier: every thread sees the chosen experts */
+            moe_experts_phase(m, &s, weights + t * m->top_k, gate_logits[t], out + t * hidden);
+#pragma omp barrier /* before the next token's experts replace these */
+        }
     }
     moe_scratch_free(&s);
+    free(xf);
 }
 
 /* The block's first half: the router's choice (ids, weights, logits) and the shared expert's gate logit. */
@@ -392,11 +410,13 @@ void q3n_moe_route_bf16(const uint16_t *x, const q3n_moe_weights *m, int64_t hid
 /* The block's second half, once the chosen experts' table entries are valid. */
 void q3n_moe_experts_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights *m, int64_t hidden,
                           const int64_t *ids, const float *weights, float gate_logit, int threads) {
-    q3n_moe_scratch s = moe_scratch(m, x, hidden);
+    float *xf = widen(x, hidden);
+    q3n_moe_scratch s = moe_scratch(m, xf, hidden);
     moe_choose(m, ids, s.experts);
 #pragma omp parallel num_threads(threads)
     moe_experts_phase(m, &s, weights, gate_logit, out);
     moe_scratch_free(&s);
+    free(xf);
 }
 
 /* out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * (offset + w): offset 1 for the zero-centered norms. */

@@ -27,7 +27,7 @@ import torch
 from qwen3next import cpu_kernels
 from qwen3next.checkpoint_names import MTP_PREFIX, expert_layer_prefixes, has_mtp, meta_model
 from qwen3next.config import Qwen3NextConfig
-from qwen3next.engine import _resolve_device
+from qwen3next.engine import device_from_flag
 from qwen3next.inspection import Report, Section
 from qwen3next.loader import check_and_plan, resolve_dtype
 from qwen3next.model_path import resolve_model_path, user_cache
@@ -82,7 +82,7 @@ def plan_folder(path: str | os.PathLike | None, placement: Placement, dtype: str
     GPU, a checkpoint that does not match its config, a budget below the always-active weights)."""
     dtype = resolve_dtype(dtype)
     folder = resolve_model_path(path)
-    device = resolve_device(placement, None) or _resolve_device(None)  # load()'s rule for device=None
+    device = resolve_device(placement, None) or device_from_flag(None)  # load()'s rule for device=None
     config = Qwen3NextConfig.from_file(folder)
     with CheckpointReader(folder) as reader:
         with_mtp = has_mtp(reader.names())
@@ -133,7 +133,7 @@ def calibration_key(fplan: FolderPlan) -> str:
     layer = fplan.probe_layer
     source = fplan.sources[layer]
     formats = (fplan.config.quantization or {}).get("experts") or {}
-    parts = {"st_dev": os.stat(source.pieces[0][0][0]).st_dev, "cpu": cpu_kernels._cpu_signature(),
+    parts = {"st_dev": os.stat(source.pieces[0][0][0]).st_dev, "cpu": cpu_kernels.cpu_signature(),
              "threads": torch.get_num_threads(), "kernels": cpu_kernels.prepare(quiet=True).describe(),
              "compute": type(fplan.compute).__name__, "dtype": str(fplan.dtype),
              "format": formats.get(fplan.prefixes[layer]), "slot": [source.nbytes, list(source.offsets)],

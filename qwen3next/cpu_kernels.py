@@ -74,7 +74,7 @@ def _cache_dir() -> Path:
     return user_cache() / "kernels"
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """What -march=native depends on: the machine and its CPU flags."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -91,7 +91,7 @@ def _candidates() -> list[tuple[list[str], Path]]:
     out = []
     for flags in _FLAG_SETS:
         flags = flags + extra
-        key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
+        key = hashlib.sha256(source + " ".join(flags).encode() + cpu_signature().encode()).hexdigest()[:16]
         out.append((flags, _cache_dir() / f"decode_kernels-{key}.so"))
     return out
 

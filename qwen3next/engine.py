@@ -203,7 +203,7 @@ class Engine:
         return torch.cat(outputs)
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def device_from_flag(device: str | torch.device | None) -> torch.device:
     """The device asked for, checked before any weight is read (None: CUDA when available)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,8 +248,8 @@ def load(
     folder = resolve_model_path(path)
     if path is None and not quiet:
         print(f"qwen3next: {DEMO_NOTICE}", file=sys.stderr)
-    requested = None if device is None else _resolve_device(device)
-    device = resolve_device(placement, requested) or _resolve_device(None)
+    requested = None if device is None else device_from_flag(device)
+    device = resolve_device(placement, requested) or device_from_flag(None)
     compute = cpu_kernels.prepare(quiet).describe() if device.type == "cpu" else f"torch on {device}"
     config = Qwen3NextConfig.from_file(folder)  # the cheap checks first: config, then tokenizer, then weights
     tokenizer = Tokenizer.from_folder(folder)

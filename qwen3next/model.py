@@ -137,7 +137,7 @@ class Qwen3NextForCausalLM(nn.Module):
         computed exactly as a one-token decode step computes it (a speculative verify pass), advancing `cache`.
 
         Also returns, per position t, each DeltaNet layer's state after t (None for attention layers), for
-        `ModelCache.rewind`: kept copies for t < T - 1, the live states for the last.
+        `ModelCache.rewind`: kept states for t < T - 1, the live states for the last.
 
         Where every kernel computes each row alone (`rows_stand_alone`), the T positions share each layer's
         calls: every weight is read once for all of them and the per-call overhead is paid once. Elsewhere

@@ -181,8 +181,9 @@ class SparseMoE(nn.Module):
         return Routing(ids, weights.to(logits.dtype), logits)
 
     def forward(self, x: torch.Tensor, as_steps: bool = False) -> torch.Tensor:
-        """as_steps: each token gets the bits it gets alone (the fused kernel token by token; the other path's
-        kernels compute each row alone already), for a speculative verify pass."""
+        """as_steps: each token gets the bits it gets alone, for a speculative verify pass: the fused kernel
+        (one call for all tokens when every expert is resident, else token by token); the other path's
+        kernels compute each row alone already."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         observer = self.observer

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speculative.py                       # the embedded demo model
     python benchmarks/bench_speculative.py --drafts 1,2,3 --rounds 5 --tokens 128
+    python benchmarks/bench_speculative.py --text tests/data/heldout.txt --prompts 8   # held-out openings
 
 Runs alternate between the settings (0 first, then each N, repeated --rounds times) so a noisy,
 shared machine slows them alike; the table reports medians. Per setting: decode tok/s, the speed-up
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import qwen3next
 
@@ -23,17 +25,26 @@ PROMPTS = (
 )
 
 
+def text_prompts(path: Path, count: int, characters: int = 300) -> list[str]:
+    """The openings of the first `count` paragraphs of `path` long enough to give a prompt of `characters`."""
+    paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+    return [" ".join(p.split())[:characters] for p in paragraphs if len(p) >= characters][:count]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model folder [default: the embedded demo model]")
     parser.add_argument("--drafts", default="1,2,3", help="draft tokens per step to compare with 0")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--text", type=Path, help="take the prompts from this text's paragraphs (e.g. held-out text)")
+    parser.add_argument("--prompts", type=int, default=4, help="paragraphs of --text to use")
     args = parser.parse_args()
+    prompts = text_prompts(args.text, args.prompts) if args.text else PROMPTS
     settings = [0] + [int(n) for n in args.drafts.split(",")]
     engine = qwen3next.load(args.model, quiet=True)
     runs: dict[int, list] = {n: [] for n in settings}
-    for prompt in PROMPTS:
+    for prompt in prompts:
         engine.complete(qwen3next.Request(prompt=prompt, max_new_tokens=8, temperature=0))  # warm-up
         for _ in range(args.rounds):
             reference = None

@@ -116,6 +116,23 @@ def test_missing_and_unexpected_tensors_are_listed_together(model_copy):
     assert missing in message and "model.layers.1.mlp.bogus.weight" in message
 
 
+@pytest.mark.parametrize("damage", ["missing", "mis-shaped"])
+def test_a_partial_or_mis_shaped_mtp_head_is_named(model_copy, damage):
+    """The MTP head is optional, but a checkpoint that has some of it must have all of it, in the right shapes."""
+    folder = model_copy()
+    name = "mtp.layers.0.self_attn.o_proj.weight"
+    if damage == "missing":
+        rewrite_tensor(folder, name, lambda t: ("mtp.layers.0.self_attn.o_proj.bogus", t))
+        index = read_index(folder)
+        index["weight_map"]["mtp.layers.0.self_attn.o_proj.bogus"] = index["weight_map"].pop(name)
+        write_index(folder, index)
+    else:
+        rewrite_tensor(folder, name, lambda t: (name, t[:, :-1].contiguous()))
+    with pytest.raises(CheckpointError) as error:
+        qwen3next.load(folder)
+    assert name in str(error.value) and "\n" not in str(error.value)
+
+
 def test_bad_dtype_is_a_usage_error(models):
     with pytest.raises(UsageError, match="int8"):
         qwen3next.load(models("tiny"), dtype="int8")

@@ -5,7 +5,7 @@
 
 llama.cpp is the copy vendored in the PyPI sdist of llama-cpp-python (pinned below, so both sides of
 a figure are reproducible from the package registries), built once with cmake for its tools only
-(llama-bench, llama-quantize: ~10 minutes on 2 cores) and cached in --workdir with the checkpoints.
+(llama-bench, llama-quantize: 4.5 minutes on 2 cores here) and cached in --workdir with the checkpoints.
 Per size (tests/checkpoints.py: "bench" is hidden 512, 8 layers, 64 experts top-8; "real" the real
 widths with 4 layers) it writes one random bf16 checkpoint with a 4000-token vocabulary, converts it
 with llama.cpp's own converter (the fixture tokenizer is Qwen2's byte-level BPE, whose pre-tokenizer
@@ -57,7 +57,7 @@ def build_llamacpp(work: Path, jobs: int) -> tuple[Path, Path]:
         source = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
     build, tools = work / "llamacpp-build", work / "llamacpp-build" / "bin"
     if not (tools / "llama-bench").exists():
-        print(f"building llama.cpp's tools in {build} (about 10 minutes on 2 cores)", file=sys.stderr)
+        print(f"building llama.cpp's tools in {build} (minutes)", file=sys.stderr)
         run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"])
         run(["cmake", "--build", str(build), "--target", "llama-bench", "llama-quantize", "-j", str(jobs)])
@@ -133,12 +133,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each side; the best counts")
     args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    source, tools = build_llamacpp(args.workdir, args.threads)
     labels = args.formats.split(",")
     unknown = [label for label in labels if label not in FORMATS]
     if unknown:
         parser.error(f"--formats: unknown {unknown}; choose from {list(FORMATS)}")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    source, tools = build_llamacpp(args.workdir, args.threads)
     print(f"prompt {args.prompt} tokens, {args.new} new tokens, {args.threads} threads, best of {args.rounds} rounds")
     print(f"{'checkpoint':<30} {'ours prefill':>12} {'theirs':>8} {'ratio':>6} | {'ours decode':>11} {'theirs':>8} "
           f"{'ratio':>6}")

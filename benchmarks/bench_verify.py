@@ -79,7 +79,10 @@ def main() -> None:
             model(torch.randint(0, model.config.vocab_size, (1, 1)), cache)
 
         def draft():
+            lengths = [kv.length for kv in cache.mtp]
             drafter.draft(hidden[:, -1:], [int(prompt[0, -1])], args.context - 1, 1, rule, None)
+            for kv, length in zip(cache.mtp, lengths):  # the fed position too: every timed draft is the same
+                kv.restore(length)
 
         for round_ in range(args.rounds + 2):  # the first two rounds warm up
             for name, run in [("step", step), ("draft", draft)] + [(f"T={t}", verify(t)) for t in

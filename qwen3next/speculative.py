@@ -95,11 +95,11 @@ class Drafter:
         """Run the head on positions start.. : hidden [1, T, hidden] (main model, or the head's own output)
         with the token after each. Returns the head's last output [1, 1, hidden].
 
-        A few positions take the one-token kernels row by row (faster than the prefill paths at that size)."""
+        A few positions on the CPU kernels take them row by row (faster than the prefill paths at that size)."""
         device = hidden.device
         cos_sin = self.model.rotary.cos_sin(torch.arange(start, start + hidden.shape[1], device=device), hidden.dtype)
         embeds = self.model.model.embed_tokens(torch.tensor([list(next_tokens)], device=device))
-        few = hidden.shape[1] <= cpu_kernels.MAX_ROWS
+        few = cpu_kernels.usable(hidden) and hidden.shape[1] <= cpu_kernels.MAX_ROWS
         return self.model.mtp(hidden, embeds, cos_sin, self.caches, as_steps=few)[:, -1:]
 
     def draft(self, hidden: torch.Tensor, next_tokens: Sequence[int], start: int, n: int, rule,

@@ -20,7 +20,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 static inline int omp_get_num_threads(void) { return 1; }
 #endif
 
-/* w[:n] . x[:n] with fp32 accumulation, for the expert kernels.
+/* w[:n] . x[:n] with fp32 accumulation, for the expert, router and linear kernels.
  *
  * dot_bf16_f32 leaves the vectorisation to the compiler, which keeps one or two vector
  * accumulators and ends every row with a serial scalar sum over their lanes (32 dependent adds
@@ -293,7 +293,9 @@ Q3N_EXPORT_SIZEOF(q3n_moe_weights)
  * region: the router's logits (and the shared expert's gate logit), the choice of experts (one thread),
  * and the experts themselves. The fused block runs all three in one region; an expert cache that must
  * make the chosen experts resident between choosing and computing runs them as two calls
- * (q3n_moe_route_bf16, then q3n_moe_experts_bf16) through the same phase code, so both give the same bits. */
+ * (q3n_moe_route_bf16, then q3n_moe_experts_bf16). Both give the same bits: the experts phase is shared,
+ * and the fused block's router (dot_rows_bf16, several tokens per weight row) gives each token
+ * dot_row_bf16's sums, as moe_router_phase computes them. */
 typedef struct {
     q3n_expert *experts; /* the chosen ones, then the shared one */
     float *xf, *scratch, *routed, *d;
@@ -362,7 +364,8 @@ static void moe_experts_phase(const q3n_moe_weights *m, const q3n_moe_scratch *s
  * experts and the shared expert scaled by sigmoid(shared_expert_gate x). Writes the block outputs and, for
  * router statistics, the chosen ids, their weights and the router logits, a row per token. Each token gets
  * the bits it gets alone (a speculative verify pass relies on it): the router reads each weight row once for
- * all tokens (dot_rows_bf16, one-row bits), then the tokens' experts run one token after another. */
+ * all tokens (dot_rows_bf16, one-row bits), then the tokens' experts run one token after another.
+ * tokens <= Q3N_MAX_ROWS (the stack buffers below): cpu_kernels.moe_block_bf16 refuses more. */
 void q3n_moe_block_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights *m, int64_t hidden, int64_t tokens,
                         int64_t *ids, float *weights, float *logits, int threads) {
     float *xf = widen(x, tokens * hidden), gate_logits[Q3N_MAX_ROWS];

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -28,7 +27,6 @@ from .offload.router_stats import RouterStatistics
 from .prefix_cache import SNAPSHOTS, PrefixStates
 from .request import PREFILL_CHUNK, Request, Result, Token, Usage
 from .sampling import Sampler, generation_defaults
-from .speculative import speculative_ids
 from .tokenizer import Tokenizer
 
 
@@ -139,9 +137,9 @@ class Engine:
         texts = []
         states = self.prefix_states
         kept, result.usage.cached_tokens = (None, 0) if states is None else states.start(ids)
-        generate = partial(speculative_ids, draft_tokens=request.speculative) if request.speculative else generate_ids
-        tokens = generate(self.model, ids, sampler, request.max_new_tokens, self.eos_ids, self.context_length,
-                          result.timings, request.prefill_chunk or self.prefill_chunk, kept, result.usage.cached_tokens)
+        tokens = generate_ids(self.model, ids, sampler, request.max_new_tokens, self.eos_ids, self.context_length,
+                              result.timings, request.prefill_chunk or self.prefill_chunk, kept,
+                              result.usage.cached_tokens, request.speculative or 0)
         if self.router_stats is not None:
             self.router_stats.start_sequence()
         cache = getattr(self.expert_store, "cache", None)

@@ -17,6 +17,7 @@ from .cache import ModelCache
 from .model import Qwen3NextForCausalLM
 from .request import PREFILL_CHUNK, Timings
 from .sampling import Sampler
+from .speculative import Speculation
 
 def prefill(model: Qwen3NextForCausalLM, ids: torch.Tensor, cache, chunk: int = PREFILL_CHUNK,
             on_hidden: Callable[[torch.Tensor, int], None] | None = None) -> torch.Tensor:
@@ -49,12 +50,16 @@ def generate_ids(
     prefill_chunk: int = PREFILL_CHUNK,
     cache: ModelCache | None = None,
     cached: int = 0,
+    draft_tokens: int = 0,
 ) -> Iterator[tuple[int, str | None]]:
     """Yield (token id, finish reason) for each new token: None until the last, then "stop" (an eos
     id) or "length" (max_new_tokens or the end of the context). `timings` is filled in as it goes.
 
     `cache` may already hold the first `cached` prompt tokens (a kept chat turn): only the rest are
-    prefilled. While a token is being yielded the cache holds the prompt and every earlier new token."""
+    prefilled. While a token is being yielded the cache holds the prompt and every earlier new token.
+    draft_tokens > 0: speculative decoding with the MTP head (speculative.py), up to that many drafts per
+    main-model pass: greedy, the same tokens; sampling, the same distribution (reproducible for one seed
+    and one draft_tokens)."""
     device = model.model.norm.weight.device
     limit = min(max_new_tokens, context_length - len(prompt_ids))
     if limit <= 0:
@@ -64,25 +69,34 @@ def generate_ids(
         cache = model.make_cache(context_length)
     history = list(prompt_ids)
     use_history = sampler.params.repetition_penalty != 1.0
+    speculation = Speculation(model, cache, sampler, history, draft_tokens, timings) if draft_tokens else None
+
+    def plain_step(left: int) -> list[int]:
+        with torch.inference_mode():
+            logits = model(torch.tensor([history[-1:]], device=device), cache)[0, -1]
+        return [sampler(logits, torch.tensor(history) if use_history else None)]
 
     started = time.perf_counter()
-    logits = prefill(model, torch.tensor([history[cached:]], device=device), cache, prefill_chunk)
-    for step in range(limit):
-        token = sampler(logits, torch.tensor(history) if use_history else None)
-        history.append(token)
-        now = time.perf_counter()
-        if step == 0:
-            timings.prefill_seconds = now - started
-        else:
-            timings.decode_seconds += now - started
-            timings.decode_steps += 1
-        finish = finish_reason(token, eos, step + 1, limit)
-        yield token, finish
-        if finish:
-            return
+    logits = prefill(model, torch.tensor([history[cached:]], device=device), cache, prefill_chunk,
+                     None if speculation is None else speculation.see_prompt)
+    run = [sampler(logits, torch.tensor(history) if use_history else None)]  # the first token, from prefill
+    timings.prefill_seconds = time.perf_counter() - started
+    step = plain_step if speculation is None else speculation.step
+    decoded = False
+    while True:
+        for k, token in enumerate(run):
+            if decoded:
+                timings.decode_steps += 1
+                if speculation is not None:
+                    speculation.rewind(k)
+            history.append(token)
+            finish = finish_reason(token, eos, len(history) - len(prompt_ids), limit)
+            yield token, finish
+            if finish:
+                return
         started = time.perf_counter()
-        with torch.inference_mode():
-            logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+        run, decoded = step(limit - (len(history) - len(prompt_ids))), True
+        timings.decode_seconds += time.perf_counter() - started
 
 
 class StopStrings:

@@ -15,16 +15,14 @@ verify pass kept for the last accepted position (ModelCache.rewind). No accepted
 
 from __future__ import annotations
 
-import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
 from . import cpu_kernels
 from .cache import ModelCache
-from .generate import finish_reason, prefill
 from .model import Qwen3NextForCausalLM
-from .request import PREFILL_CHUNK, Timings
+from .request import Timings
 from .sampling import Sampler
 
 
@@ -122,71 +120,48 @@ class Drafter:
         return drafts
 
 
-def speculative_ids(
-    model: Qwen3NextForCausalLM,
-    prompt_ids: Sequence[int],
-    sampler: Sampler,
-    max_new_tokens: int,
-    eos_ids: Sequence[int],
-    context_length: int,
-    timings: Timings,
-    prefill_chunk: int = PREFILL_CHUNK,
-    cache: ModelCache | None = None,
-    cached: int = 0,
-    draft_tokens: int = 1,
-) -> Iterator[tuple[int, str | None]]:
-    """generate_ids with up to `draft_tokens` drafts verified per main-model pass.
+class Speculation:
+    """The speculative step of generate_ids(draft_tokens=n): draft, verify in one pass, accept; then rewind
+    the cache to each accepted token as generate_ids yields it.
 
-    The same contract: greedy, the same (token, finish reason) pairs; sampling, the same distribution
-    (reproducible for one seed and one draft_tokens). While a token is being yielded the cache holds
-    the prompt and every earlier new token (it is rewound inside the accepted run)."""
-    device = model.model.norm.weight.device
-    limit = min(max_new_tokens, context_length - len(prompt_ids))
-    if limit <= 0:
-        return
-    eos = set(eos_ids)
-    if cache is None:
-        cache = model.make_cache(context_length)
-    drafter = Drafter(model, cache)
-    rule = GreedyRule(sampler) if sampler.params.temperature == 0 else SamplingRule(sampler)
-    history = list(prompt_ids)
-    use_history = sampler.params.repetition_penalty != 1.0
-    last_hidden = []  # the prompt's last hidden state: the head sees it once the first new token is known
+    `history` is generate_ids' own list (prompt and tokens so far, appended to as tokens are yielded).
+    The head still has to see `pending`: hidden rows [1, R, hidden] of the main model from position
+    `start`, whose next tokens are history[start + 1 : start + 1 + R] once they are known."""
 
-    def to_drafter(hidden: torch.Tensor, start: int) -> None:
-        known = min(start + hidden.shape[1], len(history) - 1) - start  # rows whose next token is in the prompt
+    def __init__(self, model: Qwen3NextForCausalLM, cache: ModelCache, sampler: Sampler, history: list[int],
+                 draft_tokens: int, timings: Timings):
+        self.model, self.cache, self.history, self.draft_tokens, self.timings = model, cache, history, draft_tokens, timings
+        self.drafter = Drafter(model, cache)
+        self.rule = GreedyRule(sampler) if sampler.params.temperature == 0 else SamplingRule(sampler)
+        self.use_history = sampler.params.repetition_penalty != 1.0
+        self.pending: tuple[torch.Tensor, int] | None = None
+        self.position, self.states = 0, []  # where the last verify pass started, and its kept states
+
+    def see_prompt(self, hidden: torch.Tensor, start: int) -> None:
+        """prefill's on_hidden: feed the head the chunk's rows whose next token is in the prompt; the chunk's
+        last row waits for the first new token."""
+        known = min(start + hidden.shape[1], len(self.history) - 1) - start
         if known > 0:
-            drafter.feed(hidden[:, :known], history[start + 1 : start + 1 + known], start)
-        last_hidden[:] = [hidden[:, -1:]]
+            self.drafter.feed(hidden[:, :known], self.history[start + 1 : start + 1 + known], start)
+        self.pending = (hidden[:, -1:], start + hidden.shape[1] - 1)
 
-    started = time.perf_counter()
-    logits = prefill(model, torch.tensor([history[cached:]], device=device), cache, prefill_chunk, to_drafter)
-    token = sampler(logits, torch.tensor(history) if use_history else None)
-    history.append(token)
-    timings.prefill_seconds = time.perf_counter() - started
-    produced = 1
-    finish = finish_reason(token, eos, produced, limit)
-    yield token, finish
-    if finish:
-        return
-    rows, row_tokens, row_start = last_hidden[0], [token], len(prompt_ids) - 1
-    while True:
-        started = time.perf_counter()
-        n = min(draft_tokens, limit - produced - 1)  # never draft past max_new_tokens or the context
+    def step(self, left: int) -> list[int]:
+        """The next 1 to n + 1 tokens, drafting no more than the `left` tokens still allowed need."""
+        history, n = self.history, min(self.draft_tokens, left - 1)
+        hidden, start = self.pending
+        device = hidden.device
         with torch.inference_mode():
-            drafts = drafter.draft(rows, row_tokens, row_start, n, rule, history if use_history else None) if n else []
-            position = cache.position
-            hidden, logits, states = model.decode_steps(torch.tensor([history[-1:] + drafts], device=device), cache)
-            run = rule.accept(logits[0], drafts, history, use_history)
-        timings.decode_seconds += time.perf_counter() - started
-        timings.count_verify(len(drafts), len(run) - 1)
-        for k, token in enumerate(run):
-            cache.rewind(position + k + 1, states[k])
-            history.append(token)
-            produced += 1
-            timings.decode_steps += 1
-            finish = finish_reason(token, eos, produced, limit)
-            yield token, finish
-            if finish:
-                return
-        rows, row_tokens, row_start = hidden[:, : len(run)], run, position
+            seen = history if self.use_history else None
+            next_tokens = history[start + 1 : start + 1 + hidden.shape[1]]
+            drafts = self.drafter.draft(hidden, next_tokens, start, n, self.rule, seen) if n else []
+            self.position = self.cache.position
+            hidden, logits, self.states = self.model.decode_steps(torch.tensor([history[-1:] + drafts], device=device),
+                                                                  self.cache)
+            run = self.rule.accept(logits[0], drafts, history, self.use_history)
+        self.timings.count_verify(len(drafts), len(run) - 1)
+        self.pending = (hidden[:, : len(run)], self.position)
+        return run
+
+    def rewind(self, k: int) -> None:
+        """Leave the cache holding the tokens before the k-th of the last step's run (and that token's input)."""
+        self.cache.rewind(self.position + k + 1, self.states[k])

@@ -18,7 +18,6 @@ from qwen3next.errors import RequestError
 from qwen3next.generate import generate_ids
 from qwen3next.request import Request, Timings
 from qwen3next.sampling import Sampler, SamplingParams
-from qwen3next.speculative import speculative_ids
 
 from test_cli import cli  # noqa: F401  (the fixture)
 
@@ -36,7 +35,7 @@ def plain(engine, prompt, n, eos=(), **kw):
 
 
 def spec(engine, prompt, n, drafts, eos=(), **kw):
-    return [t for t, _ in speculative_ids(engine.model, prompt, Sampler(GREEDY), n, eos, engine.context_length,
+    return [t for t, _ in generate_ids(engine.model, prompt, Sampler(GREEDY), n, eos, engine.context_length,
                                           Timings(), draft_tokens=drafts, **kw)]
 
 
@@ -103,7 +102,7 @@ def test_repetition_penalty_sees_the_accepted_drafts(engine, oracle):
     expected = [t for t, _ in generate_ids(engine.model, prompt, sampler(), 16, (), engine.context_length, Timings())]
     assert expected != plain(engine, prompt, 16)  # the penalty changes the output
     oracle["reference"] = prompt + expected
-    got = [t for t, _ in speculative_ids(engine.model, prompt, sampler(), 16, (), engine.context_length, Timings(),
+    got = [t for t, _ in generate_ids(engine.model, prompt, sampler(), 16, (), engine.context_length, Timings(),
                                          draft_tokens=4)]
     assert got == expected
     assert spec(engine, prompt, 0, 2) == []
@@ -119,7 +118,7 @@ def test_the_cache_holds_the_prompt_and_earlier_tokens_when_a_token_is_yielded(e
     oracle["reference"] = prompt + expected
     for stop_at in (2, 5, 6, 9):
         cache = engine.model.make_cache(engine.context_length)
-        tokens = speculative_ids(engine.model, prompt, Sampler(GREEDY), 20, (), engine.context_length, Timings(),
+        tokens = generate_ids(engine.model, prompt, Sampler(GREEDY), 20, (), engine.context_length, Timings(),
                                  cache=cache, draft_tokens=drafts)
         got = [next(tokens)[0] for _ in range(stop_at)]
         tokens.close()
@@ -240,12 +239,12 @@ def test_sampled_speculation_draws_from_the_plain_distribution(models):
     exact = sequence_probabilities(engine, prompt, params, 3)
     counts, timings = dict.fromkeys(exact, 0), Timings()
     for seed in range(runs):
-        tokens = tuple(t for t, _ in speculative_ids(engine.model, prompt, Sampler(params, seed), 3, (),
+        tokens = tuple(t for t, _ in generate_ids(engine.model, prompt, Sampler(params, seed), 3, (),
                                                      engine.context_length, timings, draft_tokens=2))
         counts[tokens] += 1  # a continuation outside the 8 would be a KeyError
     distance = 0.5 * sum(abs(counts[s] / runs - exact[s]) for s in exact)
     assert distance < 0.1 and timings.drafted > 0
-    again = [[t for t, _ in speculative_ids(engine.model, prompt, Sampler(params, 7), 12, (), engine.context_length,
+    again = [[t for t, _ in generate_ids(engine.model, prompt, Sampler(params, 7), 12, (), engine.context_length,
                                             Timings(), draft_tokens=2)] for _ in range(2)]
     assert again[0] == again[1]
 

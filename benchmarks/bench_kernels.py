@@ -1,6 +1,7 @@
 """CPU kernels vs torch on this CPU: the numbers behind csrc/decode_kernels.c and quant_kernels.c (docs/kernels.md).
 
     python benchmarks/bench_kernels.py
+    python benchmarks/bench_kernels.py --few-rows      # PYTHONPATH=OTHER_CHECKOUT for its kernels
     python benchmarks/bench_kernels.py --prefill MODEL [--tokens 512] [--baseline CHECKOUT] [--rounds 3]
 
 Without --prefill: matrix-vector products over weights that do not fit in cache (each call reads a
@@ -170,6 +171,19 @@ def rows_table() -> None:
             print(f"{label:<28}{ours * 1e3:>12.2f}{theirs * 1e3:>18.2f}{rows * w.numel() / ours / 1e9:>15.1f}")
 
 
+def few_rows_table() -> None:
+    """A few rows through the demo model's bf16 matrices, in cache (a speculative verify pass's shape): each
+    row's chain of multiply-adds, not memory, sets the pace there. Best of 3."""
+    print(f"\n{'bf16 matrix':<16}" + "".join(f"{f'{rows} row(s) (us)':>16}" for rows in (1, 2, 4)))
+    for out_features, in_features in [(768, 256), (256, 256), (6144, 256)]:
+        w = (torch.randn(out_features, in_features) * in_features**-0.5).bfloat16()
+        times = []
+        for rows in (1, 2, 4):
+            x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+            times.append(min(seconds_per_call(lambda: cpu_kernels.linear_bf16(x, w), 2000) for _ in range(3)))
+        print(f"{str([out_features, in_features]):<16}" + "".join(f"{t * 1e6:>16.1f}" for t in times))
+
+
 DECODE_STEPS = 32
 
 
@@ -247,6 +261,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="chunks per subprocess")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--few-rows", action="store_true", help="only the few-rows bf16 table (runs in seconds)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -258,6 +273,9 @@ def main() -> None:
         raise SystemExit("the decode kernels could not be built here (no C compiler?)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with torch.inference_mode():
+        few_rows_table()
+        if args.few_rows:
+            return
         gemv_table()
         rows_table()
         moe_block_table()

@@ -2,13 +2,14 @@
 
     python benchmarks/bench_llamacpp.py                              # hidden-512 model, bf16 / 8-bit / 4-bit
     python benchmarks/bench_llamacpp.py --sizes bench,real --rounds 3
+    python benchmarks/bench_llamacpp.py --sizes demo --formats bf16 --prompt 16 --new 128   # the demo model
 
 llama.cpp is the copy vendored in the PyPI sdist of llama-cpp-python (pinned below, so both sides of
 a figure are reproducible from the package registries), built once with cmake for its tools only
 (llama-bench, llama-quantize: 4.5 minutes on 2 cores here) and cached in --workdir with the checkpoints.
 Per size (tests/checkpoints.py: "bench" is hidden 512, 8 layers, 64 experts top-8; "real" the real
-widths with 4 layers) it writes one random bf16 checkpoint with a 4000-token vocabulary, converts it
-with llama.cpp's own converter (the fixture tokenizer is Qwen2's byte-level BPE, whose pre-tokenizer
+widths with 4 layers) it writes one random bf16 checkpoint with a 4000-token vocabulary ("demo" takes
+the shipped demo model instead), converts it with llama.cpp's own converter (the fixture tokenizer is Qwen2's byte-level BPE, whose pre-tokenizer
 the converter's hash table does not know: it is named explicitly) to BF16, Q8_0 and Q4_0, and
 quantizes it with ours to 8 bits and to 4 bits twice: the default policy (attention, DeltaNet and
 shared experts at 8 bits) and every matrix at 4 bits (Q4_0's bytes per token). Then for --rounds
@@ -31,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp commit 0c1e570
 VOCAB = 4000
+DEMO = ROOT / "qwen3next" / "demo_model"  # --sizes demo: the shipped model itself (trained weights, vocabulary 6144)
 # ours: (label, quantize arguments or None for the bf16 folder itself); theirs: the GGUF type to compare with
 FORMATS = {
     "bf16": (None, "BF16"),
@@ -82,7 +84,7 @@ def checkpoints(work: Path, size: str, labels: list[str], source: Path,
     sys.path.insert(0, str(ROOT / "tests"))
     from checkpoints import write_model
 
-    folder = work / f"{size}-bf16"
+    folder = DEMO if size == "demo" else work / f"{size}-bf16"
     if not folder.exists():  # written under a temporary name, renamed when complete
         partial = work / f"{size}-bf16.partial"
         shutil.rmtree(partial, ignore_errors=True)
@@ -126,7 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/q3n-llamacpp"),
                         help="where llama.cpp is built and the checkpoints are written (outside the repository)")
-    parser.add_argument("--sizes", default="bench", help="tests/checkpoints.py sizes, comma-separated")
+    parser.add_argument("--sizes", default="bench",
+                        help="tests/checkpoints.py sizes, or demo (the shipped model), comma-separated")
     parser.add_argument("--formats", default=",".join(FORMATS), help="of: " + ", ".join(FORMATS))
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens (llama-bench -p)")
     parser.add_argument("--new", type=int, default=64, help="new tokens (llama-bench -n)")

@@ -1,10 +1,17 @@
-"""Where one decode step's time goes, per module kind: the numbers behind performance.md's breakdown.
+"""Where one decode step's time goes: per module kind, or C kernels against Python, layer kernels against modules.
 
     python benchmarks/decode_breakdown.py MODEL [--steps 32]
+    python benchmarks/decode_breakdown.py qwen3next/demo_model --kernels --steps 300 --rounds 3
 
-Wraps the forward of each MoE block, shared expert, attention and DeltaNet layer, the expert store's
-run and the lm_head projection with timers, prefills 64 tokens, then times --steps single-token steps
-(bf16, CPU). Nested modules are counted in their parents too (the MoE block includes its experts).
+Default: wraps the forward of each MoE block, shared expert, attention and DeltaNet layer, the expert
+store's run and the lm_head projection with timers, prefills 64 tokens, then times --steps single-token
+steps (bf16, CPU). Nested modules are counted in their parents too (the MoE block includes its experts).
+With the one-call layer kernels (csrc/layer_kernels.c) a layer's mixer no longer runs its module's
+forward, so this view shows the MoE blocks and lm_head only.
+
+--kernels: the step with the layer kernels against the module path they replace (DecoderLayer's
+kernel switched off), alternating for --rounds rounds, and for each the time spent inside the C
+library's calls (timed around each ctypes call) against the rest: Python, torch ops and dispatch.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import time
 import torch
 
 import qwen3next
+from qwen3next import cpu_kernels
+from qwen3next.model import DecoderLayer
 
 
 def timed(record: dict, name: str, fn):
@@ -40,12 +49,69 @@ def instrument(engine) -> dict[str, float]:
     return seconds
 
 
+class TimedLibrary:
+    """The kernel library with a timer around every call, summed into `seconds`."""
+
+    def __init__(self, library, seconds: list[float]):
+        self.library, self.seconds = library, seconds
+
+    def __getattr__(self, name: str):
+        function = getattr(self.library, name)
+
+        def timed_call(*args):
+            start = time.perf_counter()
+            result = function(*args)
+            self.seconds[0] += time.perf_counter() - start
+            return result
+        return timed_call
+
+
+def step_seconds(model, steps: int, in_c: list[float] | None = None) -> float:
+    """Seconds per one-token step after a 64-token prefill (in_c, a TimedLibrary's counter, restarts there)."""
+    cache = model.make_cache()
+    with torch.inference_mode():
+        model(torch.tensor([list(range(100, 164))]), cache, last_only=True)
+        if in_c is not None:
+            in_c[0] = 0.0
+        start = time.perf_counter()
+        for step in range(steps):
+            model(torch.tensor([[5 + step]]), cache, last_only=True)
+    return (time.perf_counter() - start) / steps
+
+
+def compare_paths(engine, steps: int, rounds: int) -> None:
+    """Layer kernels against the module path, alternating; each also with its C time counted."""
+    library, kernel_switch = cpu_kernels.library(), DecoderLayer._mixer_step
+    if library is None:
+        raise SystemExit("--kernels: the C kernels are not loaded here")
+    paths = {"layer kernels": kernel_switch, "module path": lambda self, x, cache, as_steps: None}
+    print(f"{'path':<14} {'ms/step':>8} {'tok/s':>7} | {'in C':>7} {'the rest':>8} (ms/step, a timed run)")
+    for _ in range(rounds):
+        for name, switch in paths.items():
+            DecoderLayer._mixer_step = switch
+            plain = step_seconds(engine.model, steps)
+            in_c = [0.0]
+            cpu_kernels._lib = TimedLibrary(library, in_c)
+            try:
+                timed = step_seconds(engine.model, steps, in_c)
+            finally:
+                cpu_kernels._lib = library
+            c = in_c[0] / steps
+            print(f"{name:<14} {plain * 1e3:8.3f} {1 / plain:7.0f} | {c * 1e3:7.3f} {(timed - c) * 1e3:8.3f}")
+    DecoderLayer._mixer_step = kernel_switch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--kernels", action="store_true", help="layer kernels against the module path")
+    parser.add_argument("--rounds", type=int, default=3, help="with --kernels: alternating rounds")
     args = parser.parse_args()
     engine = qwen3next.load(args.model)
+    if args.kernels:
+        compare_paths(engine, args.steps, args.rounds)
+        return
     model, seconds = engine.model, instrument(engine)
     cache = model.make_cache()
     with torch.no_grad():

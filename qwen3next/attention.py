@@ -15,7 +15,7 @@ from torch import nn
 from . import cpu_kernels
 from .cache import KVCache
 from .config import Qwen3NextConfig
-from .layers import Linear, ZeroCenteredRMSNorm, apply_partial_rotary
+from .layers import Linear, ZeroCenteredRMSNorm, apply_partial_rotary, kernel_matrix
 
 
 class GatedAttention(nn.Module):
@@ -64,6 +64,28 @@ class GatedAttention(nn.Module):
             )
         out = out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         return self.o_proj(out * torch.sigmoid(gate.reshape(B, T, -1)))
+
+    def layer_kernel(self, norms: cpu_kernels.LayerNorms, norm_tensors: list[torch.Tensor], rotary_dim: int):
+        """The decoder layer's norm, this mixer and the residual as one kernel call (csrc/layer_kernels.c), as
+        GatedDeltaNet.layer_kernel: step(x, cos_sin, kv, keep) and the LayerKernel, or None."""
+        matrices = [kernel_matrix(m) for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)]
+        vectors = [self.q_norm.weight, self.k_norm.weight]
+        if None in matrices or rotary_dim % 2 or rotary_dim > self.head_dim or any(
+                v.dtype != torch.bfloat16 or v.device.type != "cpu" for v in vectors):
+            return None
+        struct = cpu_kernels.AttentionLayer(norms, *(m for m, _ in matrices), *(v.data_ptr() for v in vectors),
+                                            self.heads, self.kv_heads, self.head_dim, rotary_dim, self.head_dim**-0.5)
+        kernel = cpu_kernels.LayerKernel(struct, norm_tensors + vectors + [a for _, arrays in matrices for a in arrays])
+        key_shape = torch.empty(1, self.kv_heads, 0, self.head_dim, dtype=torch.bfloat16)  # what the cache holds
+
+        def step(x: torch.Tensor, cos_sin, kv: KVCache, keep: bool):
+            past, T = kv.length, x.shape[1]
+            kv.reserve(key_shape, T)
+            cos, sin = (table.contiguous() for table in cos_sin)
+            out = cpu_kernels.attention_layer_bf16(kernel, x, cos, sin, kv.keys, kv.values, past)
+            kv.length = past + T
+            return out
+        return step, kernel
 
     def _attend_one(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """One query per head over all cached keys: plain matmuls, several times faster than SDPA at decode.

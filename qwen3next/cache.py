@@ -31,18 +31,24 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add new positions; return views of all cached keys and values."""
         new_length = self.length + k.shape[2]
-        if self.keys is None or new_length > self.keys.shape[2]:
-            capacity = 0 if self.keys is None else self.keys.shape[2]
-            wanted = max(2 * capacity, _KV_MIN_CAPACITY)
-            self._grow(k, v, max(new_length, wanted if self.limit is None else min(wanted, self.limit)))
+        self.reserve(k, k.shape[2])
         self.keys[:, :, self.length : new_length] = k
         self.values[:, :, self.length : new_length] = v
         self.length = new_length
         return self.keys[:, :, :new_length], self.values[:, :, :new_length]
 
-    def _grow(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
-        keys = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-        values = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+    def reserve(self, like: torch.Tensor, count: int) -> None:
+        """Room for `count` more positions of keys shaped like `like` [B, kv_heads, *, head_dim] (a layer kernel
+        writes them into the buffers itself, then advances `length`)."""
+        new_length = self.length + count
+        if self.keys is None or new_length > self.keys.shape[2]:
+            capacity = 0 if self.keys is None else self.keys.shape[2]
+            wanted = max(2 * capacity, _KV_MIN_CAPACITY)
+            self._grow(like, max(new_length, wanted if self.limit is None else min(wanted, self.limit)))
+
+    def _grow(self, like: torch.Tensor, capacity: int) -> None:
+        keys = like.new_empty(*like.shape[:2], capacity, like.shape[3])
+        values = like.new_empty(*like.shape[:2], capacity, like.shape[3])
         if self.keys is not None:
             keys[:, :, : self.length] = self.keys[:, :, : self.length]
             values[:, :, : self.length] = self.values[:, :, : self.length]

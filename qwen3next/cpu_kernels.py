@@ -33,7 +33,8 @@ import torch
 from .model_path import user_cache
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "decode_kernels.c", CSRC / "quant_kernels.c", CSRC / "build_info.c")  # all include common.h
+SOURCES = tuple(CSRC / name for name in ("decode_kernels.c", "quant_kernels.c", "layer_kernels.c",
+                                          "build_info.c"))  # all include common.h
 NO_KERNELS = "QWEN3NEXT_NO_KERNELS"
 EXTRA_CFLAGS = "QWEN3NEXT_KERNEL_CFLAGS"
 SLOWER = "running the torch fallback, decode is several times slower"
@@ -222,6 +223,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q3n_attend_one_bf16.restype = None
     lib.q3n_gated_delta_bf16.argtypes = [p] * 11 + [i64] * 6 + [ctypes.c_float, c_int]
     lib.q3n_gated_delta_bf16.restype = None
+    lib.q3n_deltanet_layer_bf16.argtypes = [ctypes.POINTER(DeltaNetLayer), p, p, p, i64, p, p, p, p, c_int]
+    lib.q3n_deltanet_layer_bf16.restype = None
+    lib.q3n_attention_layer_bf16.argtypes = [ctypes.POINTER(AttentionLayer), p, p, p, i64, p, p, p, p, i64, i64, c_int]
+    lib.q3n_attention_layer_bf16.restype = None
     lib.q3n_integer_tiles.restype = c_int
     lib.q3n_isa.restype = ctypes.c_char_p
     lib.q3n_openmp.restype = c_int
@@ -478,7 +483,82 @@ def gated_delta_bf16(qkvz, ba, conv_weight, conv_state, A_log, dt_bias, norm_wei
     )
 
 
+class Matrix(ctypes.Structure):
+    """csrc's q3n_matrix: one weight matrix of a layer kernel, bf16 (bits 16) or 8/4-bit (quant/int8.py, int4.py)."""
+
+    _fields_ = [("bits", ctypes.c_int64), ("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("minimum", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
+                ("group", ctypes.c_int64)]
+
+
+class LayerNorms(ctypes.Structure):
+    """csrc's q3n_layer_norms: a decoder layer's zero-centered norms before and after its mixer."""
+
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("hidden", ctypes.c_int64),
+                ("eps", ctypes.c_float)]
+
+
+class DeltaNetLayer(ctypes.Structure):
+    """csrc's q3n_deltanet_layer: what q3n_deltanet_layer_bf16 reads of a Gated DeltaNet layer."""
+
+    _fields_ = [("norms", LayerNorms), ("qkvz", Matrix), ("ba", Matrix), ("out", Matrix),
+                *((name, ctypes.c_void_p) for name in ("conv_weight", "A_log", "dt_bias", "norm_weight")),
+                *((name, ctypes.c_int64) for name in ("k_heads", "v_heads", "dk", "dv", "kernel"))]
+
+
+class AttentionLayer(ctypes.Structure):
+    """csrc's q3n_attention_layer: what q3n_attention_layer_bf16 reads of a gated attention layer."""
+
+    _fields_ = [("norms", LayerNorms), ("q", Matrix), ("k", Matrix), ("v", Matrix), ("o", Matrix),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
+                *((name, ctypes.c_int64) for name in ("heads", "kv_heads", "head_dim", "rotary_dim")),
+                ("scale", ctypes.c_float)]
+
+
+class LayerKernel:
+    """A layer's kernel struct with the tensors it points into, kept alive here; `valid()` says whether they
+    still sit where the struct points (a `.data` swap or in-place reallocation moves them; `Module.to()` and
+    friends drop the whole object, model.DecoderLayer._apply)."""
+
+    def __init__(self, struct: ctypes.Structure, tensors: list[torch.Tensor]):
+        self.struct, self.pointer = struct, ctypes.byref(struct)
+        self.tensors = tensors
+        self.addresses = [t.data_ptr() for t in tensors]
+
+    def valid(self) -> bool:
+        return all(t.data_ptr() == a for t, a in zip(self.tensors, self.addresses))
+
+
+def deltanet_layer_bf16(kernel: LayerKernel, x: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor,
+                        kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens x [1, T, hidden] (T <= MAX_ROWS) through a decoder layer's norm, Gated DeltaNet mixer and residual
+    add (csrc/layer_kernels.c); returns (the residual stream after the mixer, its post-attention norm). The
+    states update in place; kept as gated_delta_bf16 takes it."""
+    x = x.contiguous()
+    out, normed = torch.empty_like(x), torch.empty_like(x)
+    kept_state, kept_conv = (None, None) if kept is None else (kept[0].data_ptr(), kept[1].data_ptr())
+    _lib.q3n_deltanet_layer_bf16(kernel.pointer, x.data_ptr(), out.data_ptr(), normed.data_ptr(), x.shape[1],
+                                 conv_state.data_ptr(), state.data_ptr(), kept_state, kept_conv, torch.get_num_threads())
+    return out, normed
+
+
+def attention_layer_bf16(kernel: LayerKernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         keys: torch.Tensor, values: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens x [1, T, hidden] (T <= MAX_ROWS) at positions past.. through a decoder layer's norm, gated attention
+    and residual add, each query over the positions up to its own; their keys and values are written into
+    keys/values [1, kv_heads, capacity, head_dim] at past... cos, sin: [T, rotary_dim]. Returns as
+    deltanet_layer_bf16."""
+    x = x.contiguous()
+    out, normed = torch.empty_like(x), torch.empty_like(x)
+    _lib.q3n_attention_layer_bf16(kernel.pointer, x.data_ptr(), out.data_ptr(), normed.data_ptr(), x.shape[1],
+                                  cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), past,
+                                  keys.shape[2], torch.get_num_threads())
+    return out, normed
+
+
 # The structs the ctypes layer mirrors, by their C names: each is checked against q3n_sizeof_<name> at load.
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "q3n_moe_weights": MoeWeights, "q3n_projection": Projection, "q3n_expert_layout": ExpertLayout,
+    "q3n_matrix": Matrix, "q3n_layer_norms": LayerNorms, "q3n_deltanet_layer": DeltaNetLayer,
+    "q3n_attention_layer": AttentionLayer,
 }

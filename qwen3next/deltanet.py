@@ -16,7 +16,7 @@ from . import cpu_kernels
 from .cache import DeltaNetState
 from .config import Qwen3NextConfig
 from .gated_delta import gated_delta_rule, l2_normalize
-from .layers import GatedRMSNorm, Linear
+from .layers import GatedRMSNorm, Linear, kernel_matrix
 
 
 class GatedDeltaNet(nn.Module):
@@ -46,24 +46,53 @@ class GatedDeltaNet(nn.Module):
         """bf16 on the CPU: conv, delta rule (sequential form) and gated norm in one kernel call; each token's
         output is the bits of a one-token call. keep: the kernel also writes the states after every token but
         the last into `state.kept` (a speculative verify pass rolls back to them)."""
-        if state.conv is None:  # a sequence starts: zero history (the kernel updates both states in place)
-            state.conv = x.new_zeros(1, self.conv_channels, self.kernel - 1)
-            state.recurrent = x.new_zeros(1, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32)
-        T = x.shape[1]
-        out = x.new_empty(1, T, self.v_heads * self.v_dim)
-        kept = None
-        if keep and T > 1:
-            kept = (state.recurrent.new_empty(T - 1, *state.recurrent.shape[1:]),
-                    state.conv.new_empty(T - 1, *state.conv.shape[1:]))
+        kept = self._kernel_states(x, state, keep)
+        out = x.new_empty(1, x.shape[1], self.v_heads * self.v_dim)
         cpu_kernels.gated_delta_bf16(
             self.in_proj_qkvz(x), self.in_proj_ba(x), self.conv1d.weight, state.conv, self.A_log, self.dt_bias,
             self.norm.weight, state.recurrent, out, self.k_heads, self.v_heads, self.k_dim, self.v_dim, self.norm.eps,
             kept,
         )
+        self._keep(state, kept, keep)
+        return self.out_proj(out)
+
+    def _kernel_states(self, x: torch.Tensor, state: DeltaNetState, keep: bool):
+        """Make `state` ready for a kernel that updates it in place (zero history when a sequence starts); with
+        keep, return the buffers the kernel writes the states after each of x's tokens but the last into."""
+        if state.conv is None:
+            state.conv = x.new_zeros(1, self.conv_channels, self.kernel - 1)
+            state.recurrent = x.new_zeros(1, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32)
+        T = x.shape[1]
+        if not keep or T == 1:
+            return None
+        return (state.recurrent.new_empty(T - 1, *state.recurrent.shape[1:]),
+                state.conv.new_empty(T - 1, *state.conv.shape[1:]))
+
+    @staticmethod
+    def _keep(state: DeltaNetState, kept, keep: bool) -> None:
         if keep:
             state.kept = [] if kept is None else [DeltaNetState(conv, recurrent) for recurrent, conv
                                                   in zip(kept[0].split(1), kept[1].split(1))]
-        return self.out_proj(out)
+
+    def layer_kernel(self, norms: cpu_kernels.LayerNorms, norm_tensors: list[torch.Tensor]):
+        """The decoder layer's norm, this mixer and the residual as one kernel call (csrc/layer_kernels.c):
+        returns step(x, cos_sin, state, keep) -> (residual stream, its post-attention norm) and the
+        cpu_kernels.LayerKernel it calls, or None where a weight is in a format the kernel does not read."""
+        matrices = [kernel_matrix(m) for m in (self.in_proj_qkvz, self.in_proj_ba, self.out_proj)]
+        vectors = [self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight]
+        if None in matrices or self.kernel > cpu_kernels.MAX_CONV_KERNEL or any(
+                v.dtype != torch.bfloat16 or v.device.type != "cpu" or not v.is_contiguous() for v in vectors):
+            return None
+        struct = cpu_kernels.DeltaNetLayer(norms, *(m for m, _ in matrices), *(v.data_ptr() for v in vectors),
+                                           self.k_heads, self.v_heads, self.k_dim, self.v_dim, self.kernel)
+        kernel = cpu_kernels.LayerKernel(struct, norm_tensors + vectors + [a for _, arrays in matrices for a in arrays])
+
+        def step(x: torch.Tensor, cos_sin, state: DeltaNetState, keep: bool):
+            kept = self._kernel_states(x, state, keep)
+            out = cpu_kernels.deltanet_layer_bf16(kernel, x, state.conv, state.recurrent, kept)
+            self._keep(state, kept, keep)
+            return out
+        return step, kernel
 
     def _project(self, x: torch.Tensor):
         """Split the fused projections, which the checkpoint groups by key head.

@@ -94,6 +94,25 @@ class Linear(nn.Linear):
         return linear(x, self.weight, fp32_out)
 
 
+def kernel_matrix(module: nn.Module) -> tuple[cpu_kernels.Matrix, list[torch.Tensor]] | None:
+    """A linear layer's weights as the layer kernels (csrc/layer_kernels.c) read them, with the tensors they
+    live in: a bf16 `Linear` or an 8/4-bit quantized one (quant/modules.py: `bits` and `arrays`), contiguous on
+    the CPU. None for anything else (fp32, another device), which then runs through the modules."""
+    if isinstance(module, Linear):
+        arrays, bits, group = [module.weight], 16, 0
+        if module.weight.dtype != torch.bfloat16:
+            return None
+    elif getattr(module, "bits", None) in (4, 8):
+        arrays, bits = module.arrays, module.bits
+        group = module.in_features // arrays[1].shape[1] if bits == 4 else 0
+    else:
+        return None
+    if any(a.device.type != "cpu" or not a.is_contiguous() for a in arrays):
+        return None
+    pointers = [a.data_ptr() for a in arrays] + [None] * (3 - len(arrays))
+    return cpu_kernels.Matrix(bits, *pointers, module.out_features, module.in_features, group), arrays
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): the shared expert (and dense MLP layers, if a config has any)."""
 
@@ -129,13 +148,25 @@ class SwiGLU(nn.Module):
 class PartialRotary:
     """Cos/sin tables for RoPE on the first `rotary_dim` dims of each head; the rest pass through.
 
-    Frequencies are computed per call on the positions' device (a handful of tiny ops per
-    forward) so the model can be built on the meta device without buffers to repair.
+    `cos_sin` computes them for any positions on their device, so the model can be built on the
+    meta device without buffers to repair. `cos_sin_range`, for the consecutive positions of a
+    forward, slices a table of the first positions kept per device and dtype (grown by doubling):
+    computing even one position's table is a handful of tiny ops, a noticeable part of a small
+    model's decode step. Every element is computed alone, so a slice holds the same bits.
     """
 
     def __init__(self, rotary_dim: int, theta: float):
         self.rotary_dim = rotary_dim
         self.theta = theta
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin_range(self, start: int, count: int, device: torch.device, dtype: torch.dtype):
+        """cos_sin for positions start .. start + count - 1."""
+        table = self._tables.get((device, dtype))
+        if table is None or table[0].shape[0] < start + count:
+            size = max(256, start + count, 0 if table is None else 2 * table[0].shape[0])
+            table = self._tables[(device, dtype)] = self.cos_sin(torch.arange(size, device=device), dtype)
+        return table[0][start : start + count], table[1][start : start + count]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables [T, rotary_dim] for integer positions [T], in the activation dtype."""

@@ -33,12 +33,18 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(config, layer) if moe else SwiGLU(config.hidden_size, config.intermediate_size)
         self.input_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_dim = config.rotary_dim
+        self._layer_kernel = None  # (step, cpu_kernels.LayerKernel), False where none applies, None before building
 
     def make_cache(self, max_length: int | None = None) -> KVCache | DeltaNetState:
         return KVCache(max_length) if self.layer_type == FULL_ATTENTION else DeltaNetState()
 
     def forward(self, x: torch.Tensor, cos_sin, cache, as_steps: bool = False) -> torch.Tensor:
         """as_steps: compute each position as a one-token decode step would (Qwen3NextForCausalLM.decode_steps)."""
+        step = self._mixer_step(x, cache, as_steps)
+        if step is not None:  # norm, mixer, residual and the second norm in one kernel call
+            x, h = step(x, cos_sin, cache, as_steps)
+            return x + self.mlp(h, as_steps)
         h = self.input_layernorm(x)
         if self.layer_type == FULL_ATTENTION:
             h = self.self_attn(h, cos_sin, cache, as_steps)
@@ -46,6 +52,31 @@ class DecoderLayer(nn.Module):
             h = self.linear_attn(h, cache, as_steps)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x), as_steps)
+
+    def _mixer_step(self, x: torch.Tensor, cache, as_steps: bool):
+        """The one-call layer kernel's step where it applies: bf16 CPU kernels, one sequence with a cache, a
+        decode step or a verify pass of up to MAX_ROWS positions. Built once (a decode step is mostly per-call
+        overhead on small models: docs/performance.md), rebuilt if a weight moved."""
+        if cache is None or x.shape[0] != 1 or not (x.shape[1] == 1 or as_steps) or not cpu_kernels.usable(x) \
+                or x.shape[1] > cpu_kernels.MAX_ROWS:
+            return None
+        built = self._layer_kernel
+        if built is None or (built and not built[1].valid()):
+            built = self._layer_kernel = self._build_layer_kernel() or False
+        return built[0] if built else None
+
+    def _build_layer_kernel(self):
+        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
+        if any(n.dtype != torch.bfloat16 or n.device.type != "cpu" for n in norms):
+            return None
+        struct = cpu_kernels.LayerNorms(*(n.data_ptr() for n in norms), norms[0].shape[0], self.input_layernorm.eps)
+        if self.layer_type == FULL_ATTENTION:
+            return self.self_attn.layer_kernel(struct, list(norms), self.rotary_dim)
+        return self.linear_attn.layer_kernel(struct, list(norms))
+
+    def _apply(self, fn, *args, **kwargs):
+        self._layer_kernel = None  # it points into the tensors this replaces
+        return super()._apply(fn, *args, **kwargs)
 
 
 class Backbone(nn.Module):
@@ -123,8 +154,7 @@ class Qwen3NextForCausalLM(nn.Module):
         start = 0 if cache is None else cache.position
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(start, start + T, device=input_ids.device)
-        cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        cos_sin = self.rotary.cos_sin_range(start, T, input_ids.device, x.dtype)
         layer_caches = [None] * len(self.model.layers) if cache is None else cache.layers
         for layer, layer_cache in zip(self.model.layers, layer_caches):
             x = layer(x, cos_sin, layer_cache)
@@ -144,10 +174,9 @@ class Qwen3NextForCausalLM(nn.Module):
         each position runs through its own one-token calls, layer by layer."""
         start, T = cache.position, input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-        tables = [self.rotary.cos_sin(torch.arange(p, p + 1, device=input_ids.device), x.dtype)
-                  for p in range(start, start + T)]  # per position, as a step computes them
+        tables = [self.rotary.cos_sin_range(p, 1, input_ids.device, x.dtype) for p in range(start, start + T)]
         if self.rows_stand_alone(x):
-            cos_sin = tuple(torch.cat(parts) for parts in zip(*tables))
+            cos_sin = self.rotary.cos_sin_range(start, T, input_ids.device, x.dtype)
             states: list[list] = [[] for _ in range(T)]
             for layer, layer_cache in zip(self.model.layers, cache.layers):
                 x = layer(x, cos_sin, layer_cache, as_steps=True)

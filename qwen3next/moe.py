@@ -165,6 +165,7 @@ class SparseMoE(nn.Module):
         self.store: ExpertStore | None = None
         self.last_routing: Routing | None = None  # kept for router statistics and the training loss
         self.observer: RoutingObserver | None = None
+        self._fused = None  # (the store it was built for, cpu_kernels.LayerKernel or None): _fused_weights
 
     def route(self, x: torch.Tensor) -> Routing:
         """Softmax over all experts in fp32, top-k, renormalised when norm_topk_prob.
@@ -189,11 +190,11 @@ class SparseMoE(nn.Module):
         observer = self.observer
         if observer is not None:
             observer.before_routing(self.layer, x)
-        table = self.fused_decode_table(x) if x.shape[0] == 1 or as_steps else None
-        if table is not None and (x.shape[0] == 1 or self.store.all_resident):
-            out, _ = self._fused_decode(x, table)
-        elif table is not None:  # experts acquired token by token
-            outs, routings = zip(*(self._fused_decode(row, table) for row in x.split(1)))
+        weights = self._fused_weights(x) if x.shape[0] == 1 or as_steps else None
+        if weights is not None and (x.shape[0] == 1 or self.store.all_resident):
+            out, _ = self._fused_decode(x, weights)
+        elif weights is not None:  # experts acquired token by token
+            outs, routings = zip(*(self._fused_decode(row, weights) for row in x.split(1)))
             out, self.last_routing = torch.cat(outs), Routing.concat(routings)
         else:
             routing = self.route(x)
@@ -204,11 +205,10 @@ class SparseMoE(nn.Module):
             observer.routed(self.layer, self.last_routing.ids)
         return out.view(shape)
 
-    def _fused_decode(self, x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def _fused_decode(self, x: torch.Tensor, kernel_weights: "cpu_kernels.MoeWeights") -> tuple[torch.Tensor, Routing]:
         """Tokens (one, or up to MAX_ROWS when all experts are resident) through router, routed experts and
         shared expert in one CPU kernel call; with experts not all resident, one token through the same
         kernel's two halves around acquiring the chosen experts (same bits). Sets and returns the routing."""
-        kernel_weights = self._cached_kernel_weights(table)
         if self.store.all_resident:
             out, ids, weights, logits = cpu_kernels.moe_block_bf16(x, kernel_weights)
         else:
@@ -221,27 +221,28 @@ class SparseMoE(nn.Module):
         self.last_routing = Routing(ids, weights, logits)
         return out, self.last_routing
 
-    def fused_decode_table(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The store's expert address table when this block can run as one CPU kernel call per token of x,
-        else None."""
+    def _fused_weights(self, x: torch.Tensor) -> "cpu_kernels.MoeWeights | None":
+        """The fused kernel's view of this block when it can run x one kernel call per token: bf16 CPU
+        activations, a store with an expert address table, bf16 router and shared expert. Built once per store
+        (building costs ~10 µs, a noticeable part of a small model's step), rebuilt when a weight moved."""
         if not cpu_kernels.usable(x):
             return None
+        built = self._fused
+        if built is None or built[0] is not self.store or (built[1] and not built[1].valid()):
+            built = self._fused = (self.store, self._build_fused())
+        return built[1].struct if built[1] else None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fused = None  # it points into the tensors this replaces
+        return super()._apply(fn, *args, **kwargs)
+
+    def _build_fused(self) -> "cpu_kernels.LayerKernel | None":
         table = self.store.address_table(self.layer)
         shared = self.shared_expert
         linears = (self.gate, self.shared_expert_gate, shared.gate_proj, shared.up_proj, shared.down_proj)
         if table is None or not all(isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 for m in linears):
             return None  # the kernel reads bf16 router and shared-expert weights
-        return table
-
-    def _cached_kernel_weights(self, table: torch.Tensor) -> "cpu_kernels.MoeWeights":
-        """kernel_weights, rebuilt only when a weight moved (building it costs ~10 µs a layer and step)."""
-        shared = self.shared_expert
-        key = tuple(t.data_ptr() for t in (table, self.gate.weight, self.shared_expert_gate.weight,
-                                           shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight))
-        cached = getattr(self, "_kernel_weights", None)
-        if cached is None or cached[0] != key:
-            cached = self._kernel_weights = (key, self.kernel_weights(table))
-        return cached[1]
+        return cpu_kernels.LayerKernel(self.kernel_weights(table), [table] + [m.weight for m in linears])
 
     def kernel_weights(self, table: torch.Tensor) -> "cpu_kernels.MoeWeights":
         shared = self.shared_expert

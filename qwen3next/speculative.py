@@ -95,7 +95,7 @@ class Drafter:
 
         A few positions on the CPU kernels take them row by row (faster than the prefill paths at that size)."""
         device = hidden.device
-        cos_sin = self.model.rotary.cos_sin(torch.arange(start, start + hidden.shape[1], device=device), hidden.dtype)
+        cos_sin = self.model.rotary.cos_sin_range(start, hidden.shape[1], device, hidden.dtype)
         embeds = self.model.model.embed_tokens(torch.tensor([list(next_tokens)], device=device))
         few = cpu_kernels.usable(hidden) and hidden.shape[1] <= cpu_kernels.MAX_ROWS
         return self.model.mtp(hidden, embeds, cos_sin, self.caches, as_steps=few)[:, -1:]

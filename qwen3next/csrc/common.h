@@ -91,4 +91,21 @@ static inline float f16_to_f32(uint16_t h) {
 }
 #endif
 
+/* The per-op kernels (decode_kernels.c, quant_kernels.c) that layer_kernels.c chains into whole layer steps. */
+void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in,
+                     int f32_out, int threads);
+void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, void *y, int64_t rows_x, int64_t out,
+                   int64_t in, int f32_out, int threads);
+void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t *minimum, int64_t group,
+                   const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in, int f32_out, int threads);
+void q3n_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t dim, float eps,
+                       float offset);
+void q3n_attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t kv_heads,
+                         int64_t group, int64_t length, int64_t dim, int64_t head_stride, float scale, int threads);
+void q3n_gated_delta_bf16(const uint16_t *qkvz, const uint16_t *ba, const uint16_t *conv_weight,
+                          uint16_t *conv_state, const uint16_t *A_log, const uint16_t *dt_bias,
+                          const uint16_t *norm_weight, float *state, uint16_t *out, float *kept_state,
+                          uint16_t *kept_conv, int64_t tokens, int64_t k_heads,
+                          int64_t v_heads, int64_t dk, int64_t dv, int64_t kernel, float eps, int threads);
+
 #endif

@@ -1,0 +1,147 @@
+/* A decoder layer's token mixer as one call: input norm, the attention or Gated DeltaNet mixer, the
+ * residual add and the post-attention norm, for a decode step (or a speculative verify pass of up to
+ * Q3N_MAX_ROWS tokens, each computed as its own step would compute it).
+ *
+ * Why: on small models a decode step is dominated by per-op dispatch. The torch-module path of one
+ * layer makes about ten kernel calls, each wrapped in Python checks and a tensor allocation; this
+ * chains the same per-op kernels (common.h's prototypes) from C, with the same roundings to bf16 in
+ * the same places, so the results are the module path's bits except where it calls torch for an
+ * elementwise op (the attention gate's sigmoid uses libm's expf, torch SLEEF's: they may differ in the
+ * last fp32 bit, which the bf16 rounding after it almost always hides). The MoE half of the layer stays
+ * with the MoE block (moe.py), which knows where experts live.
+ *
+ * Matrices may be bf16 or the 8/4-bit formats (quant/int8.py, quant/int4.py); every kernel used here
+ * computes each token's row alone, so a token's bits do not depend on how many share the call. */
+#include "common.h"
+
+/* One weight matrix [rows, cols] in whichever format the checkpoint stores it. */
+typedef struct {
+    int64_t bits;                 /* 16: bf16 weights; 8: int8 codes + fp32 row scales; 4: packed int4 + bf16 groups */
+    const void *codes;            /* the weights, or the codes */
+    const void *scale, *minimum;  /* unused for bf16; minimum only for 4-bit */
+    int64_t rows, cols, group;    /* group: columns per 4-bit scale */
+} q3n_matrix;
+Q3N_EXPORT_SIZEOF(q3n_matrix)
+
+/* What every decoder layer has around its mixer: zero-centered RMSNorms before and after it. */
+typedef struct {
+    const uint16_t *input_norm, *post_norm; /* [hidden] */
+    int64_t hidden;
+    float eps;
+} q3n_layer_norms;
+Q3N_EXPORT_SIZEOF(q3n_layer_norms)
+
+typedef struct {
+    q3n_layer_norms norms;
+    q3n_matrix qkvz, ba, out;
+    const uint16_t *conv_weight, *A_log, *dt_bias, *norm_weight;
+    int64_t k_heads, v_heads, dk, dv, kernel;
+} q3n_deltanet_layer;
+Q3N_EXPORT_SIZEOF(q3n_deltanet_layer)
+
+typedef struct {
+    q3n_layer_norms norms;
+    q3n_matrix q, k, v, o; /* q emits [query_h | gate_h] per head */
+    const uint16_t *q_norm, *k_norm; /* [head_dim], zero-centered */
+    int64_t heads, kv_heads, head_dim, rotary_dim;
+    float scale; /* head_dim^-1/2, as Python rounds it */
+} q3n_attention_layer;
+Q3N_EXPORT_SIZEOF(q3n_attention_layer)
+
+/* y [tokens, m->rows] (bf16) = x [tokens, m->cols] @ W.T */
+static void project(const q3n_matrix *m, const uint16_t *x, uint16_t *y, int64_t tokens, int threads) {
+    if (m->bits == 16) q3n_linear_bf16(m->codes, x, y, tokens, m->rows, m->cols, 0, threads);
+    else if (m->bits == 8) q3n_linear_q8(m->codes, m->scale, x, y, tokens, m->rows, m->cols, 0, threads);
+    else q3n_linear_q4(m->codes, m->scale, m->minimum, m->group, x, y, tokens, m->rows, m->cols, 0, threads);
+}
+
+/* out = x + mixed (bf16, rounded as torch's bf16 add), then normed = post_norm(out). */
+static void residual_and_norm(const q3n_layer_norms *n, const uint16_t *x, const uint16_t *mixed, uint16_t *out,
+                              uint16_t *normed, int64_t tokens) {
+    for (int64_t i = 0; i < tokens * n->hidden; i++) out[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(mixed[i]));
+    q3n_rms_norm_bf16(out, n->post_norm, normed, tokens, n->hidden, n->eps, 1.0f);
+}
+
+/* Gated DeltaNet mixer for `tokens` consecutive tokens: x [tokens, hidden] is the residual stream, out receives
+ * it after the mixer and normed its post-attention norm. conv_state, state, kept_state and kept_conv as
+ * q3n_gated_delta_bf16 takes them. */
+void q3n_deltanet_layer_bf16(const q3n_deltanet_layer *L, const uint16_t *x, uint16_t *out, uint16_t *normed,
+                             int64_t tokens,
+                             uint16_t *conv_state, float *state, float *kept_state, uint16_t *kept_conv, int threads) {
+    const int64_t hidden = L->norms.hidden, values = L->v_heads * L->dv;
+    uint16_t *h = malloc(sizeof(uint16_t) * (size_t)(tokens * (2 * hidden + L->qkvz.rows + L->ba.rows + values)));
+    uint16_t *qkvz = h + tokens * hidden, *ba = qkvz + tokens * L->qkvz.rows, *core = ba + tokens * L->ba.rows;
+    uint16_t *mixed = core + tokens * values;
+    q3n_rms_norm_bf16(x, L->norms.input_norm, h, tokens, hidden, L->norms.eps, 1.0f);
+    project(&L->qkvz, h, qkvz, tokens, threads);
+    project(&L->ba, h, ba, tokens, threads);
+    q3n_gated_delta_bf16(qkvz, ba, L->conv_weight, conv_state, L->A_log, L->dt_bias, L->norm_weight, state, core,
+                         kept_state, kept_conv, tokens, L->k_heads, L->v_heads, L->dk, L->dv, L->kernel, L->norms.eps,
+                         threads);
+    project(&L->out, core, mixed, tokens, threads);
+    residual_and_norm(&L->norms, x, mixed, out, normed, tokens);
+    free(h);
+}
+
+/* Rotate-half RoPE on the first rotary_dim of a head's dims, in place, rounded as torch's bf16 ops are:
+ * each product, then their sum. */
+static void rotate(uint16_t *head, const uint16_t *cos, const uint16_t *sin, int64_t rotary_dim) {
+    const int64_t half = rotary_dim / 2;
+    float rotated[rotary_dim];
+    for (int64_t i = 0; i < rotary_dim; i++) {
+        const float partner = bf16_to_f32(head[i < half ? i + half : i - half]);
+        const float turned = round_bf16((i < half ? -partner : partner) * bf16_to_f32(sin[i]));
+        rotated[i] = round_bf16(bf16_to_f32(head[i]) * bf16_to_f32(cos[i])) + turned;
+    }
+    for (int64_t i = 0; i < rotary_dim; i++) head[i] = f32_to_bf16(rotated[i]);
+}
+
+/* Gated attention mixer for `tokens` consecutive tokens at positions past, past + 1, ...: each token's key and
+ * value are written into the cache (keys, values: [kv_heads, capacity, head_dim]) and its query attends
+ * over the positions up to its own, as a one-token step would. cos, sin: [tokens, rotary_dim]; x, out and
+ * normed as q3n_deltanet_layer_bf16 has them. */
+void q3n_attention_layer_bf16(const q3n_attention_layer *L, const uint16_t *x, uint16_t *out, uint16_t *normed,
+                              int64_t tokens,
+                              const uint16_t *cos, const uint16_t *sin, uint16_t *keys, uint16_t *values,
+                              int64_t past, int64_t capacity, int threads) {
+    const int64_t hidden = L->norms.hidden, heads = L->heads, kv_heads = L->kv_heads, dim = L->head_dim;
+    const int64_t inner = heads * dim, kv = kv_heads * dim;
+    uint16_t *h = malloc(sizeof(uint16_t) * (size_t)(tokens * (2 * hidden + 2 * inner + 3 * kv + 2 * inner)));
+    uint16_t *qg = h + tokens * hidden, *k = qg + tokens * 2 * inner, *v = k + tokens * kv;
+    uint16_t *kn = v + tokens * kv, *query = kn + tokens * kv, *attended = query + tokens * inner;
+    uint16_t *mixed = attended + tokens * inner;
+    q3n_rms_norm_bf16(x, L->norms.input_norm, h, tokens, hidden, L->norms.eps, 1.0f);
+    project(&L->q, h, qg, tokens, threads);
+    project(&L->k, h, k, tokens, threads);
+    project(&L->v, h, v, tokens, threads);
+    q3n_rms_norm_bf16(k, L->k_norm, kn, tokens * kv_heads, dim, L->norms.eps, 1.0f);
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t *c = cos + t * L->rotary_dim, *s = sin + t * L->rotary_dim;
+        for (int64_t head = 0; head < heads; head++) {
+            uint16_t *qh = query + (t * heads + head) * dim;
+            q3n_rms_norm_bf16(qg + (t * heads + head) * 2 * dim, L->q_norm, qh, 1, dim, L->norms.eps, 1.0f);
+            rotate(qh, c, s, L->rotary_dim);
+        }
+        for (int64_t head = 0; head < kv_heads; head++) {
+            uint16_t *kh = kn + (t * kv_heads + head) * dim;
+            rotate(kh, c, s, L->rotary_dim);
+            const int64_t slot = (head * capacity + past + t) * dim;
+            memcpy(keys + slot, kh, sizeof(uint16_t) * (size_t)dim);
+            memcpy(values + slot, v + (t * kv_heads + head) * dim, sizeof(uint16_t) * (size_t)dim);
+        }
+    }
+    for (int64_t t = 0; t < tokens; t++) {
+        uint16_t *a = attended + t * inner;
+        q3n_attend_one_bf16(query + t * inner, keys, values, a, kv_heads, heads / kv_heads, past + t + 1, dim,
+                            capacity * dim, L->scale, threads);
+        for (int64_t head = 0; head < heads; head++)
+            for (int64_t i = 0; i < dim; i++) {
+                const float g = bf16_to_f32(qg[(t * heads + head) * 2 * dim + dim + i]);
+                const float gate = round_bf16(1.0f / (1.0f + expf(-g)));
+                a[head * dim + i] = f32_to_bf16(bf16_to_f32(a[head * dim + i]) * gate);
+            }
+    }
+    project(&L->o, attended, mixed, tokens, threads);
+    residual_and_norm(&L->norms, x, mixed, out, normed, tokens);
+    free(h);
+}

@@ -1,0 +1,112 @@
+"""The one-call layer kernels (csrc/layer_kernels.c) against the module path they replace at decode.
+
+A decode step (and a verify pass of a few positions) runs each decoder layer's norm, mixer and residual as
+one C call; the module path computes the same thing op by op. They must agree: the same greedy tokens and
+logits, bf16 and 8/4-bit matrices alike, across the KV buffer growing, and the kernels must follow weights
+that move.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwen3next
+from qwen3next import cpu_kernels
+from qwen3next.model import DecoderLayer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels():
+    status = cpu_kernels.prepare()
+    if status.isa is None:
+        pytest.skip(f"kernels not loaded: {status.describe()}")
+
+
+@pytest.fixture(scope="module")
+def folders(models, tmp_path_factory):
+    from qwen3next.quant.convert import quantize_checkpoint
+    from qwen3next.quant.policy import Policy
+
+    root = tmp_path_factory.mktemp("layer-kernels")
+    out = {"bf16": models("tiny")}
+    for bits in (4, 8):
+        out[f"q{bits}"] = root / f"q{bits}"
+        quantize_checkpoint(models("tiny"), out[f"q{bits}"], Policy(bits, bits_for=[("*_attn.*", bits)]), progress=False)
+    return out
+
+
+def without_layer_kernels(monkeypatch):
+    monkeypatch.setattr(DecoderLayer, "_mixer_step", lambda self, x, cache, as_steps: None)
+
+
+def greedy_steps(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Prefill (module path: many rows), then one-token steps; the tokens and every step's logits."""
+    cache = model.make_cache()
+    tokens, logits = [], []
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt]), cache, last_only=True)
+        for _ in range(steps):
+            logits.append(out[0, -1])
+            tokens.append(int(out[0, -1].argmax()))
+            out = model(torch.tensor([[tokens[-1]]]), cache, last_only=True)
+    return tokens, torch.stack(logits)
+
+
+def assert_same_run(kernel_run, module_run):
+    """Identical greedy tokens; logits equal up to the attention gate's sigmoid (libm's expf in C, SLEEF's in
+    torch: one fp32 ulp apart at most, which bf16 rounding almost always hides)."""
+    assert kernel_run[0] == module_run[0]
+    assert (kernel_run[1] - module_run[1]).abs().max().item() <= 1e-2
+
+
+@pytest.mark.parametrize("variant", ["bf16", "q8", "q4"])
+def test_decode_steps_match_the_module_path(folders, variant, monkeypatch):
+    engine = qwen3next.load(folders[variant], dtype="bfloat16", router_stats=False, quiet=True)
+    prompt = [(7 * i) % 50 + 3 for i in range(250)]  # 250 + 12 steps: the KV buffer grows past 256 mid-run
+    kernel_run = greedy_steps(engine.model, prompt, 12)
+    assert all(layer._layer_kernel for layer in engine.model.model.layers), "every main layer took its kernel"
+    without_layer_kernels(monkeypatch)
+    assert_same_run(kernel_run, greedy_steps(engine.model, prompt, 12))
+
+
+@pytest.mark.parametrize("variant", ["bf16", "q4"])
+def test_a_verify_pass_matches_the_module_path(folders, variant, monkeypatch):
+    """decode_steps over 4 positions: each position attends over its own prefix and DeltaNet keeps its states."""
+    engine = qwen3next.load(folders[variant], dtype="bfloat16", router_stats=False, quiet=True)
+
+    def verify():
+        cache = engine.model.make_cache()
+        with torch.inference_mode():
+            engine.model(torch.tensor([[2, 7, 1, 8, 2, 8]]), cache)
+            hidden, logits, states = engine.model.decode_steps(torch.tensor([[28, 18, 28, 45]]), cache)
+        recurrent = [[s.recurrent for s in position if s is not None] for position in states]
+        return hidden, logits, recurrent
+
+    kernel = verify()
+    without_layer_kernels(monkeypatch)
+    modules = verify()
+    assert (kernel[1] - modules[1]).abs().max().item() <= 1e-2
+    assert torch.equal(kernel[1].argmax(-1), modules[1].argmax(-1))
+    for ours, theirs in zip(kernel[2], modules[2]):
+        assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(ours, theirs))
+
+
+def test_the_kernels_follow_weights_that_move(models):
+    """A `.data` swap is noticed (the kernel is rebuilt on the new weights); `Module.to()` and its kin drop the
+    kernels, which the next step rebuilds."""
+    engine = qwen3next.load(models("tiny"), dtype="bfloat16", router_stats=False, quiet=True)
+    model, prompt = engine.model, [5, 9, 13, 2, 40]
+    before = greedy_steps(model, prompt, 4)
+    norm = model.model.layers[0].input_layernorm.weight
+    original = norm.data
+    norm.data = original.clone() + 4.0  # a different scale for the first layer's input
+    changed = greedy_steps(model, prompt, 4)
+    assert not torch.equal(changed[1], before[1])
+    norm.data = original.clone()
+    assert_same_run(greedy_steps(model, prompt, 4), before)
+
+    model.to(torch.bfloat16)
+    assert all(layer._layer_kernel is None for layer in model.model.layers)
+    assert_same_run(greedy_steps(model, prompt, 4), before)
+    assert all(layer._layer_kernel for layer in model.model.layers)

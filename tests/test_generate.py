@@ -53,6 +53,36 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert {sampler(logits) for _ in range(300)} == {0, 1}
 
 
+def test_filtered_distribution_equals_transformers_processors():
+    """Penalty, temperature, top-k and top-p in transformers' order give transformers' distribution (top-p sorts
+    only the candidates top-k left, with duplicate ids in the history)."""
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 500, generator=generator) * 3
+    history = torch.tensor([[5, 17, 5, 250, 499, 17, 0]])
+    for top_k, top_p in ((20, 0.8), (0, 0.9), (50, 1.0), (7, 0.3)):
+        ours = Sampler(SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p, repetition_penalty=1.3))
+        scores = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+        scores = TemperatureLogitsWarper(0.7)(history, scores)
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(history, scores)
+        if top_p < 1.0:
+            scores = TopPLogitsWarper(top_p)(history, scores)
+        expected = torch.softmax(scores[0], -1)
+        assert torch.allclose(ours.probabilities(logits[0], history[0]), expected, atol=1e-6)
+
+
+def test_draws_follow_the_distribution_and_never_pick_a_masked_id():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    sampler = Sampler(SamplingParams(), seed=0)
+    counts = torch.bincount(torch.tensor([sampler.sample(probs) for _ in range(20000)]), minlength=6)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts.float() / 20000, probs, atol=0.015)
+    assert {sampler.sample(probs * 7) for _ in range(200)} <= {1, 3, 4}  # unnormalised weights work too
+
+
 def test_repetition_penalty_follows_transformers_semantics():
     logits = torch.tensor([2.0, -2.0, 1.9, -1.0])
     penalized = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0))

@@ -164,6 +164,38 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def training_arguments(parser: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def make_optimizer(parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only."""
+    matrices = [p for p in parameters if p.dim() >= 2]
+    vectors = [p for p in parameters if p.dim() < 2]
+    return torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def random_batch(stream: torch.Tensor, sampler: random.Random, length: int) -> torch.Tensor:
+    """BATCH windows of `length` tokens at random starts of the id stream."""
+    starts = [sampler.randrange(0, len(stream) - length) for _ in range(BATCH)]
+    return torch.stack([stream[s : s + length] for s in starts])
+
+
+def optimise(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], loss: torch.Tensor,
+             step: int, steps: int, peak: float) -> None:
+    """One update: the scheduled learning rate, gradients clipped to norm 1."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, steps, peak)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+
+
 def save(model: Qwen3NextForCausalLM, store: ResidentExpertStore, config: Qwen3NextConfig, out: Path) -> None:
     def tensors():
         for name, tensor in model.state_dict().items():
@@ -183,10 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", type=Path, help="folder with train.txt and heldout.txt (tools/prepare_corpus.py)")
     parser.add_argument("out", type=Path, help="model folder to write")
-    parser.add_argument("--steps", type=int, default=1100)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    training_arguments(parser, steps=1100, lr=3e-3)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -206,26 +235,15 @@ def main() -> None:
     for p in parameters:
         p.requires_grad_(True)
     print(f"parameters: {sum(p.numel() for p in parameters):,}", file=sys.stderr)
-    matrices = [p for p in parameters if p.dim() >= 2]
-    vectors = [p for p in parameters if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer(parameters, args.lr)
 
     sampler = random.Random(args.seed)
     log = []
     started = time.time()
     model.train()
     for step in tqdm(range(args.steps), desc="training", unit="step"):
-        starts = [sampler.randrange(0, len(stream) - SEQUENCE - 2) for _ in range(BATCH)]
-        batch = torch.stack([stream[s : s + SEQUENCE + 2] for s in starts])
-        lm, mtp, balance = losses(model, batch)
-        loss = lm + MTP_WEIGHT * mtp + BALANCE_WEIGHT * balance
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        lm, mtp, balance = losses(model, random_batch(stream, sampler, SEQUENCE + 2))
+        optimise(optimizer, parameters, lm + MTP_WEIGHT * mtp + BALANCE_WEIGHT * balance, step, args.steps, args.lr)
         if step % 50 == 0 or step == args.steps - 1:
             entry = {"step": step, "lm": round(lm.item(), 4), "mtp": round(mtp.item(), 4),
                      "balance": round(balance.item(), 4), "minutes": round((time.time() - started) / 60, 1)}

@@ -1,7 +1,7 @@
 """Retrain the demo model's MTP head alone on the main model's own predictions (self-distillation).
 
     python tools/prepare_corpus.py /tmp/corpus
-    python tools/train_mtp_head.py /tmp/corpus qwen3next/demo_model [--steps 400]
+    python tools/train_mtp_head.py /tmp/corpus qwen3next/demo_model [--steps 500]
 
 Speculative decoding keeps a draft when it equals the main model's choice, not the text's next
 token, so the head is trained to match the main model: at position t it sees the main model's
@@ -32,7 +32,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from train_demo import BATCH, SEQUENCE, encode_documents, learning_rate, save  # noqa: E402
+from train_demo import (BATCH, SEQUENCE, encode_documents, make_optimizer, optimise, random_batch,  # noqa: E402
+                        save, training_arguments)
 from record_demo import record  # noqa: E402
 
 from qwen3next.loader import load_model  # noqa: E402
@@ -80,10 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", type=Path, help="folder with train.txt and heldout.txt (tools/prepare_corpus.py)")
     parser.add_argument("model", type=Path, help="demo model folder, rewritten in place")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    training_arguments(parser, steps=500, lr=1e-3)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -100,23 +98,13 @@ def main() -> None:
     parameters = head_parameters(model, store)
     for p in parameters:
         p.requires_grad_(True)
-    matrices = [p for p in parameters if p.dim() >= 2]
-    vectors = [p for p in parameters if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer(parameters, args.lr)
     sampler = random.Random(args.seed)
     log, started = [], time.time()
     for step in tqdm(range(args.steps), desc="distilling the head", unit="step"):
-        starts = [sampler.randrange(0, len(stream) - SEQUENCE - 1) for _ in range(BATCH)]
-        batch = torch.stack([stream[s : s + SEQUENCE + 1] for s in starts])
-        draft, teacher = head_logits(model, batch)
+        draft, teacher = head_logits(model, random_batch(stream, sampler, SEQUENCE + 1))
         loss = F.cross_entropy(draft.flatten(0, 1), torch.softmax(teacher.flatten(0, 1), dim=-1))
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        optimise(optimizer, parameters, loss, step, args.steps, args.lr)
         if step % 50 == 0 or step == args.steps - 1:
             entry = {"step": step, "soft_ce": round(loss.item(), 4), "minutes": round((time.time() - started) / 60, 1)}
             log.append(entry)

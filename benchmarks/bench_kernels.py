@@ -115,7 +115,7 @@ def moe_block_table() -> None:
 
     def step():
         state["i"] = (state["i"] + 1) % layers
-        cpu_kernels.moe_block_bf16(x, weights[state["i"]])
+        cpu_kernels.moe_block(x, weights[state["i"]])
 
     threads = torch.get_num_threads()
     counts = sorted({1, threads})  # how the kernel scales with threads matters as much as its speed

@@ -26,6 +26,9 @@ class Bf16Compute:
     def fused_table(self, layer: int) -> bool:
         return self.stored == self.dtype == torch.bfloat16
 
+    def blob_layout(self, layer: int) -> None:
+        return None  # bf16 experts take the bf16 fused kernel (fused_table)
+
     def token_kernel(self, layer: int):
         if not self.fused_table(layer):
             return None

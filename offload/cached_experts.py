@@ -52,6 +52,10 @@ class ExpertCompute(Protocol):
         """Whether the layer's address table is the bf16 [experts, 3] table the fused MoE kernel reads."""
         ...
 
+    def blob_layout(self, layer: int) -> cpu_kernels.ExpertLayout | None:
+        """The C layout of the layer's quantized blobs, for the fused quantized MoE kernel; None for bf16."""
+        ...
+
     def combine(self, pairs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
                 x: torch.Tensor) -> torch.Tensor:
         """[N, hidden]: run_expert's results pairs [N * k, hidden] (row n * k + i: token n's i-th choice),
@@ -101,6 +105,11 @@ class CachedExperts:
     def address_table(self, layer: int) -> torch.Tensor | None:
         """The bf16 [experts, 3] table (valid for acquired experts) for the fused kernel, else None."""
         return self.cache.tables[layer] if self.compute.fused_table(layer) else None
+
+    def quantized_table(self, layer: int) -> tuple[torch.Tensor, cpu_kernels.ExpertLayout] | None:
+        """The [experts, 1] blob addresses (valid for acquired experts) and their C layout, on the CPU."""
+        layout = self.compute.blob_layout(layer) if self.device.type == "cpu" else None
+        return None if layout is None else (self.cache.tables[layer], layout)
 
     def close(self) -> None:
         self.cache.close()

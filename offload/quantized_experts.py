@@ -51,7 +51,10 @@ class QuantizedCompute:
         return cpu_kernels.experts_combine(pairs, weights.float())
 
     def fused_table(self, layer: int) -> bool:
-        return False  # the fused MoE kernel reads bf16 matrices
+        return False  # the bf16 fused MoE kernel reads bf16 matrices; blob_layout serves the quantized one
+
+    def blob_layout(self, layer: int) -> cpu_kernels.ExpertLayout | None:
+        return self.kernel_layouts[layer]
 
 
 def stored_arrays(blob: torch.Tensor, p: ProjectionLayout) -> list[torch.Tensor]:

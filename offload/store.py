@@ -69,6 +69,9 @@ class ResidentExpertStore:
     def address_table(self, layer: int) -> torch.Tensor | None:
         return self._address_tables[layer]
 
+    def quantized_table(self, layer: int) -> None:
+        return None  # stacked experts are never quantized blobs
+
     all_resident = True  # acquire and release have nothing to do
 
     def acquire(self, layer: int, ids: torch.Tensor, x: torch.Tensor) -> None:

@@ -201,12 +201,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q3n_linear_bf16.restype = None
     lib.q3n_swiglu_experts_bf16.argtypes = [p, p, p, i64, p, p, i64, i64, c_int]
     lib.q3n_swiglu_experts_bf16.restype = None
-    lib.q3n_moe_block_bf16.argtypes = [p, p, ctypes.POINTER(MoeWeights), i64, i64, p, p, p, c_int]
-    lib.q3n_moe_block_bf16.restype = None
-    lib.q3n_moe_route_bf16.argtypes = [p, ctypes.POINTER(MoeWeights), i64, p, p, p, p, c_int]
-    lib.q3n_moe_route_bf16.restype = None
-    lib.q3n_moe_experts_bf16.argtypes = [p, p, ctypes.POINTER(MoeWeights), i64, p, p, ctypes.c_float, c_int]
-    lib.q3n_moe_experts_bf16.restype = None
+    for kind, struct in (("bf16", MoeWeights), ("quant", MoeQuant)):
+        weights = ctypes.POINTER(struct)
+        getattr(lib, f"q3n_moe_block_{kind}").argtypes = [p, p, weights, i64, i64, p, p, p, c_int]
+        getattr(lib, f"q3n_moe_route_{kind}").argtypes = [p, weights, i64, p, p, p, p, c_int]
+        getattr(lib, f"q3n_moe_experts_{kind}").argtypes = [p, p, weights, i64, p, p, ctypes.c_float, c_int]
+        for name in ("block", "route", "experts"):
+            getattr(lib, f"q3n_moe_{name}_{kind}").restype = None
     lib.q3n_linear_q8.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int]
     lib.q3n_linear_q8.restype = None
     lib.q3n_linear_q4.argtypes = [p, p, p, i64, p, p, i64, i64, i64, c_int, c_int]
@@ -362,39 +363,49 @@ def _routing_buffers(weights: MoeWeights, tokens: int = 1) -> tuple[torch.Tensor
             torch.empty(tokens, weights.experts))
 
 
-def moe_block_bf16(x: torch.Tensor, weights: MoeWeights):
-    """A sparse MoE block for tokens x [T, hidden] (T <= MAX_ROWS), each token with the bits it gets alone.
-    Returns (output [T, hidden], ids [T, k] int64, routing weights [T, k] fp32, router logits [T, experts] fp32)."""
+def _moe_kind(weights: "MoeWeights | MoeQuant") -> str:
+    """Which kernel family reads `weights`: bf16 routed experts (decode_kernels.c) or quantized blobs
+    (layer_kernels.c); both take the same arguments."""
+    return "quant" if isinstance(weights, MoeQuant) else "bf16"
+
+
+def moe_block(x: torch.Tensor, weights: "MoeWeights | MoeQuant"):
+    """A sparse MoE block for tokens x [T, hidden] (T <= MAX_ROWS), each token with the bits it gets alone, every
+    expert resident. Returns (output [T, hidden], ids [T, k] int64, routing weights [T, k] fp32, router logits
+    [T, experts] fp32)."""
     x = x.contiguous()
     tokens = x.numel() // x.shape[-1]
     if tokens > MAX_ROWS:
-        raise ValueError(f"moe_block_bf16: {tokens} tokens, more than the kernel's {MAX_ROWS}")
+        raise ValueError(f"moe_block: {tokens} tokens, more than the kernel's {MAX_ROWS}")
     out = torch.empty_like(x)
     ids, routing, logits = _routing_buffers(weights, tokens)
-    _lib.q3n_moe_block_bf16(x.data_ptr(), out.data_ptr(), ctypes.byref(weights), x.shape[-1], tokens, ids.data_ptr(),
-                            routing.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+    getattr(_lib, f"q3n_moe_block_{_moe_kind(weights)}")(
+        x.data_ptr(), out.data_ptr(), ctypes.byref(weights), x.shape[-1], tokens, ids.data_ptr(), routing.data_ptr(),
+        logits.data_ptr(), torch.get_num_threads())
     return out, ids, routing, logits
 
 
-def moe_route_bf16(x: torch.Tensor, weights: MoeWeights):
-    """moe_block_bf16's first half: (ids [1, k] int64, routing weights [1, k] fp32, router logits [1, experts]
-    fp32, the shared expert's gate logit). Then make the chosen experts' table entries valid and call
-    moe_experts_bf16: the two give the fused block's bits."""
+def moe_route(x: torch.Tensor, weights: "MoeWeights | MoeQuant"):
+    """moe_block's first half for one token: (ids [1, k] int64, routing weights [1, k] fp32, router logits
+    [1, experts] fp32, the shared expert's gate logit). Then make the chosen experts' table entries valid and
+    call moe_experts: the two give the block's bits."""
     x = x.contiguous()
     ids, routing, logits = _routing_buffers(weights)
     gate_logit = ctypes.c_float()
-    _lib.q3n_moe_route_bf16(x.data_ptr(), ctypes.byref(weights), x.shape[-1], ids.data_ptr(), routing.data_ptr(),
-                            logits.data_ptr(), ctypes.byref(gate_logit), torch.get_num_threads())
+    getattr(_lib, f"q3n_moe_route_{_moe_kind(weights)}")(
+        x.data_ptr(), ctypes.byref(weights), x.shape[-1], ids.data_ptr(), routing.data_ptr(), logits.data_ptr(),
+        ctypes.byref(gate_logit), torch.get_num_threads())
     return ids, routing, logits, gate_logit.value
 
 
-def moe_experts_bf16(x: torch.Tensor, weights: MoeWeights, ids: torch.Tensor, routing: torch.Tensor,
-                     gate_logit: float) -> torch.Tensor:
-    """moe_block_bf16's second half: the block output [1, hidden] for the experts moe_route_bf16 chose."""
+def moe_experts(x: torch.Tensor, weights: "MoeWeights | MoeQuant", ids: torch.Tensor, routing: torch.Tensor,
+                gate_logit: float) -> torch.Tensor:
+    """moe_block's second half: the block output [1, hidden] for the experts moe_route chose."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    _lib.q3n_moe_experts_bf16(x.data_ptr(), out.data_ptr(), ctypes.byref(weights), x.shape[-1], ids.data_ptr(),
-                              routing.data_ptr(), gate_logit, torch.get_num_threads())
+    getattr(_lib, f"q3n_moe_experts_{_moe_kind(weights)}")(
+        x.data_ptr(), out.data_ptr(), ctypes.byref(weights), x.shape[-1], ids.data_ptr(), routing.data_ptr(),
+        gate_logit, torch.get_num_threads())
     return out
 
 
@@ -515,6 +526,15 @@ class AttentionLayer(ctypes.Structure):
                 ("scale", ctypes.c_float)]
 
 
+class MoeQuant(ctypes.Structure):
+    """csrc's q3n_moe_quant: a sparse MoE block whose routed experts are quantized blobs."""
+
+    _fields_ = [("router", Matrix), ("experts", ctypes.c_int64), ("top_k", ctypes.c_int64),
+                ("norm_topk", ctypes.c_int64), ("blobs", ctypes.c_void_p), ("layout", ctypes.POINTER(ExpertLayout)),
+                ("shared_gate", Matrix), ("shared_up", Matrix), ("shared_down", Matrix),
+                ("shared_expert_gate", Matrix)]
+
+
 class LayerKernel:
     """A layer's kernel struct with the tensors it points into, kept alive here; `valid()` says whether they
     still sit where the struct points (a `.data` swap or in-place reallocation moves them; `Module.to()` and
@@ -560,5 +580,5 @@ def attention_layer_bf16(kernel: LayerKernel, x: torch.Tensor, cos: torch.Tensor
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "q3n_moe_weights": MoeWeights, "q3n_projection": Projection, "q3n_expert_layout": ExpertLayout,
     "q3n_matrix": Matrix, "q3n_layer_norms": LayerNorms, "q3n_deltanet_layer": DeltaNetLayer,
-    "q3n_attention_layer": AttentionLayer,
+    "q3n_attention_layer": AttentionLayer, "q3n_moe_quant": MoeQuant,
 }

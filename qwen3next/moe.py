@@ -8,6 +8,7 @@ them without this module knowing. Only the selected experts run, each on all its
 
 from __future__ import annotations
 
+import ctypes
 from typing import Protocol, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .config import Qwen3NextConfig
-from .layers import Linear, SwiGLU
+from .layers import Linear, SwiGLU, kernel_matrix
 
 
 class ExpertStore(Protocol):
@@ -40,6 +41,11 @@ class ExpertStore(Protocol):
         With it the MoE block of a decode step runs as CPU kernel calls (one when all_resident, else
         routing and experts around acquire/release); None means "route, then call run()" (not bf16 on the CPU).
         """
+        ...
+
+    def quantized_table(self, layer: int) -> "tuple[torch.Tensor, cpu_kernels.ExpertLayout] | None":
+        """For quantized experts on the CPU, what address_table is for bf16 ones: the [experts] blob addresses
+        (valid as address_table's are) and the blobs' C layout; None otherwise."""
         ...
 
     @property
@@ -205,32 +211,35 @@ class SparseMoE(nn.Module):
             observer.routed(self.layer, self.last_routing.ids)
         return out.view(shape)
 
-    def _fused_decode(self, x: torch.Tensor, kernel_weights: "cpu_kernels.MoeWeights") -> tuple[torch.Tensor, Routing]:
+    def _fused_decode(self, x: torch.Tensor, kernel: "cpu_kernels.LayerKernel") -> tuple[torch.Tensor, Routing]:
         """Tokens (one, or up to MAX_ROWS when all experts are resident) through router, routed experts and
-        shared expert in one CPU kernel call; with experts not all resident, one token through the same
-        kernel's two halves around acquiring the chosen experts (same bits). Sets and returns the routing."""
+        shared expert in one CPU kernel call (bf16 experts, or quantized blobs); with experts not
+        all resident, one token through the same kernel's two halves around acquiring the chosen experts (same
+        bits). Sets and returns the routing."""
+        weights = kernel.struct
         if self.store.all_resident:
-            out, ids, weights, logits = cpu_kernels.moe_block_bf16(x, kernel_weights)
+            out, ids, routing, logits = cpu_kernels.moe_block(x, weights)
         else:
-            ids, weights, logits, gate_logit = cpu_kernels.moe_route_bf16(x, kernel_weights)
+            ids, routing, logits, gate_logit = cpu_kernels.moe_route(x, weights)
             self.store.acquire(self.layer, ids, x)
             try:
-                out = cpu_kernels.moe_experts_bf16(x, kernel_weights, ids, weights, gate_logit)
+                out = cpu_kernels.moe_experts(x, weights, ids, routing, gate_logit)
             finally:
                 self.store.release(self.layer, ids)
-        self.last_routing = Routing(ids, weights, logits)
+        self.last_routing = Routing(ids, routing, logits)
         return out, self.last_routing
 
-    def _fused_weights(self, x: torch.Tensor) -> "cpu_kernels.MoeWeights | None":
+    def _fused_weights(self, x: torch.Tensor) -> "cpu_kernels.LayerKernel | None":
         """The fused kernel's view of this block when it can run x one kernel call per token: bf16 CPU
-        activations, a store with an expert address table, bf16 router and shared expert. Built once per store
-        (building costs ~10 µs, a noticeable part of a small model's step), rebuilt when a weight moved."""
+        activations, a store with an expert address table (bf16) or blob table (quantized), a bf16 router and a
+        shared expert the kernels read. Built once per store (building costs ~10 µs, a noticeable part of a
+        small model's step), rebuilt when a weight moved."""
         if not cpu_kernels.usable(x):
             return None
         built = self._fused
         if built is None or built[0] is not self.store or (built[1] and not built[1].valid()):
             built = self._fused = (self.store, self._build_fused())
-        return built[1].struct if built[1] else None
+        return built[1] or None
 
     def _apply(self, fn, *args, **kwargs):
         self._fused = None  # it points into the tensors this replaces
@@ -240,9 +249,17 @@ class SparseMoE(nn.Module):
         table = self.store.address_table(self.layer)
         shared = self.shared_expert
         linears = (self.gate, self.shared_expert_gate, shared.gate_proj, shared.up_proj, shared.down_proj)
-        if table is None or not all(isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 for m in linears):
-            return None  # the kernel reads bf16 router and shared-expert weights
-        return cpu_kernels.LayerKernel(self.kernel_weights(table), [table] + [m.weight for m in linears])
+        if table is not None and all(isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 for m in linears):
+            return cpu_kernels.LayerKernel(self.kernel_weights(table), [table] + [m.weight for m in linears])
+        quantized = self.store.quantized_table(self.layer)
+        matrices = [kernel_matrix(m) for m in linears]
+        if quantized is None or None in matrices:
+            return None  # router or shared expert in a format the kernels do not read (fp32, another device)
+        blobs, layout = quantized
+        router, gate, *expert = (m for m, _ in matrices)
+        struct = cpu_kernels.MoeQuant(router, self.gate.out_features, self.top_k, int(self.norm_topk_prob),
+                                      blobs.data_ptr(), ctypes.pointer(layout), *expert, gate)
+        return cpu_kernels.LayerKernel(struct, [blobs] + [a for _, arrays in matrices for a in arrays])
 
     def kernel_weights(self, table: torch.Tensor) -> "cpu_kernels.MoeWeights":
         shared = self.shared_expert

@@ -96,34 +96,34 @@ def test_swiglu_experts_sum_the_chosen_experts():
 
 
 def test_the_moe_blocks_two_halves_give_the_fused_kernels_bits(models):
-    """An expert cache routes, acquires, then computes (moe_route_bf16, moe_experts_bf16): the fused block's bits."""
+    """An expert cache routes, acquires, then computes (moe_route, moe_experts): the fused block's bits."""
     model = qwen3next.load(models("small"), dtype="bfloat16").model
     block = model.model.layers[1].mlp
     weights = block.kernel_weights(block.store.address_table(block.layer))
     for seed in range(3):
         x = bf16(1, model.config.hidden_size, seed=20 + seed)
         with torch.inference_mode():
-            out, ids, routing, logits = cpu_kernels.moe_block_bf16(x, weights)
-            ids2, routing2, logits2, gate_logit = cpu_kernels.moe_route_bf16(x, weights)
-            out2 = cpu_kernels.moe_experts_bf16(x, weights, ids2, routing2, gate_logit)
+            out, ids, routing, logits = cpu_kernels.moe_block(x, weights)
+            ids2, routing2, logits2, gate_logit = cpu_kernels.moe_route(x, weights)
+            out2 = cpu_kernels.moe_experts(x, weights, ids2, routing2, gate_logit)
         assert torch.equal(ids, ids2) and torch.equal(routing, routing2) and torch.equal(logits, logits2)
         assert torch.equal(out, out2)
 
 
 def test_the_moe_block_gives_each_of_several_tokens_its_bits_alone(models):
-    """A verify pass runs its positions through one moe_block_bf16 call: every row as a one-token call."""
+    """A verify pass runs its positions through one moe_block call: every row as a one-token call."""
     model = qwen3next.load(models("small"), dtype="bfloat16").model
     block = model.model.layers[1].mlp
     weights = block.kernel_weights(block.store.address_table(block.layer))
     x = bf16(cpu_kernels.MAX_ROWS, model.config.hidden_size, seed=30)
     with torch.inference_mode():
-        alone = [cpu_kernels.moe_block_bf16(x[t : t + 1], weights) for t in range(len(x))]
+        alone = [cpu_kernels.moe_block(x[t : t + 1], weights) for t in range(len(x))]
         for tokens in (2, 3, cpu_kernels.MAX_ROWS):
-            together = cpu_kernels.moe_block_bf16(x[:tokens], weights)
+            together = cpu_kernels.moe_block(x[:tokens], weights)
             for part, rows in zip(together, zip(*alone)):
                 assert torch.equal(part, torch.cat(rows[:tokens])), tokens
         with pytest.raises(ValueError, match="tokens"):
-            cpu_kernels.moe_block_bf16(bf16(cpu_kernels.MAX_ROWS + 1, model.config.hidden_size), weights)
+            cpu_kernels.moe_block(bf16(cpu_kernels.MAX_ROWS + 1, model.config.hidden_size), weights)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])

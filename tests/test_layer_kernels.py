@@ -110,3 +110,35 @@ def test_the_kernels_follow_weights_that_move(models):
     assert all(layer._layer_kernel is None for layer in model.model.layers)
     assert_same_run(greedy_steps(model, prompt, 4), before)
     assert all(layer._layer_kernel for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("variant", ["q8", "q4"])
+def test_quantized_moe_blocks_take_the_fused_kernel_with_the_module_paths_results(folders, variant):
+    """Routed experts as quantized blobs: a decode-sized MoE block runs as one call (router, experts in the
+    router's order, shared expert and its gate, with the module path's roundings), and its two halves around
+    acquiring experts (what an expert cache runs) give the same bits as the one call."""
+    from qwen3next.moe import SparseMoE
+
+    engine = qwen3next.load(folders[variant], dtype="bfloat16", router_stats=False, quiet=True)
+    blocks = [m for m in engine.model.modules() if isinstance(m, SparseMoE)]
+    generator = torch.Generator().manual_seed(0)
+    same_routing = 0
+    with torch.inference_mode():
+        for block in blocks:
+            for tokens in (1, 3):
+                x = torch.randn(tokens, engine.model.config.hidden_size, generator=generator).bfloat16()
+                fused = block(x, as_steps=True)
+                kernel, ids = block._fused[1], block.last_routing.ids
+                assert isinstance(kernel.struct, cpu_kernels.MoeQuant)
+                block._fused = (block.store, None)  # the module path: route, shared expert, store.run
+                plain = block(x, as_steps=True)
+                block._fused = (block.store, kernel)
+                if torch.equal(ids, block.last_routing.ids):  # a bf16 tie may route differently: compare the rest
+                    same_routing += 1
+                    assert (fused.float() - plain.float()).abs().max() <= 2**-7 * plain.float().abs().max()
+            one = x[:1]
+            out, ids, routing, _ = cpu_kernels.moe_block(one, kernel.struct)
+            ids2, routing2, _, gate_logit = cpu_kernels.moe_route(one, kernel.struct)
+            assert torch.equal(ids, ids2) and torch.equal(routing, routing2)
+            assert torch.equal(out, cpu_kernels.moe_experts(one, kernel.struct, ids2, routing2, gate_logit))
+    assert same_routing >= len(blocks)  # most comparisons are not decided by a tie

@@ -141,8 +141,8 @@ def test_an_unquantized_folder_runs_under_a_budget_with_identical_output(models,
     cache = cached.expert_store.cache
     assert cache.slot_count == slots and not cache.complete and cached.plan.slot_bytes == plan.slot_bytes
     split_calls = []
-    experts_bf16 = cpu_kernels.moe_experts_bf16
-    monkeypatch.setattr(cpu_kernels, "moe_experts_bf16", lambda *a: split_calls.append(1) or experts_bf16(*a))
+    experts_bf16 = cpu_kernels.moe_experts
+    monkeypatch.setattr(cpu_kernels, "moe_experts", lambda *a: split_calls.append(1) or experts_bf16(*a))
     ids = list(range(3, 120))
     assert torch.equal(cached.logits(ids), resident.logits(ids))
     request = qwen3next.Request(prompt="Hello there", max_new_tokens=10, temperature=0, prefill_chunk=5)

@@ -91,7 +91,21 @@ static inline float f16_to_f32(uint16_t h) {
 }
 #endif
 
+/* Where one projection lives inside a routed expert's blob (quant/layout.py), and its format. */
+typedef struct {
+    int64_t bits, rows, cols, group; /* group: input weights per scale (4 bits) */
+    int64_t codes, scale, minimum;   /* byte offsets in the blob (minimum: 4 bits only) */
+} q3n_projection;
+
+typedef struct {
+    q3n_projection gate, up, down;
+} q3n_expert_layout;
+
 /* The per-op kernels (decode_kernels.c, quant_kernels.c) that layer_kernels.c chains into whole layer steps. */
+void q3n_route_top_k(const float *logits, int64_t experts, int64_t top_k, int norm_topk, int64_t *ids,
+                     float *weights);
+void q3n_experts_quant(const int64_t *blobs, const q3n_expert_layout *layout, const int64_t *ids,
+                       const float *weights, int64_t n, int64_t k, const uint16_t *x, uint16_t *out, int threads);
 void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in,
                      int f32_out, int threads);
 void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, void *y, int64_t rows_x, int64_t out,

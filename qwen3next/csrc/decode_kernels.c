@@ -260,8 +260,8 @@ void q3n_swiglu_experts_bf16(const int64_t *table, const int64_t *ids, const flo
 /* Choose the top_k largest logits (the lower id wins a tie) and their routing weights: the softmax
  * over all experts renormalised over the chosen ones (norm_topk), or not. Weights are rounded to
  * bf16 as the reference casts them. */
-static void route_top_k(const float *logits, int64_t experts, int64_t top_k, int norm_topk, int64_t *ids,
-                        float *weights) {
+void q3n_route_top_k(const float *logits, int64_t experts, int64_t top_k, int norm_topk, int64_t *ids,
+                     float *weights) {
     for (int64_t i = 0; i < top_k; i++) {
         int64_t best = -1;
         for (int64_t e = 0; e < experts; e++) {
@@ -365,7 +365,7 @@ static void moe_experts_phase(const q3n_moe_weights *m, const q3n_moe_scratch *s
  * router statistics, the chosen ids, their weights and the router logits, a row per token. Each token gets
  * the bits it gets alone (a speculative verify pass relies on it): the router reads each weight row once for
  * all tokens (dot_rows_bf16, one-row bits), then the tokens' experts run one token after another.
- * tokens <= Q3N_MAX_ROWS (the stack buffers below): cpu_kernels.moe_block_bf16 refuses more. */
+ * tokens <= Q3N_MAX_ROWS (the stack buffers below): cpu_kernels.moe_block refuses more. */
 void q3n_moe_block_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights *m, int64_t hidden, int64_t tokens,
                         int64_t *ids, float *weights, float *logits, int threads) {
     float *xf = widen(x, tokens * hidden), gate_logits[Q3N_MAX_ROWS];
@@ -387,8 +387,8 @@ void q3n_moe_block_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights 
         for (int64_t t = 0; t < tokens; t++) {
 #pragma omp single
             {
-                route_top_k(logits + t * m->experts, m->experts, m->top_k, (int)m->norm_topk, ids + t * m->top_k,
-                            weights + t * m->top_k);
+                q3n_route_top_k(logits + t * m->experts, m->experts, m->top_k, (int)m->norm_topk,
+                                ids + t * m->top_k, weights + t * m->top_k);
                 moe_choose(m, ids + t * m->top_k, s.experts);
                 s.work.x = xf + t * hidden;
             } /* implicit barrier: every thread sees the chosen experts */
@@ -406,7 +406,7 @@ void q3n_moe_route_bf16(const uint16_t *x, const q3n_moe_weights *m, int64_t hid
     float *xf = widen(x, hidden);
 #pragma omp parallel num_threads(threads)
     moe_router_phase(m, xf, hidden, logits, gate_logit);
-    route_top_k(logits, m->experts, m->top_k, (int)m->norm_topk, ids, weights);
+    q3n_route_top_k(logits, m->experts, m->top_k, (int)m->norm_topk, ids, weights);
     free(xf);
 }
 

@@ -8,7 +8,8 @@
  * the same places, so the results are the module path's bits except where it calls torch for an
  * elementwise op (the attention gate's sigmoid uses libm's expf, torch SLEEF's: they may differ in the
  * last fp32 bit, which the bf16 rounding after it almost always hides). The MoE half of the layer stays
- * with the MoE block (moe.py), which knows where experts live.
+ * with the MoE block (moe.py), which knows where experts live; for quantized routed experts it calls the
+ * q3n_moe_*_quant kernels at the end of this file (bf16 experts have decode_kernels.c's fused block).
  *
  * Matrices may be bf16 or the 8/4-bit formats (quant/int8.py, quant/int4.py); every kernel used here
  * computes each token's row alone, so a token's bits do not depend on how many share the call. */
@@ -144,4 +145,77 @@ void q3n_attention_layer_bf16(const q3n_attention_layer *L, const uint16_t *x, u
     project(&L->o, attended, mixed, tokens, threads);
     residual_and_norm(&L->norms, x, mixed, out, normed, tokens);
     free(h);
+}
+
+/* A sparse MoE block whose routed experts are quantized blobs (quant/layout.py): the router, the blob address
+ * table with its layout, and the shared expert's matrices (any q3n_matrix format). */
+typedef struct {
+    q3n_matrix router; /* [experts, hidden] */
+    int64_t experts, top_k, norm_topk;
+    const int64_t *blobs; /* [experts]: each blob's address, valid for the chosen experts */
+    const q3n_expert_layout *layout;
+    q3n_matrix shared_gate, shared_up, shared_down, shared_expert_gate; /* the last [1, hidden] */
+} q3n_moe_quant;
+Q3N_EXPORT_SIZEOF(q3n_moe_quant)
+
+/* The block's first half for `tokens` tokens: the router's choice per token (ids, weights [tokens, top_k],
+ * logits [tokens, experts], as decode_kernels.c's fused block rounds them) and the shared expert's gate logit. */
+static void moe_quant_route(const q3n_moe_quant *m, const uint16_t *x, int64_t tokens, int64_t *ids, float *weights,
+                            float *logits, float *gate_logits, int threads) {
+    uint16_t *scores = malloc(sizeof(uint16_t) * (size_t)(tokens * (m->experts + 1)));
+    project(&m->router, x, scores, tokens, threads);
+    project(&m->shared_expert_gate, x, scores + tokens * m->experts, tokens, threads);
+    for (int64_t t = 0; t < tokens; t++) {
+        for (int64_t e = 0; e < m->experts; e++) logits[t * m->experts + e] = bf16_to_f32(scores[t * m->experts + e]);
+        gate_logits[t] = bf16_to_f32(scores[tokens * m->experts + t]);
+        q3n_route_top_k(logits + t * m->experts, m->experts, m->top_k, (int)m->norm_topk, ids + t * m->top_k,
+                        weights + t * m->top_k);
+    }
+    free(scores);
+}
+
+/* The second half, once the chosen experts' blob addresses are valid: the routed sum (q3n_experts_quant, in the
+ * router's order) plus the shared expert scaled by sigmoid(gate logit), with the module path's bf16 roundings:
+ * silu(gate x), its product with up x, down, the sigmoid, the scaled shared output, the final sum. */
+static void moe_quant_experts(const q3n_moe_quant *m, const uint16_t *x, uint16_t *out, int64_t tokens,
+                              const int64_t *ids, const float *weights, const float *gate_logits, int threads) {
+    const int64_t hidden = m->shared_down.rows, inter = m->shared_gate.rows;
+    uint16_t *routed = malloc(sizeof(uint16_t) * (size_t)(tokens * (2 * hidden + 2 * inter)));
+    uint16_t *shared = routed + tokens * hidden, *gate = shared + tokens * hidden, *up = gate + tokens * inter;
+    q3n_experts_quant(m->blobs, m->layout, ids, weights, tokens, m->top_k, x, routed, threads);
+    project(&m->shared_gate, x, gate, tokens, threads);
+    project(&m->shared_up, x, up, tokens, threads);
+    for (int64_t i = 0; i < tokens * inter; i++)
+        gate[i] = f32_to_bf16(round_bf16(silu(bf16_to_f32(gate[i]))) * bf16_to_f32(up[i]));
+    project(&m->shared_down, gate, shared, tokens, threads);
+    for (int64_t t = 0; t < tokens; t++) {
+        const float scale = round_bf16(1.0f / (1.0f + expf(-gate_logits[t])));
+        for (int64_t i = t * hidden; i < (t + 1) * hidden; i++)
+            out[i] = f32_to_bf16(bf16_to_f32(routed[i]) + round_bf16(scale * bf16_to_f32(shared[i])));
+    }
+    free(routed);
+}
+
+/* The three entry points take q3n_moe_block_bf16's, q3n_moe_route_bf16's and q3n_moe_experts_bf16's arguments
+ * (hidden is the struct's own), so cpu_kernels.py calls either family alike. The block: both halves for
+ * `tokens` (at most Q3N_MAX_ROWS) tokens whose experts are all resident, each token with its one-token bits
+ * (every kernel here computes a row alone); route and experts: one token, around acquiring its experts. */
+void q3n_moe_block_quant(const uint16_t *x, uint16_t *out, const q3n_moe_quant *m, int64_t hidden, int64_t tokens,
+                         int64_t *ids, float *weights, float *logits, int threads) {
+    (void)hidden;
+    float gate_logits[Q3N_MAX_ROWS];
+    moe_quant_route(m, x, tokens, ids, weights, logits, gate_logits, threads);
+    moe_quant_experts(m, x, out, tokens, ids, weights, gate_logits, threads);
+}
+
+void q3n_moe_route_quant(const uint16_t *x, const q3n_moe_quant *m, int64_t hidden, int64_t *ids, float *weights,
+                         float *logits, float *gate_logit, int threads) {
+    (void)hidden;
+    moe_quant_route(m, x, 1, ids, weights, logits, gate_logit, threads);
+}
+
+void q3n_moe_experts_quant(const uint16_t *x, uint16_t *out, const q3n_moe_quant *m, int64_t hidden,
+                           const int64_t *ids, const float *weights, float gate_logit, int threads) {
+    (void)hidden;
+    moe_quant_experts(m, x, out, 1, ids, weights, &gate_logit, threads);
 }

@@ -374,15 +374,7 @@ void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t 
 
 /* ---- routed experts packed one blob each (quant/layout.py) ---- */
 
-/* Where one projection lives inside an expert blob, and its format. */
-typedef struct {
-    int64_t bits, rows, cols, group; /* group: input weights per scale (4 bits) */
-    int64_t codes, scale, minimum;   /* byte offsets in the blob (minimum: 4 bits only) */
-} q3n_projection;
-
-typedef struct {
-    q3n_projection gate, up, down;
-} q3n_expert_layout;
+/* q3n_projection and q3n_expert_layout (common.h) say where each projection lives in a blob. */
 Q3N_EXPORT_SIZEOF(q3n_projection)
 Q3N_EXPORT_SIZEOF(q3n_expert_layout)
 

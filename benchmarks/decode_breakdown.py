@@ -9,9 +9,11 @@ steps (bf16, CPU). Nested modules are counted in their parents too (the MoE bloc
 With the one-call layer kernels (csrc/layer_kernels.c) a layer's mixer no longer runs its module's
 forward, so this view shows the MoE blocks and lm_head only.
 
---kernels: the step with the layer kernels against the module path they replace (DecoderLayer's
-kernel switched off), alternating for --rounds rounds, and for each the time spent inside the C
-library's calls (timed around each ctypes call) against the rest: Python, torch ops and dispatch.
+--kernels: the step with the one-call kernels against the module paths they replace, alternating for
+--rounds rounds: everything fused; the MoE blocks through their modules (router, shared expert and
+store.run apart); and the module path (no layer kernels either, the fused MoE off too). For each the
+time spent inside the C library's calls (timed around each ctypes call) against the rest: Python,
+torch ops and dispatch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import qwen3next
 from qwen3next import cpu_kernels
 from qwen3next.model import DecoderLayer
+from qwen3next.moe import SparseMoE
 
 
 def timed(record: dict, name: str, fn):
@@ -80,15 +83,17 @@ def step_seconds(model, steps: int, in_c: list[float] | None = None) -> float:
 
 
 def compare_paths(engine, steps: int, rounds: int) -> None:
-    """Layer kernels against the module path, alternating; each also with its C time counted."""
-    library, kernel_switch = cpu_kernels.library(), DecoderLayer._mixer_step
+    """The fused kernels against the module paths, alternating; each also with its C time counted."""
+    library, mixer_switch, moe_switch = cpu_kernels.library(), DecoderLayer._mixer_step, SparseMoE._fused_weights
     if library is None:
         raise SystemExit("--kernels: the C kernels are not loaded here")
-    paths = {"layer kernels": kernel_switch, "module path": lambda self, x, cache, as_steps: None}
+    off = {"mixer": lambda self, x, cache, as_steps: None, "moe": lambda self, x: None}
+    paths = {"layer kernels": (mixer_switch, moe_switch), "MoE modules": (mixer_switch, off["moe"]),
+             "module path": (off["mixer"], off["moe"])}
     print(f"{'path':<14} {'ms/step':>8} {'tok/s':>7} | {'in C':>7} {'the rest':>8} (ms/step, a timed run)")
     for _ in range(rounds):
-        for name, switch in paths.items():
-            DecoderLayer._mixer_step = switch
+        for name, (mixer, moe) in paths.items():
+            DecoderLayer._mixer_step, SparseMoE._fused_weights = mixer, moe
             plain = step_seconds(engine.model, steps)
             in_c = [0.0]
             cpu_kernels._lib = TimedLibrary(library, in_c)
@@ -98,7 +103,7 @@ def compare_paths(engine, steps: int, rounds: int) -> None:
                 cpu_kernels._lib = library
             c = in_c[0] / steps
             print(f"{name:<14} {plain * 1e3:8.3f} {1 / plain:7.0f} | {c * 1e3:7.3f} {(timed - c) * 1e3:8.3f}")
-    DecoderLayer._mixer_step = kernel_switch
+    DecoderLayer._mixer_step, SparseMoE._fused_weights = mixer_switch, moe_switch
 
 
 def main() -> None:

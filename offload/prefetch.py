@@ -78,6 +78,8 @@ class LookaheadPrefetcher:
     have to be read. memory: predictions over which a rank's hit rate is averaged (exponential decay).
     """
 
+    needs_hidden = True  # it applies the next layer's router to the hidden state
+
     def __init__(self, cache: "ExpertCache", routers: dict[int, nn.Module], top_k: int,
                  statistics: "RouterStatistics | None" = None, horizons: Sequence[int] = (1,),
                  min_precision: float = 0.25, coactivation_weight: float = 0.5, memory: int = 256):

@@ -143,6 +143,8 @@ class RouterStatistics:
 
     # --- the observer -------------------------------------------------------------------------
 
+    needs_hidden = False  # statistics need only the choices (so a whole-step kernel may run: whole_step.py)
+
     def before_routing(self, layer: int, x: torch.Tensor) -> None:
         """Statistics need only the choices."""
 

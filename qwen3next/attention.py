@@ -76,11 +76,11 @@ class GatedAttention(nn.Module):
         struct = cpu_kernels.AttentionLayer(norms, *(m for m, _ in matrices), *(v.data_ptr() for v in vectors),
                                             self.heads, self.kv_heads, self.head_dim, rotary_dim, self.head_dim**-0.5)
         kernel = cpu_kernels.LayerKernel(struct, norm_tensors + vectors + [a for _, arrays in matrices for a in arrays])
-        key_shape = torch.empty(1, self.kv_heads, 0, self.head_dim, dtype=torch.bfloat16)  # what the cache holds
+        self.key_shape = torch.empty(1, self.kv_heads, 0, self.head_dim, dtype=torch.bfloat16)  # what kv holds
 
         def step(x: torch.Tensor, cos_sin, kv: KVCache, keep: bool):
             past, T = kv.length, x.shape[1]
-            kv.reserve(key_shape, T)
+            kv.reserve(self.key_shape, T)
             cos, sin = (table.contiguous() for table in cos_sin)
             out = cpu_kernels.attention_layer_bf16(kernel, x, cos, sin, kv.keys, kv.values, past)
             kv.length = past + T

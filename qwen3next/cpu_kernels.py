@@ -228,6 +228,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q3n_deltanet_layer_bf16.restype = None
     lib.q3n_attention_layer_bf16.argtypes = [ctypes.POINTER(AttentionLayer), p, p, p, i64, p, p, p, p, i64, i64, c_int]
     lib.q3n_attention_layer_bf16.restype = None
+    lib.q3n_decode_layers.argtypes = [ctypes.POINTER(StepLayer), i64, p, i64, p, p, c_int]
+    lib.q3n_decode_layers.restype = None
     lib.q3n_integer_tiles.restype = c_int
     lib.q3n_isa.restype = ctypes.c_char_p
     lib.q3n_openmp.restype = c_int
@@ -576,9 +578,26 @@ def attention_layer_bf16(kernel: LayerKernel, x: torch.Tensor, cos: torch.Tensor
     return out, normed
 
 
+class StepLayer(ctypes.Structure):
+    """csrc's q3n_step_layer: one decoder layer of a whole-step call, its kernels and this step's state."""
+
+    _fields_ = [("attention", ctypes.c_int64), ("mixer", ctypes.c_void_p), ("quantized_moe", ctypes.c_int64),
+                ("moe", ctypes.c_void_p), ("conv_state", ctypes.c_void_p), ("state", ctypes.c_void_p),
+                ("kept_state", ctypes.c_void_p), ("kept_conv", ctypes.c_void_p), ("keys", ctypes.c_void_p),
+                ("values", ctypes.c_void_p), ("past", ctypes.c_int64), ("capacity", ctypes.c_int64),
+                ("ids", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("logits", ctypes.c_void_p)]
+
+
+def decode_layers(layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """x [1, T, hidden] (contiguous, T <= MAX_ROWS) through every layer of `layers` (StepLayer entries, filled in
+    for this step) in place: csrc/layer_kernels.c's q3n_decode_layers."""
+    _lib.q3n_decode_layers(layers, len(layers), x.data_ptr(), x.shape[1], cos.data_ptr(), sin.data_ptr(),
+                           torch.get_num_threads())
+
+
 # The structs the ctypes layer mirrors, by their C names: each is checked against q3n_sizeof_<name> at load.
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "q3n_moe_weights": MoeWeights, "q3n_projection": Projection, "q3n_expert_layout": ExpertLayout,
     "q3n_matrix": Matrix, "q3n_layer_norms": LayerNorms, "q3n_deltanet_layer": DeltaNetLayer,
-    "q3n_attention_layer": AttentionLayer, "q3n_moe_quant": MoeQuant,
+    "q3n_attention_layer": AttentionLayer, "q3n_moe_quant": MoeQuant, "q3n_step_layer": StepLayer,
 }

@@ -15,7 +15,7 @@ from .attention import GatedAttention
 from .cache import DeltaNetState, KVCache, ModelCache
 from .config import FULL_ATTENTION, Qwen3NextConfig
 from .deltanet import GatedDeltaNet
-from . import cpu_kernels
+from . import cpu_kernels, whole_step
 from .layers import KERNEL_NORM_ELEMENTS, Linear, PartialRotary, SwiGLU, ZeroCenteredRMSNorm, linear
 from .moe import ExpertStore, SparseMoE
 
@@ -128,6 +128,11 @@ class Qwen3NextForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         self.mtp = MultiTokenPredictor(config) if with_mtp else None
         self.rotary = PartialRotary(config.rotary_dim, config.rope_theta)
+        self._step_plan = None  # whole_step.StepPlan, built at the first whole-step call
+
+    def _apply(self, fn, *args, **kwargs):
+        self._step_plan = None
+        return super()._apply(fn, *args, **kwargs)
 
     def set_expert_store(self, store: ExpertStore) -> None:
         for module in self.modules():
@@ -155,9 +160,10 @@ class Qwen3NextForCausalLM(nn.Module):
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin_range(start, T, input_ids.device, x.dtype)
-        layer_caches = [None] * len(self.model.layers) if cache is None else cache.layers
-        for layer, layer_cache in zip(self.model.layers, layer_caches):
-            x = layer(x, cos_sin, layer_cache)
+        if cache is None or T != 1 or not whole_step.run_layers(self, x, cos_sin, cache, keep=False):
+            layer_caches = [None] * len(self.model.layers) if cache is None else cache.layers
+            for layer, layer_cache in zip(self.model.layers, layer_caches):
+                x = layer(x, cos_sin, layer_cache)
         if cache is not None:
             cache.position += T
         return self.model.norm(x)
@@ -178,8 +184,10 @@ class Qwen3NextForCausalLM(nn.Module):
         if self.rows_stand_alone(x):
             cos_sin = self.rotary.cos_sin_range(start, T, input_ids.device, x.dtype)
             states: list[list] = [[] for _ in range(T)]
+            whole = whole_step.run_layers(self, x, cos_sin, cache, keep=True)
             for layer, layer_cache in zip(self.model.layers, cache.layers):
-                x = layer(x, cos_sin, layer_cache, as_steps=True)
+                if not whole:
+                    x = layer(x, cos_sin, layer_cache, as_steps=True)
                 if isinstance(layer_cache, DeltaNetState):
                     kept = layer_cache.kept + [DeltaNetState(layer_cache.conv, layer_cache.recurrent)]
                     layer_cache.kept = None

@@ -69,6 +69,9 @@ class RoutingObserver(Protocol):
     never depends on it. Rows are tokens in sequence order (the engine runs one sequence).
     """
 
+    needs_hidden: bool  # whether before_routing uses x; if not, a whole decode step may run in one C call
+    # (whole_step.py) and before_routing is not called for its layers. Observers without it count as True.
+
     def before_routing(self, layer: int, x: torch.Tensor) -> None:
         """x [N, hidden] is about to be routed by `layer` (a prefetcher can apply layer + 1's router to it)."""
         ...
@@ -85,6 +88,10 @@ class RoutingObservers:
 
     def __init__(self, *observers: RoutingObserver | None):
         self.observers = [observer for observer in observers if observer is not None]
+
+    @property
+    def needs_hidden(self) -> bool:
+        return any(getattr(observer, "needs_hidden", True) for observer in self.observers)
 
     def before_routing(self, layer: int, x: torch.Tensor) -> None:
         for observer in self.observers:

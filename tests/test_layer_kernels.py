@@ -142,3 +142,70 @@ def test_quantized_moe_blocks_take_the_fused_kernel_with_the_module_paths_result
             assert torch.equal(ids, ids2) and torch.equal(routing, routing2)
             assert torch.equal(out, cpu_kernels.moe_experts(one, kernel.struct, ids2, routing2, gate_logit))
     assert same_routing >= len(blocks)  # most comparisons are not decided by a tie
+
+
+def test_a_whole_step_in_one_call_has_the_bits_of_the_layer_by_layer_step(folders, monkeypatch):
+    """Decode steps and a verify pass through q3n_decode_layers equal the same kernels called layer by layer, bit
+    for bit; the routing observers still see every layer's choice."""
+    from qwen3next import whole_step
+    from qwen3next.moe import set_routing_observer
+
+    calls = []
+    decode_layers = cpu_kernels.decode_layers
+    monkeypatch.setattr(cpu_kernels, "decode_layers", lambda *a: calls.append(1) or decode_layers(*a))
+    for variant in ("bf16", "q8", "q4"):
+        engine = qwen3next.load(folders[variant], dtype="bfloat16", router_stats=False, quiet=True)
+        seen = []
+
+        class Counter:
+            needs_hidden = False
+
+            def before_routing(self, layer, x):
+                pass
+
+            def routed(self, layer, ids):
+                seen.append(layer)
+
+        set_routing_observer(engine.model, Counter())
+        prompt = [(5 * i) % 40 + 2 for i in range(20)]
+
+        def runs():
+            cache = engine.model.make_cache()
+            with torch.inference_mode():
+                engine.model(torch.tensor([[2, 7, 1, 8]]), cache)
+                _, verify_logits, states = engine.model.decode_steps(torch.tensor([[28, 18, 28]]), cache)
+            return greedy_steps(engine.model, prompt, 6), verify_logits, [s.recurrent for s in states[1] if s]
+
+        calls.clear()
+        whole, seen_whole = runs(), list(seen)
+        assert len(calls) == 1 + 6, "the verify pass and every decode step took one call"
+        assert len(seen_whole) == 9 * engine.model.config.num_hidden_layers  # 2 prefills, the pass, 6 steps
+        seen.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(whole_step, "run_layers", lambda *a, **k: False)
+            layer_by_layer = runs()
+        assert seen == seen_whole
+        assert whole[0][0] == layer_by_layer[0][0] and torch.equal(whole[0][1], layer_by_layer[0][1])
+        assert torch.equal(whole[1], layer_by_layer[1])
+        assert all(torch.equal(a, b) for a, b in zip(whole[2], layer_by_layer[2]))
+
+
+def test_an_observer_that_needs_the_hidden_state_keeps_the_layer_by_layer_step(models):
+    from qwen3next.moe import set_routing_observer
+
+    engine = qwen3next.load(models("tiny"), dtype="bfloat16", router_stats=False, quiet=True)
+    hidden_seen = []
+
+    class Prefetcher:
+        needs_hidden = True
+
+        def before_routing(self, layer, x):
+            hidden_seen.append(layer)
+
+        def routed(self, layer, ids):
+            pass
+
+    set_routing_observer(engine.model, Prefetcher())
+    greedy_steps(engine.model, [3, 4, 5], 3)
+    layers = engine.model.config.num_hidden_layers
+    assert len(hidden_seen) == 4 * layers  # the prefill and three steps, every layer shown its hidden state

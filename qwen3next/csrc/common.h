@@ -101,7 +101,20 @@ typedef struct {
     q3n_projection gate, up, down;
 } q3n_expert_layout;
 
+/* The weights of a sparse MoE block with bf16 routed experts, as the decode kernels read them. */
+typedef struct {
+    const uint16_t *router;     /* [experts, hidden] */
+    int64_t experts, top_k, norm_topk;
+    const int64_t *table;       /* [experts, 3] addresses of each expert's gate, up, down */
+    int64_t inter;
+    const uint16_t *shared_gate, *shared_up, *shared_down; /* [shared_inter, hidden] x2, [hidden, shared_inter] */
+    int64_t shared_inter;
+    const uint16_t *shared_expert_gate; /* [1, hidden] */
+} q3n_moe_weights;
+
 /* The per-op kernels (decode_kernels.c, quant_kernels.c) that layer_kernels.c chains into whole layer steps. */
+void q3n_moe_block_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights *m, int64_t hidden, int64_t tokens,
+                        int64_t *ids, float *weights, float *logits, int threads);
 void q3n_route_top_k(const float *logits, int64_t experts, int64_t top_k, int norm_topk, int64_t *ids,
                      float *weights);
 void q3n_experts_quant(const int64_t *blobs, const q3n_expert_layout *layout, const int64_t *ids,

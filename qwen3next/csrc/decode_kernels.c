@@ -277,16 +277,7 @@ void q3n_route_top_k(const float *logits, int64_t experts, int64_t top_k, int no
     for (int64_t i = 0; i < top_k; i++) weights[i] = round_bf16(weights[i] / (norm_topk ? chosen : total));
 }
 
-/* The weights of a sparse MoE block, as the decode kernels read them. */
-typedef struct {
-    const uint16_t *router;     /* [experts, hidden] */
-    int64_t experts, top_k, norm_topk;
-    const int64_t *table;       /* [experts, 3] addresses of each expert's gate, up, down */
-    int64_t inter;
-    const uint16_t *shared_gate, *shared_up, *shared_down; /* [shared_inter, hidden] x2, [hidden, shared_inter] */
-    int64_t shared_inter;
-    const uint16_t *shared_expert_gate; /* [1, hidden] */
-} q3n_moe_weights;
+/* q3n_moe_weights (common.h): a sparse MoE block's bf16 weights, as the decode kernels read them. */
 Q3N_EXPORT_SIZEOF(q3n_moe_weights)
 
 /* A sparse MoE block for one token runs in three phases, each called from every thread of a parallel

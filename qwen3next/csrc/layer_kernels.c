@@ -219,3 +219,48 @@ void q3n_moe_experts_quant(const uint16_t *x, uint16_t *out, const q3n_moe_quant
     (void)hidden;
     moe_quant_experts(m, x, out, 1, ids, weights, &gate_logit, threads);
 }
+
+/* ---- a whole decode step: every decoder layer in one call ---- */
+
+/* One decoder layer of a step: its mixer and MoE block (the structs above and decode_kernels.c's), and this
+ * step's state and outputs, which the caller fills in before each call. */
+typedef struct {
+    int64_t attention;                 /* 1: mixer is a q3n_attention_layer, 0: a q3n_deltanet_layer */
+    const void *mixer;
+    int64_t quantized_moe;             /* 1: moe is a q3n_moe_quant, 0: a q3n_moe_weights */
+    const void *moe;
+    uint16_t *conv_state;              /* DeltaNet: as q3n_deltanet_layer_bf16 takes them */
+    float *state, *kept_state;
+    uint16_t *kept_conv;
+    uint16_t *keys, *values;           /* attention: as q3n_attention_layer_bf16 takes them */
+    int64_t past, capacity;
+    int64_t *ids;                      /* the router's choice, for the routing observers: [tokens, top_k] */
+    float *weights, *logits;           /* [tokens, top_k], [tokens, experts] */
+} q3n_step_layer;
+Q3N_EXPORT_SIZEOF(q3n_step_layer)
+
+/* x [tokens, hidden] (tokens <= Q3N_MAX_ROWS) through `count` decoder layers in turn, in place: each layer's
+ * mixer call, its MoE block on the post-attention norm, and the residual add, rounded as torch's bf16 add, in
+ * exactly the calls DecoderLayer.forward makes one by one (so the same bits, without a Python round trip
+ * per layer). cos, sin: [tokens, rotary_dim] for the attention layers. */
+void q3n_decode_layers(const q3n_step_layer *layers, int64_t count, uint16_t *x, int64_t tokens,
+                       const uint16_t *cos, const uint16_t *sin, int threads) {
+    if (count == 0) return;
+    const int64_t hidden = ((const q3n_layer_norms *)layers[0].mixer)->hidden, n = tokens * hidden;
+    uint16_t *mixed = malloc(sizeof(uint16_t) * (size_t)(3 * n)), *normed = mixed + n, *moe = normed + n;
+    for (int64_t i = 0; i < count; i++) {
+        const q3n_step_layer *L = &layers[i];
+        if (L->attention)
+            q3n_attention_layer_bf16(L->mixer, x, mixed, normed, tokens, cos, sin, L->keys, L->values, L->past,
+                                     L->capacity, threads);
+        else
+            q3n_deltanet_layer_bf16(L->mixer, x, mixed, normed, tokens, L->conv_state, L->state, L->kept_state,
+                                    L->kept_conv, threads);
+        if (L->quantized_moe)
+            q3n_moe_block_quant(normed, moe, L->moe, hidden, tokens, L->ids, L->weights, L->logits, threads);
+        else
+            q3n_moe_block_bf16(normed, moe, L->moe, hidden, tokens, L->ids, L->weights, L->logits, threads);
+        for (int64_t j = 0; j < n; j++) x[j] = f32_to_bf16(bf16_to_f32(mixed[j]) + bf16_to_f32(moe[j]));
+    }
+    free(mixed);
+}

@@ -9,9 +9,10 @@ steps (bf16, CPU). Nested modules are counted in their parents too (the MoE bloc
 With the one-call layer kernels (csrc/layer_kernels.c) a layer's mixer no longer runs its module's
 forward, so this view shows the MoE blocks and lm_head only.
 
---kernels: the step with the one-call kernels against the module paths they replace, alternating for
---rounds rounds: everything fused; the MoE blocks through their modules (router, shared expert and
-store.run apart); and the module path (no layer kernels either, the fused MoE off too). For each the
+--kernels: the step with the one-call kernels against the paths they replace, alternating for
+--rounds rounds: the whole step in one call (whole_step.py); the same kernels called layer by layer;
+the MoE blocks through their modules as well (router, shared expert and store.run apart); and the
+module path (no layer kernels either). For each the
 time spent inside the C library's calls (timed around each ctypes call) against the rest: Python,
 torch ops and dispatch.
 """
@@ -25,7 +26,7 @@ import time
 import torch
 
 import qwen3next
-from qwen3next import cpu_kernels
+from qwen3next import cpu_kernels, whole_step
 from qwen3next.model import DecoderLayer
 from qwen3next.moe import SparseMoE
 
@@ -84,16 +85,17 @@ def step_seconds(model, steps: int, in_c: list[float] | None = None) -> float:
 
 def compare_paths(engine, steps: int, rounds: int) -> None:
     """The fused kernels against the module paths, alternating; each also with its C time counted."""
-    library, mixer_switch, moe_switch = cpu_kernels.library(), DecoderLayer._mixer_step, SparseMoE._fused_weights
+    library = cpu_kernels.library()
     if library is None:
         raise SystemExit("--kernels: the C kernels are not loaded here")
-    off = {"mixer": lambda self, x, cache, as_steps: None, "moe": lambda self, x: None}
-    paths = {"layer kernels": (mixer_switch, moe_switch), "MoE modules": (mixer_switch, off["moe"]),
-             "module path": (off["mixer"], off["moe"])}
+    switches = (DecoderLayer._mixer_step, SparseMoE._fused_weights, whole_step.run_layers)
+    mixer_off, moe_off, whole_off = lambda self, x, cache, as_steps: None, lambda self, x: None, lambda *a, **k: False
+    paths = {"whole step": switches, "layer by layer": (switches[0], switches[1], whole_off),
+             "MoE modules": (switches[0], moe_off, whole_off), "module path": (mixer_off, moe_off, whole_off)}
     print(f"{'path':<14} {'ms/step':>8} {'tok/s':>7} | {'in C':>7} {'the rest':>8} (ms/step, a timed run)")
     for _ in range(rounds):
-        for name, (mixer, moe) in paths.items():
-            DecoderLayer._mixer_step, SparseMoE._fused_weights = mixer, moe
+        for name, (mixer, moe, whole) in paths.items():
+            DecoderLayer._mixer_step, SparseMoE._fused_weights, whole_step.run_layers = mixer, moe, whole
             plain = step_seconds(engine.model, steps)
             in_c = [0.0]
             cpu_kernels._lib = TimedLibrary(library, in_c)
@@ -103,7 +105,7 @@ def compare_paths(engine, steps: int, rounds: int) -> None:
                 cpu_kernels._lib = library
             c = in_c[0] / steps
             print(f"{name:<14} {plain * 1e3:8.3f} {1 / plain:7.0f} | {c * 1e3:7.3f} {(timed - c) * 1e3:8.3f}")
-    DecoderLayer._mixer_step, SparseMoE._fused_weights = mixer_switch, moe_switch
+    DecoderLayer._mixer_step, SparseMoE._fused_weights, whole_step.run_layers = switches
 
 
 def main() -> None:

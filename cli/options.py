@@ -15,7 +15,7 @@ from qwen3next.errors import RequestError, UsageError
 from qwen3next.offload.expert_cache import POLICIES
 
 LOAD_KEYWORDS = ("model_path", "dtype", "device", "cpu_mem", "gpu_mem", "max_context", "expert_policy", "router_stats",
-                 "prefetch")
+                 "prefetch", "threads")
 
 
 def dtype_option(default: str) -> Callable:
@@ -60,6 +60,8 @@ def load_options(default_dtype: str) -> Callable:
                      help="Read the next layer's likely experts ahead when experts come from disk."),
         click.option("--no-router-stats", "router_stats", flag_value=False, default=True,
                      help="Do not read or update the per-model router statistics (~/.cache/qwen3next)."),
+        click.option("--threads", type=click.IntRange(min=1), metavar="N",
+                     help="CPU threads for the kernels [default: the physical cores]."),
     ])
 
 

@@ -228,6 +228,7 @@ def load(
     expert_policy: str = "stats",
     router_stats: bool = True,
     prefetch: bool = False,
+    threads: int | None = None,
 ) -> Engine:
     """Load a Qwen3-Next model folder (or a hub id already in the local Hugging Face cache).
 
@@ -240,7 +241,13 @@ def load(
     stats). router_stats: count routing into the per-model statistics cache (used for prefetch).
     prefetch: read the next layer's likely experts ahead when experts come from disk (off by default:
     as measured so far it costs more reads than it saves; docs/offload.md).
+    threads: CPU threads for the kernels and torch's ops, for the whole process (torch.set_num_threads);
+    None leaves torch's setting, which defaults to the physical cores.
     """
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise RequestError("threads", threads, "must be a whole number >= 1")
+        torch.set_num_threads(threads)
     placement = Placement(cpu_mem=cpu_mem, gpu_mem=gpu_mem, max_context=max_context, expert_policy=expert_policy,
                           prefetch=prefetch)
     folder = resolve_model_path(path)

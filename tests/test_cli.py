@@ -162,3 +162,26 @@ def test_jsonl_wrong_types_are_answered_not_fatal(cli, models):
     assert answers[0]["field"] == "max_new_tokens" and answers[0]["error"].startswith("max_new_tokens '3': ")
     assert len(answers[1]["tokens"]) == 2  # null means unset: the flag's (or generation_config's) default
     assert len(answers[2]["tokens"]) == 2
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_bad_thread_counts_name_the_flag(cli, models, bad):
+    code, _, err = cli(["run", "-m", str(models("tiny")), "-p", "x", "--threads", bad])
+    assert_one_line_error(code, err, 2, "--threads")
+
+
+def test_threads_sets_the_thread_count_and_load_checks_it(cli, models):
+    import torch
+
+    import qwen3next
+    from qwen3next.errors import RequestError
+
+    before = torch.get_num_threads()
+    try:
+        code, out, err = cli(["run", "-m", str(models("tiny")), "-p", "x", "-n", "3", "-t", "0", "--threads", "1"])
+        assert code == 0, err
+        assert torch.get_num_threads() == 1
+        with pytest.raises(RequestError, match="threads"):
+            qwen3next.load(models("tiny"), threads=0)
+    finally:
+        torch.set_num_threads(before)

@@ -37,7 +37,11 @@ def folders(models, tmp_path_factory):
 
 
 def without_layer_kernels(monkeypatch):
+    """The module path: no layer kernels, and no whole step (which would reuse kernels already built)."""
+    from qwen3next import whole_step
+
     monkeypatch.setattr(DecoderLayer, "_mixer_step", lambda self, x, cache, as_steps: None)
+    monkeypatch.setattr(whole_step, "run_layers", lambda *a, **k: False)
 
 
 def greedy_steps(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:

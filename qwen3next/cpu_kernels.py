@@ -537,18 +537,42 @@ class MoeQuant(ctypes.Structure):
                 ("shared_expert_gate", Matrix)]
 
 
+_rebinds = 0  # how many times any module got a parameter, buffer or submodule assigned (torch's global hooks)
+
+
+def _count_rebind(*_) -> None:
+    global _rebinds
+    _rebinds += 1
+
+
+for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_count_rebind)
+
+
+def rebind_count() -> int:
+    """Changes whenever a module anywhere is given a new parameter, buffer or submodule (`m.weight =
+    nn.Parameter(...)`, a module swapped in, `load_state_dict(assign=True)`): a structure built from a
+    module's tensors before then may point at tensors the module no longer holds. Not called in the hot path:
+    loading counts thousands, a decode step none."""
+    return _rebinds
+
+
 class LayerKernel:
-    """A layer's kernel struct with the tensors it points into, kept alive here; `valid()` says whether they
-    still sit where the struct points (a `.data` swap or in-place reallocation moves them; `Module.to()` and
-    friends drop the whole object, model.DecoderLayer._apply)."""
+    """A layer's kernel struct with the tensors it points into, kept alive here; `valid()` says whether the
+    struct still describes the module: no tensor was rebound anywhere since it was built (rebind_count) and
+    none has moved (a `.data` swap or in-place reallocation). `Module.to()` and friends drop the whole object
+    (model.DecoderLayer._apply, moe.SparseMoE._apply)."""
 
     def __init__(self, struct: ctypes.Structure, tensors: list[torch.Tensor]):
         self.struct, self.pointer = struct, ctypes.byref(struct)
         self.tensors = tensors
         self.addresses = [t.data_ptr() for t in tensors]
+        self.rebinds = _rebinds
 
     def valid(self) -> bool:
-        return all(t.data_ptr() == a for t, a in zip(self.tensors, self.addresses))
+        return self.rebinds == _rebinds and all(t.data_ptr() == a for t, a in zip(self.tensors, self.addresses))
 
 
 def deltanet_layer_bf16(kernel: LayerKernel, x: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor,
@@ -591,6 +615,8 @@ class StepLayer(ctypes.Structure):
 def decode_layers(layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """x [1, T, hidden] (contiguous, T <= MAX_ROWS) through every layer of `layers` (StepLayer entries, filled in
     for this step) in place: csrc/layer_kernels.c's q3n_decode_layers."""
+    if x.shape[1] > MAX_ROWS:  # the C side's per-token buffers hold MAX_ROWS
+        raise ValueError(f"decode_layers: {x.shape[1]} tokens, more than the kernel's {MAX_ROWS}")
     _lib.q3n_decode_layers(layers, len(layers), x.data_ptr(), x.shape[1], cos.data_ptr(), sin.data_ptr(),
                            torch.get_num_threads())
 

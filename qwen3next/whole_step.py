@@ -19,17 +19,19 @@ import torch
 
 from . import cpu_kernels
 from .cache import ModelCache
+from .config import FULL_ATTENTION
 from .moe import Routing
 
 
 class StepPlan:
-    """The per-model part of a whole step, built once: each layer with its mixer and MoE modules, and the
-    ctypes array a step fills in."""
+    """The per-model part of a whole step: each layer with its mixer and MoE modules, and the ctypes array a
+    step fills in; built again when any module was given a new submodule or tensor (cpu_kernels.rebind_count)."""
 
     def __init__(self, layers):
-        self.layers = [(layer, layer.self_attn if layer.layer_type == "full_attention" else layer.linear_attn,
+        self.layers = [(layer, layer.self_attn if layer.layer_type == FULL_ATTENTION else layer.linear_attn,
                         layer.mlp) for layer in layers]
         self.entries = (cpu_kernels.StepLayer * len(self.layers))()
+        self.rebinds = cpu_kernels.rebind_count()
 
 
 def run_layers(model, x: torch.Tensor, cos_sin, cache: ModelCache, keep: bool) -> bool:
@@ -39,7 +41,7 @@ def run_layers(model, x: torch.Tensor, cos_sin, cache: ModelCache, keep: bool) -
     if x.shape[0] != 1 or T > cpu_kernels.MAX_ROWS or not cpu_kernels.usable(x) or not x.is_contiguous():
         return False
     plan = model._step_plan
-    if plan is None:
+    if plan is None or plan.rebinds != cpu_kernels.rebind_count():
         plan = model._step_plan = StepPlan(model.model.layers)
     entries, mixer_kernels, moe_kernels = plan.entries, [], []
     for (layer, mixer, moe), state in zip(plan.layers, cache.layers):
@@ -63,7 +65,7 @@ def run_layers(model, x: torch.Tensor, cos_sin, cache: ModelCache, keep: bool) -
         entry.mixer = ctypes.addressof(mixer_kernels[i].struct)
         entry.moe = ctypes.addressof(moe_kernels[i].struct)
         entry.quantized_moe = isinstance(moe_kernels[i].struct, cpu_kernels.MoeQuant)
-        entry.attention = layer.layer_type == "full_attention"
+        entry.attention = layer.layer_type == FULL_ATTENTION
         if entry.attention:
             state.reserve(mixer.key_shape, T)
             entry.keys, entry.values = state.keys.data_ptr(), state.values.data_ptr()
@@ -79,7 +81,7 @@ def run_layers(model, x: torch.Tensor, cos_sin, cache: ModelCache, keep: bool) -
     cos, sin = (table.contiguous() for table in cos_sin)
     cpu_kernels.decode_layers(entries, x, cos, sin)
     for i, ((layer, mixer, moe), state) in enumerate(zip(plan.layers, cache.layers)):
-        if layer.layer_type == "full_attention":
+        if layer.layer_type == FULL_ATTENTION:
             state.length += T
         else:
             mixer._keep(state, kept[i], keep)

@@ -97,22 +97,47 @@ def test_a_verify_pass_matches_the_module_path(folders, variant, monkeypatch):
 
 
 def test_the_kernels_follow_weights_that_move(models):
-    """A `.data` swap is noticed (the kernel is rebuilt on the new weights); `Module.to()` and its kin drop the
-    kernels, which the next step rebuilds."""
+    """Weights changed after the kernels were built are used: a `.data` swap, a new Parameter (a norm's and a MoE
+    block's), each compared on the decode steps with the module path reading the same weights; `Module.to()` and
+    its kin drop the kernels, which the next step rebuilds. A decode step itself rebinds nothing."""
+    from torch import nn
+
     engine = qwen3next.load(models("tiny"), dtype="bfloat16", router_stats=False, quiet=True)
     model, prompt = engine.model, [5, 9, 13, 2, 40]
-    before = greedy_steps(model, prompt, 4)
-    norm = model.model.layers[0].input_layernorm.weight
-    original = norm.data
-    norm.data = original.clone() + 4.0  # a different scale for the first layer's input
-    changed = greedy_steps(model, prompt, 4)
-    assert not torch.equal(changed[1], before[1])
-    norm.data = original.clone()
-    assert_same_run(greedy_steps(model, prompt, 4), before)
+
+    def decode_logits():  # the steps' logits, not the prefill's (which never takes the kernels)
+        return greedy_steps(model, prompt, 4)[1][1:]
+
+    def module_path_logits():
+        with pytest.MonkeyPatch.context() as patch:
+            without_layer_kernels(patch)
+            patch.setattr(type(model.model.layers[0].mlp), "_fused_weights", lambda self, x: None)
+            return decode_logits()
+
+    before = decode_logits()
+    rebinds = cpu_kernels.rebind_count()
+    decode_logits()
+    assert cpu_kernels.rebind_count() == rebinds
+    layer, moe = model.model.layers[0], model.model.layers[0].mlp
+    original_norm, original_gate = layer.input_layernorm.weight, moe.shared_expert_gate.weight
+    norm_data = original_norm.data
+    changes = [
+        lambda: setattr(original_norm, "data", original_norm.data.clone() + 4.0),
+        lambda: setattr(layer.input_layernorm, "weight", nn.Parameter(original_norm.data.clone() - 3.0)),
+        lambda: setattr(moe.shared_expert_gate, "weight", nn.Parameter(original_gate.data.clone() * -8.0)),
+    ]
+    for change in changes:
+        change()
+        changed = decode_logits()
+        assert not torch.equal(changed, before)
+        assert (changed - module_path_logits()).abs().max().item() <= 1e-2
+    original_norm.data = norm_data
+    layer.input_layernorm.weight, moe.shared_expert_gate.weight = original_norm, original_gate
+    assert torch.equal(decode_logits(), before)
 
     model.to(torch.bfloat16)
     assert all(layer._layer_kernel is None for layer in model.model.layers)
-    assert_same_run(greedy_steps(model, prompt, 4), before)
+    assert torch.equal(decode_logits(), before)
     assert all(layer._layer_kernel for layer in model.model.layers)
 
 

@@ -83,6 +83,16 @@ def test_draws_follow_the_distribution_and_never_pick_a_masked_id():
     assert {sampler.sample(probs * 7) for _ in range(200)} <= {1, 3, 4}  # unnormalised weights work too
 
 
+def test_a_draw_at_the_very_top_still_picks_an_id_with_mass_and_no_mass_is_an_error(monkeypatch):
+    sampler = Sampler(SamplingParams(), seed=0)
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(1.0, dtype=torch.float64))  # u == the total
+    assert sampler.sample(torch.tensor([0.0, 0.3, 0.7, 0.0, 0.0])) == 2
+    monkeypatch.undo()
+    for no_mass in (torch.zeros(4), torch.tensor([float("nan"), 1.0])):
+        with pytest.raises(ValueError, match="no probability mass"):
+            sampler.sample(no_mass)
+
+
 def test_repetition_penalty_follows_transformers_semantics():
     logits = torch.tensor([2.0, -2.0, 1.9, -1.0])
     penalized = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0))

@@ -4,7 +4,8 @@ alternating, on any model folder (resident, or with experts read from disk under
     python benchmarks/bench_verify.py                                   # the embedded demo model
     python benchmarks/bench_verify.py --model /tmp/q4-real --cpu-mem 4G --max-rows 3
 
-Per T: milliseconds per pass, the ratio to one plain step, and the decode speed-up that ratio gives at
+Per T: milliseconds per pass (and of them, inside the C kernels' calls), the ratio to one plain step,
+and the decode speed-up that ratio gives at
 the demo model's acceptance (--acceptance: the measured fraction of drafts accepted at each draft
 position, benchmarks/bench_speculative.py), counting the head's draft steps as measured here too:
 speed-up = (1 + sum of the acceptance rates) / (verify ratio + N x draft ratio). Random real-width weights
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 
 import qwen3next
+from decode_breakdown import TimedLibrary  # benchmarks/, beside this file
+from qwen3next import cpu_kernels
 from qwen3next.offload.disk import drop_cached_pages
 from qwen3next.sampling import Sampler, SamplingParams
 from qwen3next.speculative import Drafter, GreedyRule
@@ -59,12 +62,17 @@ def main() -> None:
               f"{model.rows_stand_alone(hidden[:, :2])}", flush=True)
         times: dict[str, list[float]] = {}
         disk_bytes: dict[str, list[int]] = {}
+        in_c: dict[str, list[float]] = {}
+        c_seconds = [0.0]  # the C library's calls, timed one by one (none on the torch fallback)
+        if cpu_kernels.library() is not None:
+            cpu_kernels._lib = TimedLibrary(cpu_kernels.library(), c_seconds)
 
         def timed(name: str, run) -> None:
-            before = store_cache.counters.disk_bytes if disk else 0
+            before, c_before = store_cache.counters.disk_bytes if disk else 0, c_seconds[0]
             started = time.perf_counter()
             run()
             times.setdefault(name, []).append(time.perf_counter() - started)
+            in_c.setdefault(name, []).append(c_seconds[0] - c_before)
             disk_bytes.setdefault(name, []).append((store_cache.counters.disk_bytes if disk else 0) - before)
 
         def verify(rows: int):
@@ -91,17 +99,20 @@ def main() -> None:
             if round_ < 2:
                 times.clear()
                 disk_bytes.clear()
+                in_c.clear()
     base = statistics.median(times["step"])
     draft_ratio = statistics.median(times["draft"]) / base
-    print(f"one decode step {base * 1e3:.1f} ms | one head draft step {draft_ratio:.2f} steps")
-    print(f"{'T':>3} | {'ms / pass':>9} | {'in steps':>8} | {'speed-up at the acceptance given':>32}"
+    print(f"one decode step {base * 1e3:.1f} ms ({statistics.median(in_c['step']) * 1e3:.2f} in C) | "
+          f"one head draft step {draft_ratio:.2f} steps")
+    print(f"{'T':>3} | {'ms / pass':>9} | {'ms in C':>7} | {'in steps':>8} | {'speed-up at the acceptance given':>32}"
           + (" | disk MiB / pass" if disk else ""))
     for rows in range(1, args.max_rows + 1):
         seconds = statistics.median(times[f"T={rows}"])
         ratio, n = seconds / base, rows - 1
         tokens = 1 + sum(acceptance[:n])
         implied = tokens / (ratio + n * draft_ratio) if n else 1.0
-        line = f"{rows:>3} | {seconds * 1e3:>9.1f} | {ratio:>8.2f} | {implied:>31.2f}x"
+        c = statistics.median(in_c[f"T={rows}"])
+        line = f"{rows:>3} | {seconds * 1e3:>9.1f} | {c * 1e3:>7.2f} | {ratio:>8.2f} | {implied:>31.2f}x"
         if disk:
             line += f" | {statistics.median(disk_bytes[f'T={rows}']) / 2**20:>15.1f}"
         print(line)

@@ -22,7 +22,10 @@
 #elif defined(__AVX2__) && defined(__FMA__)
 #define Q3N_AVX2 1
 #endif
-#if defined(Q3N_AVX512) || defined(Q3N_AVX2) || defined(__F16C__)
+#if !defined(Q3N_VNNI) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define Q3N_AVX2_DOTS 1 /* integer dot products on 256 bits for the quantized kernels */
+#endif
+#if defined(Q3N_AVX512) || defined(Q3N_AVX2) || defined(Q3N_AVX2_DOTS) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 

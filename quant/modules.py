@@ -29,7 +29,7 @@ def quantized_matmul(x: torch.Tensor, bits: int, arrays: list[torch.Tensor], fp3
     """x [..., in] @ W.T for a matrix stored as `arrays` (fp32 sums kept with fp32_out, for logits).
 
     bf16 rows on the CPU take the 8/4-bit kernels in one call: any number of rows where the kernels have
-    their integer tiles (AVX-512 VNNI), up to KERNEL_ROWS elsewhere (their fp32 row loops lose to a GEMM
+    integer dot products (AVX-512 VNNI, AVX2), up to KERNEL_ROWS elsewhere (their fp32 row loops lose to a GEMM
     beyond). Each row's result is then the same bits alone or among the others (a speculative verify pass
     needs that, and with the tiles a prompt's logits do not depend on the chunk size), and nothing the size
     of the matrix is allocated. The tiles beat dequantizing for a bf16 GEMM wherever the model meets them

@@ -10,8 +10,9 @@
  * dot-product instructions over tiles, so that each weight is unpacked once per tile of activation
  * rows and each activation block loaded once per tile of weight rows, as llama.cpp's repacked GEMMs
  * do: 4-bit tiles hold 16 weight rows in the vector lanes (a row's 4 code bytes per lane against 4
- * broadcast activation bytes), 8-bit tiles 4 x 4 row pairs. Other CPUs take plain fp32 loops, one row
- * pair at a time.
+ * broadcast activation bytes), 8-bit tiles 4 x 4 row pairs. CPUs with AVX2 but no AVX-512 take the same
+ * codes one weight row at a time with vpmaddwd / vpmaddubsw (Q3N_AVX2_DOTS); others plain fp32 loops, one
+ * row pair at a time.
  *
  * Every (weight row, activation row) pair has its own accumulator and the same sequence of
  * operations whatever the tile it falls in and however many rows share the call, so a row's

@@ -65,8 +65,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool = False) -> tor
             and x.numel() <= cpu_kernels.MAX_ROWS * weight.shape[1] and weight.is_contiguous():
         return cpu_kernels.linear_bf16(x, weight, fp32_out=widen)
     if not widen:
+        if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
+                and SLOW_CPU_BF16_GEMM:
+            return _fp32_matmul(x, weight).to(torch.bfloat16)
         return F.linear(x, weight)
     return _fp32_matmul(x, weight)
+
+
+def _cpu_bf16_gemm_is_slow() -> bool:
+    """True on CPUs where oneDNN has no bf16 path (no AVX-512): there torch's bf16 GEMM ran 3.5-4x slower
+    than an fp32 GEMM on copies widened a block of rows at a time (docs/kernels.md), so a prefill
+    chunk's bf16 matmuls take the latter; the sums are fp32 either way, rounded to bf16 once."""
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a torch without the query: keep its own GEMM
+        return False
+
+
+SLOW_CPU_BF16_GEMM = _cpu_bf16_gemm_is_slow()
 
 
 def _fp32_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

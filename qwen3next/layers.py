@@ -65,8 +65,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool = False) -> tor
             and x.numel() <= cpu_kernels.MAX_ROWS * weight.shape[1] and weight.is_contiguous():
         return cpu_kernels.linear_bf16(x, weight, fp32_out=widen)
     if not widen:
-        if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
-                and SLOW_CPU_BF16_GEMM:
+        if SLOW_CPU_BF16_GEMM and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
+                and x.numel() > cpu_kernels.MAX_ROWS * weight.shape[1]:
             return _fp32_matmul(x, weight).to(torch.bfloat16)
         return F.linear(x, weight)
     return _fp32_matmul(x, weight)

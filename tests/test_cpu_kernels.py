@@ -46,6 +46,23 @@ def test_linear(rows):
         assert_bf16_close(cpu_kernels.linear_bf16(x, w), x.float() @ w.float().T)
 
 
+@pytest.mark.parametrize("slow_bf16_gemm", [False, True])
+def test_many_bf16_rows_round_the_fp32_sums_once(monkeypatch, slow_bf16_gemm):
+    """Past the kernels' rows, bf16 matmuls take torch's bf16 GEMM or (CPUs without a bf16 GEMM) an fp32 GEMM
+    on widened weight blocks: either way each output is the fp32 sum rounded to bf16 once."""
+    from qwen3next import layers
+
+    monkeypatch.setattr(layers, "SLOW_CPU_BF16_GEMM", slow_bf16_gemm)
+    monkeypatch.setattr(layers, "_WIDEN_BYTES", 40 * 96 * 4 // 3)  # several blocks of weight rows
+    x, w = bf16(cpu_kernels.MAX_ROWS + 9, 96, seed=1), bf16(40, 96, seed=2)
+    with torch.inference_mode():
+        out = layers.linear(x, w)
+    assert out.dtype == torch.bfloat16
+    assert_bf16_close(out, x.float() @ w.float().T)
+    if slow_bf16_gemm:
+        assert torch.equal(out, (x.float() @ w.float().T).bfloat16())
+
+
 def test_linear_fp32_output_is_the_unrounded_sum():
     """fp32_out (logits) returns the fp32 accumulation itself: far inside one bf16 rounding."""
     x, w = bf16(3, 200, seed=1), bf16(70, 200, seed=2)

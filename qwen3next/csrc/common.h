@@ -7,6 +7,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else /* built without OpenMP: one thread */
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
 
 /* Defined here only: cpu_kernels.py reads them from the loaded library (build_info.c). */
 #define Q3N_MAX_ROWS 8        /* activation rows up to which the matrix-vector kernels beat a GEMM */

@@ -13,13 +13,6 @@
  */
 #include "common.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#else /* built without OpenMP: one thread */
-static inline int omp_get_thread_num(void) { return 0; }
-static inline int omp_get_num_threads(void) { return 1; }
-#endif
-
 /* w[:n] . x[:n] with fp32 accumulation, for the expert, router and linear kernels.
  *
  * dot_bf16_f32 leaves the vectorisation to the compiler, which keeps one or two vector

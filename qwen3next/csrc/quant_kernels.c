@@ -285,8 +285,9 @@ static void q4_columns(const uint16_t *const rows[16], int64_t groups, __m512 *o
 
 /* 4 bits: TILE_W rows in the 16 lanes. Each 64-byte chunk (two groups) of the 16 rows is transposed once, so
  * that a vector holds 4 code bytes of every row and vpdpbusd against 4 broadcast activation bytes adds 64
- * products into 16 per-row sums; a group's int32 sums are then scaled into per-row fp32 sums, group after
- * group in order, and the minimums' share added last. Rows past nw repeat row r0 (their lanes are dropped). */
+ * products into 16 per-row sums; a group's int32 sums, centred on code 8 as q4_row_avx2's are, are then
+ * scaled into per-row fp32 sums, group after group in order, and the share of the centre and minimums added
+ * last. Rows past nw repeat row r0 (their lanes are dropped). */
 static inline __attribute__((always_inline)) void q4_chunk_rows(const __m512i *codes, const __m512 *scale, int64_t c,
                                                                 const prepared *const *xs, const int nx, float *acc) {
     __m512 total[TILE_X];
@@ -305,7 +306,8 @@ static inline __attribute__((always_inline)) void q4_chunk_rows(const __m512i *c
             }
         for (int m = 0; m < nx; m++) {
             const __m512 both = _mm512_mul_ps(scale[2 * c + h], _mm512_set1_ps(xs[m]->block_scale_b[2 * c + h]));
-            total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(low[m], high[m])), both, total[m]);
+            const __m512i centred = _mm512_sub_epi32(_mm512_add_epi32(low[m], high[m]), _mm512_set1_epi32(xs[m]->centre_b[2 * c + h]));
+            total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), both, total[m]);
         }
     }
     for (int m = 0; m < nx; m++) _mm512_storeu_ps(acc + 16 * m, total[m]);
@@ -328,6 +330,7 @@ static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *
         }
     q4_columns(scale_rows, groups, scale);
     q4_columns(minimum_rows, groups, minimum);
+    for (int64_t g = 0; g < groups; g++) minimum[g] = _mm512_fmadd_ps(scale[g], _mm512_set1_ps(8.0f), minimum[g]); /* the centre's share */
     const __m512i nibble = _mm512_set1_epi8(0xF);
     float *acc = dots; /* per-row sums, 16 lanes per activation row: dots is [nx][TILE_W] */
     memset(acc, 0, sizeof(float) * (size_t)(nx * TILE_W));
@@ -360,22 +363,37 @@ static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *
  * vpdpbusd does (the sums are at most 4 * 15 * 127, far from saturating). Two fp32 accumulators take
  * alternate blocks, so that a short row is not one chain of dependent multiply-adds; every pair keeps
  * them and their order whatever nx is. */
+/* acc0 and acc1 take alternate blocks (even, odd) of 64: the loop pairs them so that both stay in registers. */
+#define Q3N_ALTERNATE_BLOCKS(blocks, step)               \
+    {                                                   \
+        int64_t b = 0;                                  \
+        for (; b + 1 < (blocks); b += 2) {              \
+            step(b, acc0);                              \
+            step(b + 1, acc1);                          \
+        }                                               \
+        if (b < (blocks)) step(b, acc0);                \
+    }
+
 static inline __attribute__((always_inline)) void q8_row_avx2(const matrix *w, int64_t r, const prepared *const *xs,
                                                               const int nx, float *dots) {
     const int8_t *row = (const int8_t *)w->codes + r * w->cols;
-    __m256 acc[TILE_X][2];
-    for (int m = 0; m < nx; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < w->cols / XBLOCK; b++) {
-        __m256i wv[4];
-        for (int q = 0; q < 4; q++) wv[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + b * XBLOCK + 16 * q)));
-        for (int m = 0; m < nx; m++) {
-            const int16_t *xq = xs[m]->q + b * XBLOCK;
-            __m256i dot = _mm256_madd_epi16(wv[0], _mm256_loadu_si256((const __m256i *)xq));
-            for (int q = 1; q < 4; q++) dot = _mm256_add_epi32(dot, _mm256_madd_epi16(wv[q], _mm256_loadu_si256((const __m256i *)(xq + 16 * q))));
-            acc[m][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[m]->block_scale[b]), acc[m][b & 1]);
-        }
+    __m256 acc0[TILE_X], acc1[TILE_X];
+    for (int m = 0; m < nx; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
+#define Q3N_Q8_BLOCK(b, acc)                                                                                               \
+    {                                                                                                                     \
+        __m256i wv[4];                                                                                                    \
+        _mm_prefetch((const char *)(row + (b) * XBLOCK + PREFETCH * 64), _MM_HINT_T0);                                   \
+        for (int q = 0; q < 4; q++) wv[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + (b) * XBLOCK + 16 * q))); \
+        for (int m = 0; m < nx; m++) {                                                                                    \
+            const int16_t *xq = xs[m]->q + (b) * XBLOCK;                                                                  \
+            __m256i dot = _mm256_madd_epi16(wv[0], _mm256_loadu_si256((const __m256i *)xq));                              \
+            for (int q = 1; q < 4; q++) dot = _mm256_add_epi32(dot, _mm256_madd_epi16(wv[q], _mm256_loadu_si256((const __m256i *)(xq + 16 * q)))); \
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[m]->block_scale[b]), acc[m]);            \
+        }                                                                                                                 \
     }
-    for (int m = 0; m < nx; m++) dots[m * TILE_W] = sum_lanes(_mm256_add_ps(acc[m][0], acc[m][1])) * ((const float *)w->scale)[r];
+    Q3N_ALTERNATE_BLOCKS(w->cols / XBLOCK, Q3N_Q8_BLOCK)
+#undef Q3N_Q8_BLOCK
+    for (int m = 0; m < nx; m++) dots[m * TILE_W] = sum_lanes(_mm256_add_ps(acc0[m], acc1[m])) * ((const float *)w->scale)[r];
 }
 
 /* Groups of a multiple of 64 weights: each block of 64 (32 bytes) is scaled by its group's scale and the
@@ -389,22 +407,28 @@ static inline __attribute__((always_inline)) void q4_row_avx2(const matrix *w, i
     const uint8_t *row = w->codes + r * (w->cols / 2);
     const uint16_t *scale = (const uint16_t *)w->scale + r * groups, *minimum = w->minimum + r * groups;
     const __m256i nibble = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
-    __m256 acc[TILE_X][2];
-    for (int m = 0; m < nx; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < w->cols / XBLOCK; b++) {
-        const float weight_scale = f16_to_f32(scale[b / per_group]);
-        const __m256i bytes = _mm256_loadu_si256((const __m256i *)(row + 32 * b));
-        const __m256i low = _mm256_and_si256(bytes, nibble), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
-        for (int m = 0; m < nx; m++) {
-            const __m256i pairs = _mm256_add_epi16(
-                _mm256_maddubs_epi16(low, _mm256_loadu_si256((const __m256i *)(xs[m]->even_b + 32 * b))),
-                _mm256_maddubs_epi16(high, _mm256_loadu_si256((const __m256i *)(xs[m]->odd_b + 32 * b))));
-            const __m256 both = _mm256_set1_ps(weight_scale * xs[m]->block_scale_b[b]);
-            const __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),
-                                                     _mm256_zextsi128_si256(_mm_cvtsi32_si128(xs[m]->centre_b[b])));
-            acc[m][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), both, acc[m][b & 1]);
-        }
+    __m256 acc0[TILE_X], acc1[TILE_X];
+    for (int m = 0; m < nx; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    float weight_scale = 0.0f;
+    int64_t group_end = 0, next_group = 0; /* blocks run in order: the next group's scale is read where it starts */
+#define Q3N_Q4_BLOCK(b, acc)                                                                                                \
+    {                                                                                                                      \
+        if ((b) == group_end) weight_scale = f16_to_f32(scale[next_group++]), group_end += per_group;                      \
+        _mm_prefetch((const char *)(row + 32 * (b) + PREFETCH * 64), _MM_HINT_T0);                                         \
+        const __m256i bytes = _mm256_loadu_si256((const __m256i *)(row + 32 * (b)));                                       \
+        const __m256i low = _mm256_and_si256(bytes, nibble), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble); \
+        for (int m = 0; m < nx; m++) {                                                                                     \
+            const __m256i pairs = _mm256_add_epi16(                                                                        \
+                _mm256_maddubs_epi16(low, _mm256_loadu_si256((const __m256i *)(xs[m]->even_b + 32 * (b)))),                \
+                _mm256_maddubs_epi16(high, _mm256_loadu_si256((const __m256i *)(xs[m]->odd_b + 32 * (b)))));               \
+            const __m256 both = _mm256_set1_ps(weight_scale * xs[m]->block_scale_b[b]);                                    \
+            const __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),                                       \
+                                                     _mm256_zextsi128_si256(_mm_cvtsi32_si128(xs[m]->centre_b[b])));       \
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), both, acc[m]);                                           \
+        }                                                                                                                  \
     }
+    Q3N_ALTERNATE_BLOCKS(w->cols / XBLOCK, Q3N_Q4_BLOCK)
+#undef Q3N_Q4_BLOCK
     for (int m = 0; m < nx; m++) {
         __m256 share = _mm256_setzero_ps();
         int64_t g = 0;
@@ -415,7 +439,7 @@ static inline __attribute__((always_inline)) void q4_row_avx2(const matrix *w, i
         }
         float tail = 0.0f;
         for (; g < groups; g++) tail += fmaf(f16_to_f32(scale[g]), 8.0f, f16_to_f32(minimum[g])) * xs[m]->sums[g];
-        dots[m * TILE_W] = sum_lanes(_mm256_add_ps(acc[m][0], acc[m][1])) + (sum_lanes(share) + tail);
+        dots[m * TILE_W] = sum_lanes(_mm256_add_ps(acc0[m], acc1[m])) + (sum_lanes(share) + tail);
     }
 }
 
@@ -429,6 +453,7 @@ static void rows_avx2(const matrix *w, int64_t r0, int nw, const prepared *const
 #undef Q3N_Q4_ROW
     }
 }
+#undef Q3N_ALTERNATE_BLOCKS
 #endif
 
 /* dots[m * TILE_W + i] = row r0 + i (i < nw <= TILE_W) of w times activation row xs[m] (m < nx). */
@@ -539,6 +564,31 @@ static by_expert group_pairs(const int64_t *ids, int64_t pairs) {
     return g;
 }
 
+#define ITEM_READ_COST 4 /* a tile's weight reads, in units of one activation row's arithmetic on the tile */
+
+/* This thread's contiguous run [first, last) of the items (expert s, tile t) = s * tiles + t, balanced by
+ * cost (the expert's rows plus the reads). Contiguous, so the prefetches a tile issues into the next
+ * tile's rows serve this thread's own next item: handing items out round robin had each thread prefetch
+ * its neighbour's tiles and start every one of its own cold (4-bit decode ran 1.2-1.5x slower). */
+static void share_of_items(const by_expert *g, int64_t tiles, int64_t *first, int64_t *last) {
+    const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
+    int64_t total = 0;
+    for (int64_t s = 0; s < g->count; s++) total += tiles * (g->starts[s + 1] - g->starts[s] + ITEM_READ_COST);
+    const int64_t from = total * thread / threads, to = total * (thread + 1) / threads;
+    /* an item belongs to the thread whose cost range holds the cost before it */
+    int64_t before = 0, item = 0;
+    *first = *last = -1;
+    for (int64_t s = 0; s < g->count; s++) {
+        const int64_t cost = g->starts[s + 1] - g->starts[s] + ITEM_READ_COST;
+        for (int64_t t = 0; t < tiles; t++, item++, before += cost) {
+            if (*first < 0 && before >= from) *first = item;
+            if (*last < 0 && before >= to) *last = item;
+        }
+    }
+    if (*first < 0) *first = item;
+    if (*last < 0) *last = item;
+}
+
 /* pair_out [pairs, hidden] (fp32) = down(silu(gate x) * up x) for each pair p: token row tokens[p] of
  * x [rows_x, hidden] through the expert whose blob starts at blobs[ids[p]]. Each expert runs once on all
  * its pairs; its activations are rounded to bf16 as the reference's bf16 matmuls round them. gate and up
@@ -563,9 +613,9 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < pairs; j++) px[j] = &xs[tokens[g.order[j]]], pa[j] = &acts_p[g.order[j]];
         float *gates = malloc(sizeof(float) * (size_t)(2 * longest * TILE_W)), *ups = gates + longest * TILE_W;
-        /* round robin over (expert, tile): every thread works through every expert's rows */
-#pragma omp for schedule(static, 1)
-        for (int64_t item = 0; item < g.count * up_tiles; item++) {
+        int64_t first, last;
+        share_of_items(&g, up_tiles, &first, &last);
+        for (int64_t item = first; item < last; item++) {
             const int64_t s = item / up_tiles, t = item % up_tiles, start = g.starts[s], nx = g.starts[s + 1] - start;
             const uint8_t *blob = (const uint8_t *)(intptr_t)blobs[g.experts[s]];
             const matrix gate = projection_in(blob, &layout->gate), up = projection_in(blob, &layout->up);
@@ -578,10 +628,11 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
                     acts[g.order[start + m] * inter + t * TILE_W + i] = round_bf16(round_bf16(silu(gv)) * uv);
                 }
         }
+#pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < pairs; p++) prepare(&acts_p[p], acts + p * inter, inter, act_group);
-#pragma omp for schedule(static, 1)
-        for (int64_t item = 0; item < g.count * down_tiles; item++) {
+        share_of_items(&g, down_tiles, &first, &last);
+        for (int64_t item = first; item < last; item++) {
             const int64_t s = item / down_tiles, t = item % down_tiles, start = g.starts[s], nx = g.starts[s + 1] - start;
             const matrix down = projection_in((const uint8_t *)(intptr_t)blobs[g.experts[s]], &layout->down);
             const int nw = tile_width(&down, t);
@@ -590,6 +641,7 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
                 for (int i = 0; i < nw; i++) pair_out[g.order[start + m] * hidden + t * TILE_W + i] = gates[m * TILE_W + i];
         }
         free(gates);
+#pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < rows_x + pairs; m++) release(&xs[m]);
     }

@@ -27,7 +27,7 @@
 #define PREFETCH 8   /* chunks of 64 bytes a tile prefetches ahead in each of its rows */
 #define X_ROWS 64   /* activation rows per pass over a dense matrix: their codes stay in the core's cache */
 
-/* An activation vector x [n] in the forms the row dots read. */
+/* An activation vector x [n] in the forms the dots of a call's matrices read (forms_of). */
 typedef struct {
     int64_t n, group;       /* group: the 4-bit group `sums` is for */
     float *f;               /* fp32 values */
@@ -40,7 +40,11 @@ typedef struct {
     int32_t *centre_b;      /* [n / XBLOCK]: 8 * the sum of a block's int8 codes (4-bit codes centred on 8) */
 } prepared;
 
-static void prepare(prepared *p, const float *x, int64_t n, int64_t group) {
+enum { X_FP32 = 1, X_SPLIT = 2, X_INT16 = 4, X_SPLIT_INT16 = 8, X_INT8 = 16 }; /* the forms, as flags */
+
+/* Each call prepares its activation rows, and a decode step makes a hundred such calls on rows of a few
+ * hundred values, so only the forms asked for are built (the 4-bit group sums whenever group is set). */
+static void prepare(prepared *p, const float *x, int64_t n, int64_t group, int forms) {
     const int64_t groups = group ? n / group : 0, blocks = n / XBLOCK;
     p->n = n, p->group = group;
     p->f = malloc(sizeof(float) * (size_t)(2 * n + groups + 2 * blocks) + sizeof(int32_t) * (size_t)blocks +
@@ -50,35 +54,42 @@ static void prepare(prepared *p, const float *x, int64_t n, int64_t group) {
     p->centre_b = (int32_t *)(p->block_scale_b + blocks);
     p->q = (int16_t *)(p->centre_b + blocks), p->even_q = p->q + n, p->odd_q = p->even_q + n / 2;
     p->even_b = (int8_t *)(p->odd_q + n / 2), p->odd_b = p->even_b + n / 2;
-    memcpy(p->f, x, sizeof(float) * (size_t)n);
-    for (int64_t j = 0; j < n / 2; j++) p->even[j] = x[2 * j], p->odd[j] = x[2 * j + 1];
+    if (forms & X_FP32) memcpy(p->f, x, sizeof(float) * (size_t)n);
+    if (forms & X_SPLIT)
+        for (int64_t j = 0; j < n / 2; j++) p->even[j] = x[2 * j], p->odd[j] = x[2 * j + 1];
     for (int64_t g = 0; g < groups; g++) {
         float total = 0.0f;
         for (int64_t i = g * group; i < (g + 1) * group; i++) total += x[i];
         p->sums[g] = total;
     }
-    for (int64_t b = 0; b < blocks; b++) {
+    const int int16 = forms & (X_INT16 | X_SPLIT_INT16), int8 = forms & X_INT8;
+    for (int64_t b = 0; b < blocks && (int16 || int8); b++) {
         float largest = 0.0f;
-        for (int64_t i = b * XBLOCK; i < (b + 1) * XBLOCK; i++) largest = fmaxf(largest, fabsf(x[i]));
-        float inverse = largest > 0.0f ? 32767.0f / largest : 0.0f;
-        p->block_scale[b] = largest / 32767.0f;
-        for (int64_t i = b * XBLOCK; i < (b + 1) * XBLOCK; i++) p->q[i] = (int16_t)lrintf(x[i] * inverse);
-        float inverse_b = largest > 0.0f ? 127.0f / largest : 0.0f;
-        p->block_scale_b[b] = largest / 127.0f;
-        int32_t codes = 0;
-        for (int64_t j = b * XBLOCK / 2; j < (b + 1) * XBLOCK / 2; j++) {
-            p->even_b[j] = (int8_t)lrintf(x[2 * j] * inverse_b);
-            p->odd_b[j] = (int8_t)lrintf(x[2 * j + 1] * inverse_b);
-            codes += p->even_b[j] + p->odd_b[j];
+        for (int64_t i = b * XBLOCK; i < (b + 1) * XBLOCK; i++) largest = fabsf(x[i]) > largest ? fabsf(x[i]) : largest;
+        if (int16) {
+            const float inverse = largest > 0.0f ? 32767.0f / largest : 0.0f;
+            p->block_scale[b] = largest / 32767.0f;
+            for (int64_t i = b * XBLOCK; i < (b + 1) * XBLOCK; i++) p->q[i] = (int16_t)lrintf(x[i] * inverse);
         }
-        p->centre_b[b] = 8 * codes;
+        if (int8) {
+            const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+            p->block_scale_b[b] = largest / 127.0f;
+            int32_t codes = 0;
+            for (int64_t j = b * XBLOCK / 2; j < (b + 1) * XBLOCK / 2; j++) {
+                p->even_b[j] = (int8_t)lrintf(x[2 * j] * inverse);
+                p->odd_b[j] = (int8_t)lrintf(x[2 * j + 1] * inverse);
+                codes += p->even_b[j] + p->odd_b[j];
+            }
+            p->centre_b[b] = 8 * codes;
+        }
     }
-    for (int64_t j = 0; j < blocks * XBLOCK / 2; j++) p->even_q[j] = p->q[2 * j], p->odd_q[j] = p->q[2 * j + 1];
+    if (forms & X_SPLIT_INT16)
+        for (int64_t j = 0; j < blocks * XBLOCK / 2; j++) p->even_q[j] = p->q[2 * j], p->odd_q[j] = p->q[2 * j + 1];
 }
 
-static void prepare_bf16(prepared *p, const uint16_t *x, int64_t n, int64_t group) {
+static void prepare_bf16(prepared *p, const uint16_t *x, int64_t n, int64_t group, int forms) {
     float *xf = widen(x, n);
-    prepare(p, xf, n, group);
+    prepare(p, xf, n, group, forms);
     free(xf);
 }
 
@@ -92,6 +103,42 @@ typedef struct {
     const void *scale;
     const uint16_t *minimum; /* 4 bits only */
 } matrix;
+
+/* Whether w's dots take the integer paths on this build (VNNI's tiles, or rows_avx2): whole blocks of 64,
+ * and for 4 bits groups of 64 in 64-byte chunks (the VNNI tile) or groups of any multiple of 64 (AVX2). */
+static inline int q8_integer(const matrix *w) {
+#if defined(Q3N_VNNI) || defined(Q3N_AVX2_DOTS)
+    return w->cols % XBLOCK == 0;
+#else
+    (void)w;
+    return 0;
+#endif
+}
+static inline int q4_integer(const matrix *w) {
+#if defined(Q3N_VNNI)
+    return w->group == XBLOCK && w->cols % (2 * XBLOCK) == 0;
+#elif defined(Q3N_AVX2_DOTS)
+    return w->group % XBLOCK == 0;
+#else
+    (void)w;
+    return 0;
+#endif
+}
+/* VNNI's one-row 4-bit dot on int16 codes, for the groups of a multiple of 64 the tile leaves. */
+static inline int q4_int16_rows(const matrix *w) {
+#ifdef Q3N_VNNI
+    return w->group % XBLOCK == 0;
+#else
+    (void)w;
+    return 0;
+#endif
+}
+
+/* The forms of an activation row that w's dots read (tile_dots and q4_row_dot branch on the same tests). */
+static int forms_of(const matrix *w) {
+    if (w->bits == 8) return q8_integer(w) ? X_INT16 : X_FP32;
+    return q4_integer(w) ? X_INT8 : q4_int16_rows(w) ? X_SPLIT_INT16 : X_SPLIT;
+}
 
 /* ---- row dots: one (weight row, activation row) pair, for shapes and CPUs the tiles do not cover ---- */
 
@@ -134,7 +181,7 @@ static inline float q4_row_dot(const matrix *w, int64_t r, const prepared *x) {
     const uint8_t *row = w->codes + r * (w->cols / 2);
     const uint16_t *scale = (const uint16_t *)w->scale + r * groups, *minimum = w->minimum + r * groups;
 #ifdef Q3N_VNNI
-    if (group % XBLOCK == 0) { /* integer dot per block of 64 weights (32 bytes), scaled by weight and x scales */
+    if (q4_int16_rows(w)) { /* integer dot per block of 64 weights (32 bytes), scaled by weight and x scales */
         const __m512i nibble = _mm512_set1_epi16(0xF);
         __m512 acc = _mm512_setzero_ps();
         for (int64_t g = 0; g < groups; g++) {
@@ -205,10 +252,6 @@ static inline float q4_row_dot(const matrix *w, int64_t r, const prepared *x) {
 static inline void prefetch_ahead(const uint8_t *row, int64_t length, int tile, int64_t at) {
     _mm_prefetch((const char *)(at < length ? row + at : row + tile * length + (at - length)), _MM_HINT_T0);
 }
-
-/* Integer dot products need whole blocks of 64 (for 4 bits: groups of 64, in pairs: 64-byte chunks). */
-static inline int q8_tiles(const matrix *w) { return w->cols % XBLOCK == 0; }
-static inline int q4_tiles(const matrix *w) { return w->group == XBLOCK && w->cols % (2 * XBLOCK) == 0; }
 
 /* 8 bits: Q8_TILE_W rows, int16 codes (dpwssd: 32 products), each pair's sum reduced across lanes at the end. */
 static inline __attribute__((always_inline)) void q8_tile_at(const matrix *w, int64_t r0, const int nw,
@@ -459,10 +502,10 @@ static void rows_avx2(const matrix *w, int64_t r0, int nw, const prepared *const
 /* dots[m * TILE_W + i] = row r0 + i (i < nw <= TILE_W) of w times activation row xs[m] (m < nx). */
 static void tile_dots(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
 #ifdef Q3N_VNNI
-    if (w->bits == 8 && q8_tiles(w)) return q8_tile(w, r0, nw, xs, nx, dots);
-    if (w->bits == 4 && q4_tiles(w)) return q4_tile(w, r0, nw, xs, nx, dots);
+    if (w->bits == 8 && q8_integer(w)) return q8_tile(w, r0, nw, xs, nx, dots);
+    if (w->bits == 4 && q4_integer(w)) return q4_tile(w, r0, nw, xs, nx, dots);
 #elif defined(Q3N_AVX2_DOTS)
-    if (w->cols % XBLOCK == 0 && (w->bits == 8 || w->group % XBLOCK == 0)) return rows_avx2(w, r0, nw, xs, nx, dots);
+    if (w->bits == 8 ? q8_integer(w) : q4_integer(w)) return rows_avx2(w, r0, nw, xs, nx, dots);
 #endif
     for (int64_t m = 0; m < nx; m++)
         for (int i = 0; i < nw; i++)
@@ -492,7 +535,7 @@ static void linear_quant(const matrix *w, const uint16_t *x, void *y, int64_t ro
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * w->cols, w->cols, sums_group(w)), px[m] = &xs[m];
+        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * w->cols, w->cols, sums_group(w), forms_of(w)), px[m] = &xs[m];
         float dots[X_ROWS * TILE_W];
         /* activation rows X_ROWS at a time, so that their codes stay in cache while every weight tile passes */
         for (int64_t m0 = 0; m0 < rows_x; m0 += X_ROWS) {
@@ -532,6 +575,11 @@ void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t 
 /* q3n_projection and q3n_expert_layout (common.h) say where each projection lives in a blob. */
 Q3N_EXPORT_SIZEOF(q3n_projection)
 Q3N_EXPORT_SIZEOF(q3n_expert_layout)
+
+static int projection_forms(const q3n_projection *p) {
+    const matrix w = {p->bits, p->rows, p->cols, p->group, NULL, NULL, NULL};
+    return forms_of(&w);
+}
 
 static matrix projection_in(const uint8_t *blob, const q3n_projection *p) {
     const matrix w = {p->bits, p->rows, p->cols, p->group, blob + p->codes, blob + p->scale,
@@ -599,6 +647,8 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
     const int64_t hidden = layout->gate.cols, inter = layout->gate.rows;
     const int64_t x_group = layout->gate.bits == 4 ? layout->gate.group : layout->up.bits == 4 ? layout->up.group : 0;
     const int64_t act_group = layout->down.bits == 4 ? layout->down.group : 0;
+    const int x_forms = projection_forms(&layout->gate) | projection_forms(&layout->up);
+    const int act_forms = projection_forms(&layout->down);
     by_expert g = group_pairs(ids, pairs);
     prepared *xs = malloc(sizeof(prepared) * (size_t)(rows_x + pairs)), *acts_p = xs + rows_x;
     const prepared **px = malloc(sizeof(prepared *) * (size_t)(2 * pairs)), **pa = px + pairs;
@@ -609,7 +659,7 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * hidden, hidden, x_group);
+        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * hidden, hidden, x_group, x_forms);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < pairs; j++) px[j] = &xs[tokens[g.order[j]]], pa[j] = &acts_p[g.order[j]];
         float *gates = malloc(sizeof(float) * (size_t)(2 * longest * TILE_W)), *ups = gates + longest * TILE_W;
@@ -630,7 +680,7 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < pairs; p++) prepare(&acts_p[p], acts + p * inter, inter, act_group);
+        for (int64_t p = 0; p < pairs; p++) prepare(&acts_p[p], acts + p * inter, inter, act_group, act_forms);
         share_of_items(&g, down_tiles, &first, &last);
         for (int64_t item = first; item < last; item++) {
             const int64_t s = item / down_tiles, t = item % down_tiles, start = g.starts[s], nx = g.starts[s + 1] - start;

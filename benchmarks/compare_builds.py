@@ -5,10 +5,18 @@ AVX-512 one on a machine that has both.
     python benchmarks/compare_builds.py MODEL --baseline OTHER_CHECKOUT [--rounds 2]
     python benchmarks/compare_builds.py MODEL --cflags "" --cflags "-mno-avx512f"
 
+    python benchmarks/compare_builds.py MODEL --baseline OTHER_CHECKOUT --in-process [--blocks 30]
+
 OTHER_CHECKOUT is a tree of this repository (`git worktree add /tmp/base REV`); each run is
 bench_engine.py's own measurement (a --prompt-tokens prompt, then --new-tokens tokens) in a fresh
 process with PYTHONPATH on that tree, so each build compiles and caches its own kernels. The machine's
 load moves figures by tens of percent, so sides alternate and each round's pair is what compares.
+
+--in-process, for a change inside csrc/ only: this tree's model code runs decode steps, and the two
+kernel libraries (the baseline tree's, built by a subprocess on it, and this tree's) take turns every
+25 steps in one process, so both see the same moments of the machine's load; it prints each side's
+median step and the median of the per-block time ratios. The two libraries must share their structs'
+layouts (cpu_kernels checks the sizes when it loads each).
 """
 
 from __future__ import annotations
@@ -36,6 +44,55 @@ def measure(tree: Path, cflags: str | None, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def library_of(tree: Path, cflags: str | None) -> Path:
+    """The kernel library that `tree` builds (or has cached) for this machine."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    if cflags is not None:
+        env["QWEN3NEXT_KERNEL_CFLAGS"] = cflags
+    done = subprocess.run([sys.executable, "-c", "from qwen3next import cpu_kernels; print(cpu_kernels.library()._name)"],
+                          env=env, cwd="/", capture_output=True, text=True)
+    if done.returncode != 0 or not done.stdout.strip() or done.stdout.strip() == "None":
+        raise SystemExit(f"{tree}: no kernel library was built ({done.stderr.strip()[-500:]})")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def in_process(sides: list, args) -> None:
+    """Decode steps of this tree's model with each side's kernel library in turn, 25 steps at a time."""
+    import statistics
+    import time
+
+    import torch
+
+    import qwen3next
+    from qwen3next import cpu_kernels
+
+    libraries = [cpu_kernels._load(library_of(tree, cflags))[0] for _, tree, cflags in sides]
+    torch.set_num_threads(args.threads)
+    model = qwen3next.load(args.model, quiet=True).model
+    prompt = torch.tensor([list(range(100, 100 + min(args.prompt_tokens, 256)))])
+    seconds: list[list[float]] = [[], []]
+    with torch.inference_mode():
+        cache, step = model.make_cache(), 0
+        model(prompt, cache, last_only=True)
+        for block in range(args.blocks):
+            if step >= 1024:  # keep the context, and so the attention's share, about the same throughout
+                cache, step = model.make_cache(), 0
+                model(prompt, cache, last_only=True)
+            for side in ((0, 1) if block % 2 == 0 else (1, 0)):
+                cpu_kernels._lib = libraries[side]
+                start = time.perf_counter()
+                for _ in range(25):
+                    model(torch.tensor([[5 + step]]), cache, last_only=True)
+                    step += 1
+                seconds[side].append((time.perf_counter() - start) / 25)
+    for (name, _, _), times in zip(sides, seconds):
+        print(f"{name:<40} median {statistics.median(times) * 1e3:.3f} ms/step, fastest block "
+              f"{min(times) * 1e3:.3f}")
+    ratios = [first / second for first, second in zip(*seconds)]
+    print(f"per-block time ratio {sides[0][0]} / {sides[1][0]}: median {statistics.median(ratios):.3f} "
+          f"(above 1: the second is faster), {args.blocks} blocks")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -45,6 +102,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--in-process", action="store_true", help="alternate the kernel libraries in one process")
+    parser.add_argument("--blocks", type=int, default=30, help="with --in-process: blocks of 25 steps per side")
     args = parser.parse_args()
     if args.baseline is not None and args.cflags is None:
         sides = [(f"baseline {args.baseline}", args.baseline.resolve(), None), ("this tree", ROOT, None)]
@@ -52,6 +111,8 @@ def main() -> None:
         sides = [(f"flags '{flags}'", ROOT, flags) for flags in args.cflags]
     else:
         parser.error("give --baseline CHECKOUT, or --cflags twice")
+    if args.in_process:
+        return in_process(sides, args)
     print(f"{'round':<6} {'build':<40} {'prefill tok/s':>14} {'decode tok/s':>13}")
     best: dict[str, list[float]] = {}
     for round_ in range(1, args.rounds + 1):

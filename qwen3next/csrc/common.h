@@ -35,6 +35,10 @@ static inline int omp_get_num_threads(void) { return 1; }
 #include <immintrin.h>
 #endif
 
+/* The threads of a parallel region over `units` units of work: no more than there are units (an idle
+ * thread only waits at the region's barrier). */
+static inline int team_for(int64_t units, int threads) { return units < threads ? (int)(units > 0 ? units : 1) : threads; }
+
 /* int64_t q3n_sizeof_TYPE(void): the Python side compares it with its ctypes mirror of TYPE at load. */
 #define Q3N_EXPORT_SIZEOF(type) \
     int64_t q3n_sizeof_##type(void) { return (int64_t)sizeof(type); }

@@ -159,10 +159,10 @@ static inline void thread_share(int64_t total, int64_t *begin, int64_t *end) {
 void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in,
                      int f32_out, int threads) {
     float *xf = widen(x, rows_x * in);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(team_for(out, threads))
     {
         float *sums = malloc(sizeof(float) * (size_t)rows_x);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t r = 0; r < out; r++) {
             dot_rows_bf16(w + r * in, xf, in, rows_x, in, sums);
             for (int64_t m = 0; m < rows_x; m++) store_output(y, m * out + r, sums[m], f32_out);

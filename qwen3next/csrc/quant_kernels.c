@@ -529,18 +529,31 @@ int q3n_integer_tiles(void) {
 
 /* ---- dense matrices: y [rows_x, out] = x [rows_x, in] @ W.T, any number of rows ---- */
 
+/* A decode step makes about a hundred calls, one OpenMP region each, and a barrier between threads costs
+ * about as much as a small matrix's arithmetic, so a call has as few as it can: up to Q3N_MAX_ROWS
+ * activation rows are prepared before the region (one thread would prepare while the others waited), the
+ * region's only barrier is its end, and a matrix of fewer tiles than threads runs on that many. */
+static inline int few_rows(int64_t rows_x) { return rows_x <= Q3N_MAX_ROWS; }
+
 static void linear_quant(const matrix *w, const uint16_t *x, void *y, int64_t rows_x, int f32_out, int threads) {
     prepared *xs = malloc(sizeof(prepared) * (size_t)rows_x);
     const prepared **px = malloc(sizeof(prepared *) * (size_t)rows_x);
-#pragma omp parallel num_threads(threads)
+    const int ahead = few_rows(rows_x), forms = forms_of(w);
+    for (int64_t m = 0; m < rows_x; m++) px[m] = &xs[m];
+    if (ahead)
+        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * w->cols, w->cols, sums_group(w), forms);
+#pragma omp parallel num_threads(team_for(tiles_of(w->rows), threads))
     {
+        if (!ahead) {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * w->cols, w->cols, sums_group(w), forms_of(w)), px[m] = &xs[m];
+            for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * w->cols, w->cols, sums_group(w), forms);
+        }
         float dots[X_ROWS * TILE_W];
-        /* activation rows X_ROWS at a time, so that their codes stay in cache while every weight tile passes */
+        /* activation rows X_ROWS at a time, so that their codes stay in cache while every weight tile passes;
+         * the blocks write apart and a thread takes the same tiles in each */
         for (int64_t m0 = 0; m0 < rows_x; m0 += X_ROWS) {
             const int64_t nx = rows_x - m0 < X_ROWS ? rows_x - m0 : X_ROWS;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t t = 0; t < tiles_of(w->rows); t++) {
                 const int nw = tile_width(w, t);
                 tile_dots(w, t * TILE_W, nw, px + m0, nx, dots);
@@ -549,9 +562,8 @@ static void linear_quant(const matrix *w, const uint16_t *x, void *y, int64_t ro
                         store_output(y, (m0 + m) * w->rows + t * TILE_W + i, dots[m * TILE_W + i], f32_out);
             }
         }
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
     }
+    for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
     free(px);
     free(xs);
 }
@@ -656,12 +668,16 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
     int64_t longest = 0;
     for (int64_t s = 0; s < g.count; s++) longest = g.starts[s + 1] - g.starts[s] > longest ? g.starts[s + 1] - g.starts[s] : longest;
     const int64_t up_tiles = tiles_of(inter), down_tiles = tiles_of(hidden);
+    const int ahead = few_rows(rows_x); /* as linear_quant: the region's barriers are the ones the data needs */
+    for (int64_t j = 0; j < pairs; j++) px[j] = &xs[tokens[g.order[j]]], pa[j] = &acts_p[g.order[j]];
+    if (ahead)
+        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * hidden, hidden, x_group, x_forms);
 #pragma omp parallel num_threads(threads)
     {
+        if (!ahead) {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * hidden, hidden, x_group, x_forms);
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < pairs; j++) px[j] = &xs[tokens[g.order[j]]], pa[j] = &acts_p[g.order[j]];
+            for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * hidden, hidden, x_group, x_forms);
+        }
         float *gates = malloc(sizeof(float) * (size_t)(2 * longest * TILE_W)), *ups = gates + longest * TILE_W;
         int64_t first, last;
         share_of_items(&g, up_tiles, &first, &last);
@@ -691,10 +707,8 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
                 for (int i = 0; i < nw; i++) pair_out[g.order[start + m] * hidden + t * TILE_W + i] = gates[m * TILE_W + i];
         }
         free(gates);
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < rows_x + pairs; m++) release(&xs[m]);
     }
+    for (int64_t m = 0; m < rows_x + pairs; m++) release(&xs[m]);
     free(acts);
     free(px);
     free(xs);

@@ -114,6 +114,14 @@ typedef struct {
     q3n_projection gate, up, down;
 } q3n_expert_layout;
 
+/* One weight matrix [rows, cols] in whichever format the checkpoint stores it. */
+typedef struct {
+    int64_t bits;                 /* 16: bf16 weights; 8: int8 codes + fp32 row scales; 4: packed int4 + bf16 groups */
+    const void *codes;            /* the weights, or the codes */
+    const void *scale, *minimum;  /* unused for bf16; minimum only for 4-bit */
+    int64_t rows, cols, group;    /* group: columns per 4-bit scale */
+} q3n_matrix;
+
 /* The weights of a sparse MoE block with bf16 routed experts, as the decode kernels read them. */
 typedef struct {
     const uint16_t *router;     /* [experts, hidden] */
@@ -136,6 +144,8 @@ void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t rows
                      int f32_out, int threads);
 void q3n_linear_q8(const int8_t *q, const float *scale, const uint16_t *x, void *y, int64_t rows_x, int64_t out,
                    int64_t in, int f32_out, int threads);
+void q3n_linear_quant_many(const q3n_matrix *ms, int count, const uint16_t *x, uint16_t *const *ys, int64_t rows_x,
+                           int threads);
 void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t *minimum, int64_t group,
                    const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in, int f32_out, int threads);
 void q3n_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t dim, float eps,

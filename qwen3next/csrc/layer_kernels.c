@@ -15,14 +15,7 @@
  * computes each token's row alone, so a token's bits do not depend on how many share the call. */
 #include "common.h"
 
-/* One weight matrix [rows, cols] in whichever format the checkpoint stores it. */
-typedef struct {
-    int64_t bits;                 /* 16: bf16 weights; 8: int8 codes + fp32 row scales; 4: packed int4 + bf16 groups */
-    const void *codes;            /* the weights, or the codes */
-    const void *scale, *minimum;  /* unused for bf16; minimum only for 4-bit */
-    int64_t rows, cols, group;    /* group: columns per 4-bit scale */
-} q3n_matrix;
-Q3N_EXPORT_SIZEOF(q3n_matrix)
+Q3N_EXPORT_SIZEOF(q3n_matrix) /* common.h */
 
 /* What every decoder layer has around its mixer: zero-centered RMSNorms before and after it. */
 typedef struct {
@@ -56,6 +49,21 @@ static void project(const q3n_matrix *m, const uint16_t *x, uint16_t *y, int64_t
     else q3n_linear_q4(m->codes, m->scale, m->minimum, m->group, x, y, tokens, m->rows, m->cols, 0, threads);
 }
 
+/* ys[i] = x @ W_i.T for matrices on one input (a layer's q, k and v; its two DeltaNet input projections; the
+ * router and the shared expert's gate): one parallel region for all when every one is quantized with one
+ * 4-bit group (q3n_linear_quant_many), else a call each. The bits are the same either way. */
+static void project_many(const q3n_matrix *ms, int count, const uint16_t *x, uint16_t *const *ys, int64_t tokens,
+                         int threads) {
+    int together = 1;
+    int64_t group = 0; /* the 4-bit matrices' group, from the first of them */
+    for (int i = 0; i < count; i++) {
+        if (ms[i].bits == 16) together = 0;
+        else if (ms[i].bits == 4) together &= !group || ms[i].group == group, group = ms[i].group;
+    }
+    if (together) return q3n_linear_quant_many(ms, count, x, ys, tokens, threads);
+    for (int i = 0; i < count; i++) project(&ms[i], x, ys[i], tokens, threads);
+}
+
 /* out = x + mixed (bf16, rounded as torch's bf16 add), then normed = post_norm(out). */
 static void residual_and_norm(const q3n_layer_norms *n, const uint16_t *x, const uint16_t *mixed, uint16_t *out,
                               uint16_t *normed, int64_t tokens) {
@@ -74,8 +82,8 @@ void q3n_deltanet_layer_bf16(const q3n_deltanet_layer *L, const uint16_t *x, uin
     uint16_t *qkvz = h + tokens * hidden, *ba = qkvz + tokens * L->qkvz.rows, *core = ba + tokens * L->ba.rows;
     uint16_t *mixed = core + tokens * values;
     q3n_rms_norm_bf16(x, L->norms.input_norm, h, tokens, hidden, L->norms.eps, 1.0f);
-    project(&L->qkvz, h, qkvz, tokens, threads);
-    project(&L->ba, h, ba, tokens, threads);
+    const q3n_matrix inputs[2] = {L->qkvz, L->ba};
+    project_many(inputs, 2, h, (uint16_t *const[]){qkvz, ba}, tokens, threads);
     q3n_gated_delta_bf16(qkvz, ba, L->conv_weight, conv_state, L->A_log, L->dt_bias, L->norm_weight, state, core,
                          kept_state, kept_conv, tokens, L->k_heads, L->v_heads, L->dk, L->dv, L->kernel, L->norms.eps,
                          threads);
@@ -112,9 +120,8 @@ void q3n_attention_layer_bf16(const q3n_attention_layer *L, const uint16_t *x, u
     uint16_t *kn = v + tokens * kv, *query = kn + tokens * kv, *attended = query + tokens * inner;
     uint16_t *mixed = attended + tokens * inner;
     q3n_rms_norm_bf16(x, L->norms.input_norm, h, tokens, hidden, L->norms.eps, 1.0f);
-    project(&L->q, h, qg, tokens, threads);
-    project(&L->k, h, k, tokens, threads);
-    project(&L->v, h, v, tokens, threads);
+    const q3n_matrix qkv[3] = {L->q, L->k, L->v};
+    project_many(qkv, 3, h, (uint16_t *const[]){qg, k, v}, tokens, threads);
     q3n_rms_norm_bf16(k, L->k_norm, kn, tokens * kv_heads, dim, L->norms.eps, 1.0f);
     for (int64_t t = 0; t < tokens; t++) {
         const uint16_t *c = cos + t * L->rotary_dim, *s = sin + t * L->rotary_dim;
@@ -163,8 +170,8 @@ Q3N_EXPORT_SIZEOF(q3n_moe_quant)
 static void moe_quant_route(const q3n_moe_quant *m, const uint16_t *x, int64_t tokens, int64_t *ids, float *weights,
                             float *logits, float *gate_logits, int threads) {
     uint16_t *scores = malloc(sizeof(uint16_t) * (size_t)(tokens * (m->experts + 1)));
-    project(&m->router, x, scores, tokens, threads);
-    project(&m->shared_expert_gate, x, scores + tokens * m->experts, tokens, threads);
+    const q3n_matrix both[2] = {m->router, m->shared_expert_gate};
+    project_many(both, 2, x, (uint16_t *const[]){scores, scores + tokens * m->experts}, tokens, threads);
     for (int64_t t = 0; t < tokens; t++) {
         for (int64_t e = 0; e < m->experts; e++) logits[t * m->experts + e] = bf16_to_f32(scores[t * m->experts + e]);
         gate_logits[t] = bf16_to_f32(scores[tokens * m->experts + t]);
@@ -183,8 +190,8 @@ static void moe_quant_experts(const q3n_moe_quant *m, const uint16_t *x, uint16_
     uint16_t *routed = malloc(sizeof(uint16_t) * (size_t)(tokens * (2 * hidden + 2 * inter)));
     uint16_t *shared = routed + tokens * hidden, *gate = shared + tokens * hidden, *up = gate + tokens * inter;
     q3n_experts_quant(m->blobs, m->layout, ids, weights, tokens, m->top_k, x, routed, threads);
-    project(&m->shared_gate, x, gate, tokens, threads);
-    project(&m->shared_up, x, up, tokens, threads);
+    const q3n_matrix gate_up[2] = {m->shared_gate, m->shared_up};
+    project_many(gate_up, 2, x, (uint16_t *const[]){gate, up}, tokens, threads);
     for (int64_t i = 0; i < tokens * inter; i++)
         gate[i] = f32_to_bf16(round_bf16(silu(bf16_to_f32(gate[i]))) * bf16_to_f32(up[i]));
     project(&m->shared_down, gate, shared, tokens, threads);

@@ -535,18 +535,29 @@ int q3n_integer_tiles(void) {
  * region's only barrier is its end, and a matrix of fewer tiles than threads runs on that many. */
 static inline int few_rows(int64_t rows_x) { return rows_x <= Q3N_MAX_ROWS; }
 
-static void linear_quant(const matrix *w, const uint16_t *x, void *y, int64_t rows_x, int f32_out, int threads) {
+/* ys[i] [rows_x, ws[i].rows] = x [rows_x, in] @ ws[i].T for `count` matrices of one input in one region, their
+ * tiles laid end to end; the 4-bit ones share their group (x's group sums serve them all). */
+static void linear_many(const matrix *ws, int count, const uint16_t *x, void *const *ys, int64_t rows_x, int f32_out,
+                        int threads) {
     prepared *xs = malloc(sizeof(prepared) * (size_t)rows_x);
     const prepared **px = malloc(sizeof(prepared *) * (size_t)rows_x);
-    const int ahead = few_rows(rows_x), forms = forms_of(w);
+    int64_t tiles = 0, group = 0, first_tile[count + 1];
+    int forms = 0;
+    for (int i = 0; i < count; i++) {
+        first_tile[i] = tiles, tiles += tiles_of(ws[i].rows), forms |= forms_of(&ws[i]);
+        group = sums_group(&ws[i]) ? sums_group(&ws[i]) : group;
+    }
+    first_tile[count] = tiles;
+    const int64_t in = ws[0].cols;
+    const int ahead = few_rows(rows_x);
     for (int64_t m = 0; m < rows_x; m++) px[m] = &xs[m];
     if (ahead)
-        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * w->cols, w->cols, sums_group(w), forms);
-#pragma omp parallel num_threads(team_for(tiles_of(w->rows), threads))
+        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, group, forms);
+#pragma omp parallel num_threads(team_for(tiles, threads))
     {
         if (!ahead) {
 #pragma omp for schedule(static)
-            for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * w->cols, w->cols, sums_group(w), forms);
+            for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, group, forms);
         }
         float dots[X_ROWS * TILE_W];
         /* activation rows X_ROWS at a time, so that their codes stay in cache while every weight tile passes;
@@ -554,18 +565,27 @@ static void linear_quant(const matrix *w, const uint16_t *x, void *y, int64_t ro
         for (int64_t m0 = 0; m0 < rows_x; m0 += X_ROWS) {
             const int64_t nx = rows_x - m0 < X_ROWS ? rows_x - m0 : X_ROWS;
 #pragma omp for schedule(static) nowait
-            for (int64_t t = 0; t < tiles_of(w->rows); t++) {
+            for (int64_t flat = 0; flat < tiles; flat++) {
+                int i = 0;
+                while (flat >= first_tile[i + 1]) i++;
+                const matrix *w = &ws[i];
+                const int64_t t = flat - first_tile[i];
                 const int nw = tile_width(w, t);
                 tile_dots(w, t * TILE_W, nw, px + m0, nx, dots);
                 for (int64_t m = 0; m < nx; m++)
-                    for (int i = 0; i < nw; i++)
-                        store_output(y, (m0 + m) * w->rows + t * TILE_W + i, dots[m * TILE_W + i], f32_out);
+                    for (int j = 0; j < nw; j++)
+                        store_output(ys[i], (m0 + m) * w->rows + t * TILE_W + j, dots[m * TILE_W + j], f32_out);
             }
         }
     }
     for (int64_t m = 0; m < rows_x; m++) release(&xs[m]);
     free(px);
     free(xs);
+}
+
+static void linear_quant(const matrix *w, const uint16_t *x, void *y, int64_t rows_x, int f32_out, int threads) {
+    void *const ys[1] = {y};
+    linear_many(w, 1, x, ys, rows_x, f32_out, threads);
 }
 
 /* int8 weights q [out, in] with one fp32 scale per row; y in bf16, or in fp32 with f32_out. */
@@ -580,6 +600,18 @@ void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t 
                    const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in, int f32_out, int threads) {
     const matrix w = {4, out, in, group, packed, scale, minimum};
     linear_quant(&w, x, y, rows_x, f32_out, threads);
+}
+
+/* Several quantized matrices (q3n_matrix, bits 8 or 4; the 4-bit ones of one group) on one input x [rows_x, in]:
+ * ys[i] [rows_x, ms[i].rows] in bf16, in one parallel region instead of one each (layer_kernels.c's project_many). */
+void q3n_linear_quant_many(const q3n_matrix *ms, int count, const uint16_t *x, uint16_t *const *ys, int64_t rows_x,
+                           int threads) {
+    matrix ws[count];
+    for (int i = 0; i < count; i++) {
+        const matrix w = {ms[i].bits, ms[i].rows, ms[i].cols, ms[i].group, ms[i].codes, ms[i].scale, ms[i].minimum};
+        ws[i] = w;
+    }
+    linear_many(ws, count, x, (void *const *)ys, rows_x, 0, threads);
 }
 
 /* ---- routed experts packed one blob each (quant/layout.py) ---- */

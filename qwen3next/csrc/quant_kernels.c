@@ -535,6 +535,13 @@ int q3n_integer_tiles(void) {
  * region's only barrier is its end, and a matrix of fewer tiles than threads runs on that many. */
 static inline int few_rows(int64_t rows_x) { return rows_x <= Q3N_MAX_ROWS; }
 
+/* xs[m] = rows m of x [rows_x, n], split across the threads when called inside a parallel region, and on
+ * the calling thread alone when called before one (an orphaned worksharing loop). */
+static void prepare_rows(prepared *xs, const uint16_t *x, int64_t rows_x, int64_t n, int64_t group, int forms) {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * n, n, group, forms);
+}
+
 /* ys[i] [rows_x, ws[i].rows] = x [rows_x, in] @ ws[i].T for `count` matrices of one input in one region, their
  * tiles laid end to end; the 4-bit ones share their group (x's group sums serve them all). */
 static void linear_many(const matrix *ws, int count, const uint16_t *x, void *const *ys, int64_t rows_x, int f32_out,
@@ -551,14 +558,10 @@ static void linear_many(const matrix *ws, int count, const uint16_t *x, void *co
     const int64_t in = ws[0].cols;
     const int ahead = few_rows(rows_x);
     for (int64_t m = 0; m < rows_x; m++) px[m] = &xs[m];
-    if (ahead)
-        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, group, forms);
+    if (ahead) prepare_rows(xs, x, rows_x, in, group, forms);
 #pragma omp parallel num_threads(team_for(tiles, threads))
     {
-        if (!ahead) {
-#pragma omp for schedule(static)
-            for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * in, in, group, forms);
-        }
+        if (!ahead) prepare_rows(xs, x, rows_x, in, group, forms);
         float dots[X_ROWS * TILE_W];
         /* activation rows X_ROWS at a time, so that their codes stay in cache while every weight tile passes;
          * the blocks write apart and a thread takes the same tiles in each */
@@ -702,14 +705,10 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
     const int64_t up_tiles = tiles_of(inter), down_tiles = tiles_of(hidden);
     const int ahead = few_rows(rows_x); /* as linear_quant: the region's barriers are the ones the data needs */
     for (int64_t j = 0; j < pairs; j++) px[j] = &xs[tokens[g.order[j]]], pa[j] = &acts_p[g.order[j]];
-    if (ahead)
-        for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * hidden, hidden, x_group, x_forms);
+    if (ahead) prepare_rows(xs, x, rows_x, hidden, x_group, x_forms);
 #pragma omp parallel num_threads(threads)
     {
-        if (!ahead) {
-#pragma omp for schedule(static)
-            for (int64_t m = 0; m < rows_x; m++) prepare_bf16(&xs[m], x + m * hidden, hidden, x_group, x_forms);
-        }
+        if (!ahead) prepare_rows(xs, x, rows_x, hidden, x_group, x_forms);
         float *gates = malloc(sizeof(float) * (size_t)(2 * longest * TILE_W)), *ups = gates + longest * TILE_W;
         int64_t first, last;
         share_of_items(&g, up_tiles, &first, &last);

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py
     python benchmarks/bench_kernels.py --few-rows      # PYTHONPATH=OTHER_CHECKOUT for its kernels
+    python benchmarks/bench_kernels.py --error         # the same; accuracy, not speed
     python benchmarks/bench_kernels.py --prefill MODEL [--tokens 512] [--baseline CHECKOUT] [--rounds 3]
 
 Without --prefill: matrix-vector products over weights that do not fit in cache (each call reads a
@@ -187,6 +188,23 @@ def few_rows_table() -> None:
 DECODE_STEPS = 32
 
 
+def error_table() -> None:
+    """The 4-bit kernels against fp32 math on the dequantized weights (the integer paths round the activations
+    to int8 codes), on fixed seeds, so that two trees compare exactly (PYTHONPATH on the other one)."""
+    print("\n4-bit kernel (fp32 out) vs fp32 on the dequantized weights: max error, % of the largest output; "
+          "rms error, % of the outputs' rms")
+    print(f"  {'rows x matrix':<22}{'max':>8}{'rms':>8}")
+    torch.manual_seed(0)
+    for out, inp, rows in [(4000, 64, 8), (4000, 128, 1), (512, 2048, 1), (512, 2048, 64), (2048, 512, 16)]:
+        packed, scale, minimum = int4.quantize((torch.randn(out, inp) * 0.05).bfloat16())
+        x = torch.randn(rows, inp).bfloat16()
+        got = cpu_kernels.linear_q4(x, packed, scale, minimum, fp32_out=True)
+        expected = x.float() @ int4.dequantize(packed, scale, minimum, dtype=torch.float32).T
+        largest, error = expected.abs().max(), got - expected
+        print(f"  {f'{rows} x [{out}, {inp}]':<22}{100 * error.abs().max() / largest:>7.3f}%"
+              f"{100 * error.pow(2).mean().sqrt() / expected.pow(2).mean().sqrt():>7.3f}%")
+
+
 def prefill_child(model: str, tokens: int, repeats: int) -> None:
     """One tree's measurement: the best of `repeats` prefill chunks, and that chunk's time per module kind."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -262,6 +280,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="chunks per subprocess")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--few-rows", action="store_true", help="only the few-rows bf16 table (runs in seconds)")
+    parser.add_argument("--error", action="store_true", help="only the 4-bit kernels' error table (seconds)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -273,6 +292,8 @@ def main() -> None:
         raise SystemExit("the decode kernels could not be built here (no C compiler?)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with torch.inference_mode():
+        if args.error:
+            return error_table()
         few_rows_table()
         if args.few_rows:
             return

@@ -3,9 +3,10 @@ this one, or this tree's kernels built two ways (QWEN3NEXT_KERNEL_CFLAGS), e.g. 
 AVX-512 one on a machine that has both.
 
     python benchmarks/compare_builds.py MODEL --baseline OTHER_CHECKOUT [--rounds 2]
-    python benchmarks/compare_builds.py MODEL --cflags "" --cflags "-mno-avx512f"
+    python benchmarks/compare_builds.py MODEL --cflags="" --cflags=-mno-avx512f   # the = keeps a leading dash a value
 
     python benchmarks/compare_builds.py MODEL --baseline OTHER_CHECKOUT --in-process [--blocks 30]
+    python benchmarks/compare_builds.py --matrices --cflags="-mno-avx512f -mno-avxvnni" --cflags=-mno-avx512f
 
 OTHER_CHECKOUT is a tree of this repository (`git worktree add /tmp/base REV`); each run is
 bench_engine.py's own measurement (a --prompt-tokens prompt, then --new-tokens tokens) in a fresh
@@ -17,6 +18,9 @@ kernel libraries (the baseline tree's, built by a subprocess on it, and this tre
 25 steps in one process, so both see the same moments of the machine's load; it prints each side's
 median step and the median of the per-block time ratios. The two libraries must share their structs'
 layouts (cpu_kernels checks the sizes when it loads each).
+
+--matrices, in the same way without a model: 1 to 512 activation rows through a [2048, 2048] matrix at 8
+and 4 bits, one thread, the two libraries taking turns every block of calls.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ def library_of(tree: Path, cflags: str | None) -> Path:
     env = dict(os.environ, PYTHONPATH=str(tree))
     if cflags is not None:
         env["QWEN3NEXT_KERNEL_CFLAGS"] = cflags
-    done = subprocess.run([sys.executable, "-c", "from qwen3next import cpu_kernels; print(cpu_kernels.library()._name)"],
+    # prepare().path is the cached file; a fresh build's own name is a temporary folder, gone at exit
+    done = subprocess.run([sys.executable, "-c", "from qwen3next import cpu_kernels; print(cpu_kernels.prepare(quiet=True).path)"],
                           env=env, cwd="/", capture_output=True, text=True)
     if done.returncode != 0 or not done.stdout.strip() or done.stdout.strip() == "None":
         raise SystemExit(f"{tree}: no kernel library was built ({done.stderr.strip()[-500:]})")
@@ -93,9 +98,43 @@ def in_process(sides: list, args) -> None:
           f"(above 1: the second is faster), {args.blocks} blocks")
 
 
+def matrices_in_process(sides: list, args) -> None:
+    """Quantized matrix products with each side's kernel library in turn, in one process."""
+    import statistics
+    import time
+
+    import torch
+
+    from qwen3next import cpu_kernels
+    from qwen3next.quant import int4, int8
+
+    libraries = [cpu_kernels._load(library_of(tree, cflags))[0] for _, tree, cflags in sides]
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    weight = torch.randn(2048, 2048)
+    q8, q4 = int8.quantize(weight), int4.quantize(weight, 64)
+    print(f"{'matrix':<8} {'rows':>5} {sides[0][0]:>40} {sides[1][0]:>40} {'median ratio':>13}")
+    for rows in (1, 4, 64, 512):
+        x = torch.randn(rows, 2048).bfloat16()
+        for name, call in (("8-bit", lambda: cpu_kernels.linear_q8(x, *q8)),
+                           ("4-bit", lambda: cpu_kernels.linear_q4(x, *q4))):
+            seconds: list[list[float]] = [[], []]
+            calls = max(1, 2000 // rows)
+            for block in range(args.blocks):
+                for side in ((0, 1) if block % 2 == 0 else (1, 0)):
+                    cpu_kernels._lib = libraries[side]
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        call()
+                    seconds[side].append((time.perf_counter() - start) / calls)
+            ratio = statistics.median(first / second for first, second in zip(*seconds))
+            print(f"{name:<8} {rows:5d} {statistics.median(seconds[0]) * 1e6:37.1f} us "
+                  f"{statistics.median(seconds[1]) * 1e6:37.1f} us {ratio:13.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model")
+    parser.add_argument("model", nargs="?")
     parser.add_argument("--baseline", type=Path, help="another checkout, measured against this one")
     parser.add_argument("--cflags", action="append", help="kernel flags of one side (give two; this tree)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -104,6 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--in-process", action="store_true", help="alternate the kernel libraries in one process")
     parser.add_argument("--blocks", type=int, default=30, help="with --in-process: blocks of 25 steps per side")
+    parser.add_argument("--matrices", action="store_true", help="quantized matrix products in one process, no model")
     args = parser.parse_args()
     if args.baseline is not None and args.cflags is None:
         sides = [(f"baseline {args.baseline}", args.baseline.resolve(), None), ("this tree", ROOT, None)]
@@ -111,6 +151,10 @@ def main() -> None:
         sides = [(f"flags '{flags}'", ROOT, flags) for flags in args.cflags]
     else:
         parser.error("give --baseline CHECKOUT, or --cflags twice")
+    if args.matrices:
+        return matrices_in_process(sides, args)
+    if args.model is None:
+        parser.error("give MODEL (or --matrices)")
     if args.in_process:
         return in_process(sides, args)
     print(f"{'round':<6} {'build':<40} {'prefill tok/s':>14} {'decode tok/s':>13}")

@@ -189,7 +189,7 @@ def expected_isa(compiler: str, flags: list[str]) -> str:
     if {"__AVX512F__", "__AVX512BW__"} <= macros:
         return "avx512-vnni" if {"__AVX512VL__", "__AVX512VNNI__"} <= macros else "avx512"
     if {"__AVX2__", "__FMA__"} <= macros:
-        return "avx2"
+        return "avx2-vnni" if {"__AVXVNNI__", "__F16C__"} <= macros else "avx2"
     return "neon" if "__ARM_NEON" in macros else "portable"
 
 

@@ -9,6 +9,8 @@ const char *q3n_isa(void) {
     return "avx512-vnni";
 #elif defined(Q3N_AVX512)
     return "avx512";
+#elif defined(Q3N_AVX2) && defined(Q3N_AVX_VNNI)
+    return "avx2-vnni";
 #elif defined(Q3N_AVX2)
     return "avx2";
 #elif defined(__ARM_NEON)

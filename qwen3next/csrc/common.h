@@ -30,6 +30,9 @@ static inline int omp_get_num_threads(void) { return 1; }
 #endif
 #if !defined(Q3N_VNNI) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define Q3N_AVX2_DOTS 1 /* integer dot products on 256 bits for the quantized kernels */
+#if defined(__AVXVNNI__)
+#define Q3N_AVX_VNNI 1 /* ... with AVX-VNNI's one-instruction dot products (Alder Lake, Zen 5 and later) */
+#endif
 #endif
 #if defined(Q3N_AVX512) || defined(Q3N_AVX2) || defined(Q3N_AVX2_DOTS) || defined(__F16C__)
 #include <immintrin.h>

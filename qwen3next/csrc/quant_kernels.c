@@ -11,8 +11,8 @@
  * rows and each activation block loaded once per tile of weight rows, as llama.cpp's repacked GEMMs
  * do: 4-bit tiles hold 16 weight rows in the vector lanes (a row's 4 code bytes per lane against 4
  * broadcast activation bytes), 8-bit tiles 4 x 4 row pairs. CPUs with AVX2 but no AVX-512 take the same
- * codes one weight row at a time with vpmaddwd / vpmaddubsw (Q3N_AVX2_DOTS); others plain fp32 loops, one
- * row pair at a time.
+ * codes one weight row at a time with vpmaddwd / vpmaddubsw (Q3N_AVX2_DOTS), or AVX-VNNI's vpdpwssd /
+ * vpdpbusd on 256 bits where the CPU has them (Q3N_AVX_VNNI); others plain fp32 loops, one row pair at a time.
  *
  * Every (weight row, activation row) pair has its own accumulator and the same sequence of
  * operations whatever the tile it falls in and however many rows share the call, so a row's
@@ -417,6 +417,21 @@ static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *
         if (b < (blocks)) step(b, acc0);                \
     }
 
+/* The integer sums, identical with or without AVX-VNNI (no sum comes near saturating int16 or int32):
+ * Q3N_DPWSSD(acc, a, b) = acc + vpmaddwd(a, b); Q3N_Q4_DOTS(low, even, high, odd, centre) = the 32-bit lanes'
+ * sums of 4 products low * even + high * odd (unsigned codes times int8 codes), less centre in lane 0. */
+#ifdef Q3N_AVX_VNNI
+#define Q3N_DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
+#define Q3N_Q4_DOTS(low, even, high, odd, centre) \
+    _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_zextsi128_si256(_mm_cvtsi32_si128(-(centre))), (low), (even)), (high), (odd))
+#else
+#define Q3N_DPWSSD(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
+#define Q3N_Q4_DOTS(low, even, high, odd, centre)                                                                          \
+    _mm256_sub_epi32(_mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16((low), (even)), _mm256_maddubs_epi16((high), (odd))), \
+                                       _mm256_set1_epi16(1)),                                                              \
+                     _mm256_zextsi128_si256(_mm_cvtsi32_si128(centre)))
+#endif
+
 static inline __attribute__((always_inline)) void q8_row_avx2(const matrix *w, int64_t r, const prepared *const *xs,
                                                               const int nx, float *dots) {
     const int8_t *row = (const int8_t *)w->codes + r * w->cols;
@@ -430,7 +445,7 @@ static inline __attribute__((always_inline)) void q8_row_avx2(const matrix *w, i
         for (int m = 0; m < nx; m++) {                                                                                    \
             const int16_t *xq = xs[m]->q + (b) * XBLOCK;                                                                  \
             __m256i dot = _mm256_madd_epi16(wv[0], _mm256_loadu_si256((const __m256i *)xq));                              \
-            for (int q = 1; q < 4; q++) dot = _mm256_add_epi32(dot, _mm256_madd_epi16(wv[q], _mm256_loadu_si256((const __m256i *)(xq + 16 * q)))); \
+            for (int q = 1; q < 4; q++) dot = Q3N_DPWSSD(dot, wv[q], _mm256_loadu_si256((const __m256i *)(xq + 16 * q))); \
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[m]->block_scale[b]), acc[m]);            \
         }                                                                                                                 \
     }
@@ -449,7 +464,7 @@ static inline __attribute__((always_inline)) void q4_row_avx2(const matrix *w, i
     const int64_t groups = w->cols / w->group, per_group = w->group / XBLOCK;
     const uint8_t *row = w->codes + r * (w->cols / 2);
     const uint16_t *scale = (const uint16_t *)w->scale + r * groups, *minimum = w->minimum + r * groups;
-    const __m256i nibble = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
+    const __m256i nibble = _mm256_set1_epi8(0xF);
     __m256 acc0[TILE_X], acc1[TILE_X];
     for (int m = 0; m < nx; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
     float weight_scale = 0.0f;
@@ -461,12 +476,10 @@ static inline __attribute__((always_inline)) void q4_row_avx2(const matrix *w, i
         const __m256i bytes = _mm256_loadu_si256((const __m256i *)(row + 32 * (b)));                                       \
         const __m256i low = _mm256_and_si256(bytes, nibble), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble); \
         for (int m = 0; m < nx; m++) {                                                                                     \
-            const __m256i pairs = _mm256_add_epi16(                                                                        \
-                _mm256_maddubs_epi16(low, _mm256_loadu_si256((const __m256i *)(xs[m]->even_b + 32 * (b)))),                \
-                _mm256_maddubs_epi16(high, _mm256_loadu_si256((const __m256i *)(xs[m]->odd_b + 32 * (b)))));               \
             const __m256 both = _mm256_set1_ps(weight_scale * xs[m]->block_scale_b[b]);                                    \
-            const __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),                                       \
-                                                     _mm256_zextsi128_si256(_mm_cvtsi32_si128(xs[m]->centre_b[b])));       \
+            const __m256i centred = Q3N_Q4_DOTS(low, _mm256_loadu_si256((const __m256i *)(xs[m]->even_b + 32 * (b))),      \
+                                                high, _mm256_loadu_si256((const __m256i *)(xs[m]->odd_b + 32 * (b))),      \
+                                                xs[m]->centre_b[b]);                                                       \
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), both, acc[m]);                                           \
         }                                                                                                                  \
     }
@@ -497,6 +510,8 @@ static void rows_avx2(const matrix *w, int64_t r0, int nw, const prepared *const
     }
 }
 #undef Q3N_ALTERNATE_BLOCKS
+#undef Q3N_DPWSSD
+#undef Q3N_Q4_DOTS
 #endif
 
 /* dots[m * TILE_W + i] = row r0 + i (i < nw <= TILE_W) of w times activation row xs[m] (m < nx). */

@@ -6,6 +6,7 @@ AVX-512 one on a machine that has both.
     python benchmarks/compare_builds.py MODEL --cflags="" --cflags=-mno-avx512f   # the = keeps a leading dash a value
 
     python benchmarks/compare_builds.py MODEL --baseline OTHER_CHECKOUT --in-process [--blocks 30]
+    python benchmarks/compare_builds.py --models MODEL_A MODEL_B [--blocks 30]
     python benchmarks/compare_builds.py --matrices --cflags="-mno-avx512f -mno-avxvnni" --cflags=-mno-avx512f
 
 OTHER_CHECKOUT is a tree of this repository (`git worktree add /tmp/base REV`); each run is
@@ -19,8 +20,12 @@ kernel libraries (the baseline tree's, built by a subprocess on it, and this tre
 median step and the median of the per-block time ratios. The two libraries must share their structs'
 layouts (cpu_kernels checks the sizes when it loads each).
 
+--models, in the same way, one library and two model folders (e.g. the same checkpoint at 4 and 8 bits):
+decode steps of each model in turn.
+
 --matrices, in the same way without a model: 1 to 512 activation rows through a [2048, 2048] matrix at 8
-and 4 bits, one thread, the two libraries taking turns every block of calls.
+and 4 bits, and one row through the demo model's 56-wide expert down projection, one thread, the two
+libraries taking turns every block of calls.
 """
 
 from __future__ import annotations
@@ -61,8 +66,9 @@ def library_of(tree: Path, cflags: str | None) -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-def in_process(sides: list, args) -> None:
-    """Decode steps of this tree's model with each side's kernel library in turn, 25 steps at a time."""
+def in_process(sides: list, args, models: list[str] | None = None) -> None:
+    """Decode steps with each side's kernel library (and, given `models`, each side's model) in turn, 25
+    steps at a time."""
     import statistics
     import time
 
@@ -73,22 +79,21 @@ def in_process(sides: list, args) -> None:
 
     libraries = [cpu_kernels._load(library_of(tree, cflags))[0] for _, tree, cflags in sides]
     torch.set_num_threads(args.threads)
-    model = qwen3next.load(args.model, quiet=True).model
+    loaded = [qwen3next.load(folder, router_stats=False, quiet=True).model for folder in models or [args.model]]
     prompt = torch.tensor([list(range(100, 100 + min(args.prompt_tokens, 256)))])
     seconds: list[list[float]] = [[], []]
     with torch.inference_mode():
-        cache, step = model.make_cache(), 0
-        model(prompt, cache, last_only=True)
+        caches = [None, None]
         for block in range(args.blocks):
-            if step >= 1024:  # keep the context, and so the attention's share, about the same throughout
-                cache, step = model.make_cache(), 0
-                model(prompt, cache, last_only=True)
             for side in ((0, 1) if block % 2 == 0 else (1, 0)):
+                model = loaded[side % len(loaded)]
                 cpu_kernels._lib = libraries[side]
+                if block % 20 == 0:  # a fresh context every 20 blocks keeps the attention's share about even
+                    caches[side] = model.make_cache()
+                    model(prompt, caches[side], last_only=True)
                 start = time.perf_counter()
-                for _ in range(25):
-                    model(torch.tensor([[5 + step]]), cache, last_only=True)
-                    step += 1
+                for step in range(25):
+                    model(torch.tensor([[5 + step]]), caches[side], last_only=True)
                 seconds[side].append((time.perf_counter() - start) / 25)
     for (name, _, _), times in zip(sides, seconds):
         print(f"{name:<40} median {statistics.median(times) * 1e3:.3f} ms/step, fastest block "
@@ -111,15 +116,17 @@ def matrices_in_process(sides: list, args) -> None:
     libraries = [cpu_kernels._load(library_of(tree, cflags))[0] for _, tree, cflags in sides]
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    weight = torch.randn(2048, 2048)
-    q8, q4 = int8.quantize(weight), int4.quantize(weight, 64)
-    print(f"{'matrix':<8} {'rows':>5} {sides[0][0]:>40} {sides[1][0]:>40} {'median ratio':>13}")
-    for rows in (1, 4, 64, 512):
-        x = torch.randn(rows, 2048).bfloat16()
-        for name, call in (("8-bit", lambda: cpu_kernels.linear_q8(x, *q8)),
-                           ("4-bit", lambda: cpu_kernels.linear_q4(x, *q4))):
+    print(f"{'matrix':<22} {'rows':>5} {sides[0][0]:>40} {sides[1][0]:>40} {'median ratio':>13}")
+    # (out, in, 4-bit group, activation rows): a real-width matrix, and the demo model's expert down projection
+    # (56 wide: no integer path, the fp32 row loops)
+    for out, columns, group, rows in [(2048, 2048, 64, r) for r in (1, 4, 64, 512)] + [(256, 56, 56, 1)]:
+        weight = torch.randn(out, columns)
+        q8, q4 = int8.quantize(weight), int4.quantize(weight, group)
+        x = torch.randn(rows, columns).bfloat16()
+        for name, call in ((f"8-bit [{out}, {columns}]", lambda: cpu_kernels.linear_q8(x, *q8)),
+                           (f"4-bit [{out}, {columns}]", lambda: cpu_kernels.linear_q4(x, *q4))):
             seconds: list[list[float]] = [[], []]
-            calls = max(1, 2000 // rows)
+            calls = max(1, 2000 // rows) * (4 if columns < 64 else 1)
             for block in range(args.blocks):
                 for side in ((0, 1) if block % 2 == 0 else (1, 0)):
                     cpu_kernels._lib = libraries[side]
@@ -128,7 +135,7 @@ def matrices_in_process(sides: list, args) -> None:
                         call()
                     seconds[side].append((time.perf_counter() - start) / calls)
             ratio = statistics.median(first / second for first, second in zip(*seconds))
-            print(f"{name:<8} {rows:5d} {statistics.median(seconds[0]) * 1e6:37.1f} us "
+            print(f"{name:<22} {rows:5d} {statistics.median(seconds[0]) * 1e6:37.1f} us "
                   f"{statistics.median(seconds[1]) * 1e6:37.1f} us {ratio:13.3f}", flush=True)
 
 
@@ -144,7 +151,10 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="alternate the kernel libraries in one process")
     parser.add_argument("--blocks", type=int, default=30, help="with --in-process: blocks of 25 steps per side")
     parser.add_argument("--matrices", action="store_true", help="quantized matrix products in one process, no model")
+    parser.add_argument("--models", nargs=2, metavar="FOLDER", help="two models' decode in one process, this tree")
     args = parser.parse_args()
+    if args.models is not None:
+        return in_process([(folder, ROOT, None) for folder in args.models], args, args.models)
     if args.baseline is not None and args.cflags is None:
         sides = [(f"baseline {args.baseline}", args.baseline.resolve(), None), ("this tree", ROOT, None)]
     elif args.baseline is None and args.cflags is not None and len(args.cflags) == 2:

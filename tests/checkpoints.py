@@ -178,17 +178,18 @@ QUANTIZED_SHARD_BYTES = 4 * 2**30
 
 
 def write_quantized_model(folder: Path, layers: int, bits: int = 4, seed: int = 0, size: str = "real",
-                          vocab_size: int = 151936) -> Path:
+                          vocab_size: int = 151936, bits_for: tuple[tuple[str, int], ...] = ()) -> Path:
     """A random folder straight in the quantized format (no bf16 source), `layers` layers plus the MTP layer:
     random codes with scales that keep activations bounded, random bf16 routers, the default policy's bits.
-    For models larger than RAM (benchmarks/bench_offload.py) and the memory-budget tests."""
+    For models larger than RAM (benchmarks/bench_offload.py) and the memory-budget tests. bits_for: the
+    policy's overrides, as `quantize --bits-for` takes them (("*.weight", 4): every matrix at 4 bits)."""
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     tokens = write_tokenizer_files(folder)
     raw = make_config(size, vocab_size, tokens - len(QWEN_SPECIAL_TOKENS), num_hidden_layers=layers,
                       max_position_embeddings=262144)
     config = Qwen3NextConfig.from_dict(raw)
-    policy = Policy(bits)
+    policy = Policy(bits, bits_for=bits_for)
     model = meta_model(config, with_mtp=True)
     dense = []  # (name, dtype, shape, nbytes, fill)
     for name, t in model.state_dict().items():

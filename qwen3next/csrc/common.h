@@ -34,7 +34,10 @@ static inline int omp_get_num_threads(void) { return 1; }
 #define Q3N_AVX_VNNI 1 /* ... with AVX-VNNI's one-instruction dot products (Alder Lake, Zen 5 and later) */
 #endif
 #endif
-#if defined(Q3N_AVX512) || defined(Q3N_AVX2) || defined(Q3N_AVX2_DOTS) || defined(__F16C__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define Q3N_AVX2_LOOPS 1 /* fp32 row loops on 256 bits for the shapes the integer paths leave (AVX-512 builds too) */
+#endif
+#if defined(Q3N_AVX512) || defined(Q3N_AVX2) || defined(Q3N_AVX2_LOOPS) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 

@@ -142,7 +142,7 @@ static int forms_of(const matrix *w) {
 
 /* ---- row dots: one (weight row, activation row) pair, for shapes and CPUs the tiles do not cover ---- */
 
-#ifdef Q3N_AVX2_DOTS
+#ifdef Q3N_AVX2_LOOPS
 static inline float sum_lanes(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -154,7 +154,7 @@ static inline float q8_row_dot(const matrix *w, int64_t r, const prepared *x) {
     const int8_t *row = (const int8_t *)w->codes + r * w->cols;
     float acc = 0.0f;
     int64_t k = 0;
-#ifdef Q3N_AVX2_DOTS /* the compiler's vectorisation of the loop below ran at ~1.5 G weights/s here */
+#ifdef Q3N_AVX2_LOOPS /* the compiler's vectorisation of the loop below ran at ~1.5 G weights/s here */
 #define Q3N_WIDEN8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
     for (; k + 16 <= x->n; k += 16) {
@@ -197,7 +197,7 @@ static inline float q4_row_dot(const matrix *w, int64_t r, const prepared *x) {
         return _mm512_reduce_add_ps(acc) + q4_minimum_share(minimum, x, groups);
     }
 #endif
-#ifdef Q3N_AVX2_DOTS /* any even group (the demo model's 56-wide rows): 16 weights widened to fp32 a step */
+#ifdef Q3N_AVX2_LOOPS /* any even group (the demo model's 56-wide rows): 16 weights widened to fp32 a step */
     const __m128i nibble = _mm_set1_epi8(0xF);
     __m256 acc = _mm256_setzero_ps();
     float rest = 0.0f;

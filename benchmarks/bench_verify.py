@@ -15,8 +15,8 @@ disk, the expert cache's disk bytes per pass are printed too (the file's pages a
 For a quantized folder it also prints what each pass touches: every dense matrix of the main model once,
 T rows of the embeddings, and each distinct routed expert the T positions chose (counted by a routing
 observer), and the time reading those bytes once takes at the machine's read bandwidth, measured in the
-same run (the better of a 2-thread torch sum over 1 GiB and our own one-row 4-bit product over a
-512 MiB matrix). "over the read" is the pass's time over that: the kernels issue's goal is at most 1.2
+same run, on the engine's threads (the better of a torch sum over 1 GiB and our own one-row 4-bit
+product over a 512 MiB matrix). "over the read" is the pass's time over that: the kernels issue's goal is at most 1.2
 for T = 2..8 at real width. A model to measure it on (4 layers of the real widths, every matrix at 4 bits):
 
     python -c "import sys; sys.path.insert(0, 'tests'); from checkpoints import write_quantized_model as w; \
@@ -59,12 +59,14 @@ class DistinctExperts:
 
 def dense_bytes(model) -> tuple[int, int]:
     """(bytes of the main model's weights outside the routed experts and the embeddings, bytes of one
-    embedding row). Routed experts live in the expert store, not in the modules' state."""
-    total, row = 0, 0
+    embedding row). Routed experts live in the expert store, not in the modules' state. Tied embeddings
+    are read whole, as the lm_head."""
+    total, row, seen = 0, 0, set()
     for name, tensor in model.state_dict().items():
-        if name.startswith("mtp."):
+        if name.startswith("mtp.") or tensor.data_ptr() in seen:  # a tied lm_head is the embedding table
             continue
-        if "embed_tokens" in name:
+        seen.add(tensor.data_ptr())
+        if "embed_tokens" in name and not model.config.tie_word_embeddings:
             row += tensor.nbytes // tensor.shape[0]
         else:
             total += tensor.nbytes
@@ -107,14 +109,13 @@ def main() -> None:
     parser.add_argument("--acceptance", default="0.66,0.30,0.17",
                         help="acceptance rate at each draft position (the demo model's, N=3 run)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    bandwidths = read_bandwidth()
     acceptance = [float(a) for a in args.acceptance.split(",")]
     if args.model:
         for shard in Path(args.model).glob("*.safetensors"):
             drop_cached_pages(shard)
     engine = qwen3next.load(args.model, cpu_mem=args.cpu_mem, router_stats=False, quiet=True)
     model = engine.model
+    bandwidths = read_bandwidth()  # after the load: on the threads the engine set
     if model.mtp is None:
         raise SystemExit(f"{args.model}: no MTP head (mtp.*) to draft with")
     store_cache = getattr(engine.expert_store, "cache", None)
@@ -156,7 +157,7 @@ def main() -> None:
                 recorder.chosen.clear()
                 _, _, states = model.decode_steps(ids, cache)
                 cache.rewind(position + 1, states[0])  # the pass's first position stays: the cache grows by one
-                experts = sum(len(chosen) * expert_nbytes.get(layer, 0) for layer, chosen in recorder.chosen.items()
+                experts = sum(len(chosen) * expert_nbytes[layer] for layer, chosen in recorder.chosen.items()
                               if layer in expert_nbytes)
                 touched.setdefault(rows, []).append(dense + rows * embedding_row + experts)
             return run

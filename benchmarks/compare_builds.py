@@ -25,7 +25,7 @@ decode steps of each model in turn.
 
 --matrices, in the same way without a model: 1 to 512 activation rows through a [2048, 2048] matrix at 8
 and 4 bits, and one row through the demo model's 56-wide expert down projection, one thread, the two
-libraries taking turns every block of calls.
+libraries taking turns every block of calls; "same bits" says whether the two give equal outputs.
 """
 
 from __future__ import annotations
@@ -66,6 +66,16 @@ def library_of(tree: Path, cflags: str | None) -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
+def alternating(blocks: int, run) -> list[list[float]]:
+    """Seconds of run(side) for sides 0 and 1, `blocks` times each, the order flipping every block so that
+    neither side always follows the other."""
+    seconds: list[list[float]] = [[], []]
+    for block in range(blocks):
+        for side in ((0, 1) if block % 2 == 0 else (1, 0)):
+            seconds[side].append(run(side, block))
+    return seconds
+
+
 def in_process(sides: list, args, models: list[str] | None = None) -> None:
     """Decode steps with each side's kernel library (and, given `models`, each side's model) in turn, 25
     steps at a time."""
@@ -81,20 +91,21 @@ def in_process(sides: list, args, models: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     loaded = [qwen3next.load(folder, router_stats=False, quiet=True).model for folder in models or [args.model]]
     prompt = torch.tensor([list(range(100, 100 + min(args.prompt_tokens, 256)))])
-    seconds: list[list[float]] = [[], []]
+    caches = [None, None]
+
+    def decode(side: int, block: int) -> float:
+        model = loaded[side % len(loaded)]
+        cpu_kernels._lib = libraries[side]
+        if block % 20 == 0:  # a fresh context every 20 blocks keeps the attention's share about even
+            caches[side] = model.make_cache()
+            model(prompt, caches[side], last_only=True)
+        start = time.perf_counter()
+        for step in range(25):
+            model(torch.tensor([[5 + step]]), caches[side], last_only=True)
+        return (time.perf_counter() - start) / 25
+
     with torch.inference_mode():
-        caches = [None, None]
-        for block in range(args.blocks):
-            for side in ((0, 1) if block % 2 == 0 else (1, 0)):
-                model = loaded[side % len(loaded)]
-                cpu_kernels._lib = libraries[side]
-                if block % 20 == 0:  # a fresh context every 20 blocks keeps the attention's share about even
-                    caches[side] = model.make_cache()
-                    model(prompt, caches[side], last_only=True)
-                start = time.perf_counter()
-                for step in range(25):
-                    model(torch.tensor([[5 + step]]), caches[side], last_only=True)
-                seconds[side].append((time.perf_counter() - start) / 25)
+        seconds = alternating(args.blocks, decode)
     for (name, _, _), times in zip(sides, seconds):
         print(f"{name:<40} median {statistics.median(times) * 1e3:.3f} ms/step, fastest block "
               f"{min(times) * 1e3:.3f}")
@@ -116,7 +127,7 @@ def matrices_in_process(sides: list, args) -> None:
     libraries = [cpu_kernels._load(library_of(tree, cflags))[0] for _, tree, cflags in sides]
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    print(f"{'matrix':<22} {'rows':>5} {sides[0][0]:>40} {sides[1][0]:>40} {'median ratio':>13}")
+    print(f"{'matrix':<22} {'rows':>5} {sides[0][0]:>40} {sides[1][0]:>40} {'median ratio':>13} same bits")
     # (out, in, 4-bit group, activation rows): a real-width matrix, and the demo model's expert down projection
     # (56 wide: no integer path, the fp32 row loops)
     for out, columns, group, rows in [(2048, 2048, 64, r) for r in (1, 4, 64, 512)] + [(256, 56, 56, 1)]:
@@ -125,18 +136,24 @@ def matrices_in_process(sides: list, args) -> None:
         x = torch.randn(rows, columns).bfloat16()
         for name, call in ((f"8-bit [{out}, {columns}]", lambda: cpu_kernels.linear_q8(x, *q8)),
                            (f"4-bit [{out}, {columns}]", lambda: cpu_kernels.linear_q4(x, *q4))):
-            seconds: list[list[float]] = [[], []]
-            calls = max(1, 2000 // rows) * (4 if columns < 64 else 1)
-            for block in range(args.blocks):
-                for side in ((0, 1) if block % 2 == 0 else (1, 0)):
-                    cpu_kernels._lib = libraries[side]
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        call()
-                    seconds[side].append((time.perf_counter() - start) / calls)
+            calls = max(1, 2000 // rows)
+
+            def products(side: int, block: int) -> float:
+                cpu_kernels._lib = libraries[side]
+                start = time.perf_counter()
+                for _ in range(calls):
+                    call()
+                return (time.perf_counter() - start) / calls
+
+            seconds = alternating(args.blocks, products)
+            outputs = []
+            for library in libraries:
+                cpu_kernels._lib = library
+                outputs.append(call())
             ratio = statistics.median(first / second for first, second in zip(*seconds))
             print(f"{name:<22} {rows:5d} {statistics.median(seconds[0]) * 1e6:37.1f} us "
-                  f"{statistics.median(seconds[1]) * 1e6:37.1f} us {ratio:13.3f}", flush=True)
+                  f"{statistics.median(seconds[1]) * 1e6:37.1f} us {ratio:13.3f} "
+                  f"{'yes' if torch.equal(*outputs) else 'no'}", flush=True)
 
 
 def main() -> None:

@@ -11,8 +11,9 @@
  * rows and each activation block loaded once per tile of weight rows, as llama.cpp's repacked GEMMs
  * do: 4-bit tiles hold 16 weight rows in the vector lanes (a row's 4 code bytes per lane against 4
  * broadcast activation bytes), 8-bit tiles 4 x 4 row pairs. CPUs with AVX2 but no AVX-512 take the same
- * codes one weight row at a time with vpmaddwd / vpmaddubsw (Q3N_AVX2_DOTS), or AVX-VNNI's vpdpwssd /
- * vpdpbusd on 256 bits where the CPU has them (Q3N_AVX_VNNI); others plain fp32 loops, one row pair at a time.
+ * codes (Q3N_AVX2_DOTS) with vpmaddwd / vpmaddubsw, or AVX-VNNI's vpdpwssd / vpdpbusd on 256 bits where the
+ * CPU has them (Q3N_AVX_VNNI): 4-bit tiles of 8 rows in the lanes, 8-bit weights one row at a time; others
+ * plain fp32 loops, one row pair at a time.
  *
  * Every (weight row, activation row) pair has its own accumulator and the same sequence of
  * operations whatever the tile it falls in and however many rows share the call, so a row's
@@ -24,6 +25,7 @@
 #define TILE_W 16  /* weight rows per unit of work (the 4-bit tile: one per vector lane) */
 #define Q8_TILE_W 4 /* weight rows per 8-bit tile (with at least TILE_X activation rows) */
 #define TILE_X 4    /* activation rows per tile (their accumulators stay in registers) */
+#define LANES_FEW 4 /* activation rows up to which the AVX2 4-bit tile reads its rows one after another */
 #define PREFETCH 8   /* chunks of 64 bytes a tile prefetches ahead in each of its rows */
 #define X_ROWS 64   /* activation rows per pass over a dense matrix: their codes stay in the core's cache */
 
@@ -104,7 +106,7 @@ typedef struct {
     const uint16_t *minimum; /* 4 bits only */
 } matrix;
 
-/* Whether w's dots take the integer paths on this build (VNNI's tiles, or rows_avx2): whole blocks of 64,
+/* Whether w's dots take the integer paths on this build (the tiles, or q8_rows_avx2): whole blocks of 64,
  * and for 4 bits groups of 64 in 64-byte chunks (the VNNI tile) or groups of any multiple of 64 (AVX2). */
 static inline int q8_integer(const matrix *w) {
 #if defined(Q3N_VNNI) || defined(Q3N_AVX2_DOTS)
@@ -245,13 +247,16 @@ static inline float q4_row_dot(const matrix *w, int64_t r, const prepared *x) {
 
 /* ---- tiles: dots[m * TILE_W + i] = row r0 + i of w times xs[m], for i < nw <= TILE_W, m < nx ---- */
 
-#ifdef Q3N_VNNI
+#if defined(Q3N_VNNI) || defined(Q3N_AVX2_DOTS)
 /* Prefetch byte `at` of a row of `length` bytes, or past its end the same distance into the row a tile of
  * `tile` rows further on: a tile reads its rows side by side, which the hardware prefetchers do not follow
  * as they follow one row after another (one-row decode from RAM ran at half speed without this). */
 static inline void prefetch_ahead(const uint8_t *row, int64_t length, int tile, int64_t at) {
     _mm_prefetch((const char *)(at < length ? row + at : row + tile * length + (at - length)), _MM_HINT_T0);
 }
+#endif
+
+#ifdef Q3N_VNNI
 
 /* 8 bits: Q8_TILE_W rows, int16 codes (dpwssd: 32 products), each pair's sum reduced across lanes at the end. */
 static inline __attribute__((always_inline)) void q8_tile_at(const matrix *w, int64_t r0, const int nw,
@@ -399,13 +404,12 @@ static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *
 #endif
 
 #ifdef Q3N_AVX2_DOTS
-/* AVX2 without AVX-512 (most desktop CPUs): the same integer codes of the activation rows, one weight row
- * at a time against up to TILE_X activation rows, read front to back (the hardware prefetchers follow one
- * row well). vpmaddwd (8 bits) forms the int16 products vpdpwssd sums; for 4 bits, vpmaddubsw multiplies
- * the unsigned codes with the int8 activation codes and vpmaddwd adds them in fours, which is what
- * vpdpbusd does (the sums are at most 4 * 15 * 127, far from saturating). Two fp32 accumulators take
- * alternate blocks, so that a short row is not one chain of dependent multiply-adds; every pair keeps
- * them and their order whatever nx is. */
+/* AVX2 without AVX-512 (most desktop CPUs): the same integer codes of the activation rows. 8 bits: one
+ * weight row at a time against up to TILE_X activation rows, read front to back (the hardware prefetchers
+ * follow one row well); vpmaddwd forms the int16 products vpdpwssd sums (AVX-VNNI's vpdpwssd where the CPU
+ * has it: the same sums). Two fp32 accumulators take alternate blocks, so that a short row is not one chain
+ * of dependent multiply-adds; every pair keeps them and their order whatever nx is. 4 bits: tiles of 8 rows
+ * in the lanes (q4_lanes8). */
 /* acc0 and acc1 take alternate blocks (even, odd) of 64: the loop pairs them so that both stay in registers. */
 #define Q3N_ALTERNATE_BLOCKS(blocks, step)               \
     {                                                   \
@@ -417,19 +421,11 @@ static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *
         if (b < (blocks)) step(b, acc0);                \
     }
 
-/* The integer sums, identical with or without AVX-VNNI (no sum comes near saturating int16 or int32):
- * Q3N_DPWSSD(acc, a, b) = acc + vpmaddwd(a, b); Q3N_Q4_DOTS(low, even, high, odd, centre) = the 32-bit lanes'
- * sums of 4 products low * even + high * odd (unsigned codes times int8 codes), less centre in lane 0. */
+/* acc + vpmaddwd(a, b), identical with or without AVX-VNNI (no sum comes near saturating int32). */
 #ifdef Q3N_AVX_VNNI
 #define Q3N_DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
-#define Q3N_Q4_DOTS(low, even, high, odd, centre) \
-    _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_zextsi128_si256(_mm_cvtsi32_si128(-(centre))), (low), (even)), (high), (odd))
 #else
 #define Q3N_DPWSSD(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
-#define Q3N_Q4_DOTS(low, even, high, odd, centre)                                                                          \
-    _mm256_sub_epi32(_mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16((low), (even)), _mm256_maddubs_epi16((high), (odd))), \
-                                       _mm256_set1_epi16(1)),                                                              \
-                     _mm256_zextsi128_si256(_mm_cvtsi32_si128(centre)))
 #endif
 
 static inline __attribute__((always_inline)) void q8_row_avx2(const matrix *w, int64_t r, const prepared *const *xs,
@@ -454,64 +450,214 @@ static inline __attribute__((always_inline)) void q8_row_avx2(const matrix *w, i
     for (int m = 0; m < nx; m++) dots[m * TILE_W] = sum_lanes(_mm256_add_ps(acc0[m], acc1[m])) * ((const float *)w->scale)[r];
 }
 
-/* Groups of a multiple of 64 weights: each block of 64 (32 bytes) is scaled by its group's scale and the
- * activation block's. The codes are centred, q - 8 (the integer sum less centre_b): the rounding of the
- * activation codes then meets weights of mean near zero rather than codes of mean 7.5, which cuts its
- * error about threefold (measured: 1.0% to 0.4% of the largest output on a 64-wide lm_head); the share
- * of the centre and minimums, sum_g (minimum[g] + 8 scale[g]) * sum(x over g), exact in fp32, comes last. */
-static inline __attribute__((always_inline)) void q4_row_avx2(const matrix *w, int64_t r, const prepared *const *xs,
-                                                              const int nx, float *dots) {
-    const int64_t groups = w->cols / w->group, per_group = w->group / XBLOCK;
-    const uint8_t *row = w->codes + r * (w->cols / 2);
-    const uint16_t *scale = (const uint16_t *)w->scale + r * groups, *minimum = w->minimum + r * groups;
-    const __m256i nibble = _mm256_set1_epi8(0xF);
-    __m256 acc0[TILE_X], acc1[TILE_X];
-    for (int m = 0; m < nx; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
-    float weight_scale = 0.0f;
-    int64_t group_end = 0, next_group = 0; /* blocks run in order: the next group's scale is read where it starts */
-#define Q3N_Q4_BLOCK(b, acc)                                                                                                \
-    {                                                                                                                      \
-        if ((b) == group_end) weight_scale = f16_to_f32(scale[next_group++]), group_end += per_group;                      \
-        _mm_prefetch((const char *)(row + 32 * (b) + PREFETCH * 64), _MM_HINT_T0);                                         \
-        const __m256i bytes = _mm256_loadu_si256((const __m256i *)(row + 32 * (b)));                                       \
-        const __m256i low = _mm256_and_si256(bytes, nibble), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble); \
-        for (int m = 0; m < nx; m++) {                                                                                     \
-            const __m256 both = _mm256_set1_ps(weight_scale * xs[m]->block_scale_b[b]);                                    \
-            const __m256i centred = Q3N_Q4_DOTS(low, _mm256_loadu_si256((const __m256i *)(xs[m]->even_b + 32 * (b))),      \
-                                                high, _mm256_loadu_si256((const __m256i *)(xs[m]->odd_b + 32 * (b))),      \
-                                                xs[m]->centre_b[b]);                                                       \
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), both, acc[m]);                                           \
-        }                                                                                                                  \
+/* out[e] = dword e of every v[l] (lane l): an 8 x 8 transpose of 32-bit elements. */
+static inline void transpose8(const __m256i v[8], __m256i out[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]), t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]), u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]), u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
     }
-    Q3N_ALTERNATE_BLOCKS(w->cols / XBLOCK, Q3N_Q4_BLOCK)
-#undef Q3N_Q4_BLOCK
-    for (int m = 0; m < nx; m++) {
-        __m256 share = _mm256_setzero_ps();
-        int64_t g = 0;
-        for (; g + 8 <= groups; g += 8) {
-            const __m256 centre = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g))), _mm256_set1_ps(8.0f),
-                                                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(minimum + g))));
-            share = _mm256_fmadd_ps(centre, _mm256_loadu_ps(xs[m]->sums + g), share);
+    /* u[4q + k] holds, in 128-bit lane h, dword 4h + k of rows 4q .. 4q + 3 */
+    for (int k = 0; k < 4; k++)
+        out[k] = _mm256_permute2x128_si256(u[k], u[4 + k], 0x20), out[4 + k] = _mm256_permute2x128_si256(u[k], u[4 + k], 0x31);
+}
+
+/* out[g] (g < groups) = the fp16 values of column g of rows[0..7] as fp32 lanes: a tile's scales or minimums,
+ * eight columns at a time by an 8 x 8 transpose of 16-bit elements. */
+static void q4_columns8(const uint16_t *const rows[8], int64_t groups, __m256 *out) {
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        __m128i v[8], a[8], b[8];
+        for (int l = 0; l < 8; l++) v[l] = _mm_loadu_si128((const __m128i *)(rows[l] + g));
+        for (int l = 0; l < 8; l += 2) a[l] = _mm_unpacklo_epi16(v[l], v[l + 1]), a[l + 1] = _mm_unpackhi_epi16(v[l], v[l + 1]);
+        for (int q = 0; q < 8; q += 4) /* b[q + k]: columns 2k, 2k + 1 of rows q .. q + 3 */
+            for (int k = 0; k < 2; k++)
+                b[q + 2 * k] = _mm_unpacklo_epi32(a[q + k], a[q + k + 2]), b[q + 2 * k + 1] = _mm_unpackhi_epi32(a[q + k], a[q + k + 2]);
+        for (int k = 0; k < 4; k++) {
+            out[g + 2 * k] = _mm256_cvtph_ps(_mm_unpacklo_epi64(b[k], b[4 + k]));
+            out[g + 2 * k + 1] = _mm256_cvtph_ps(_mm_unpackhi_epi64(b[k], b[4 + k]));
         }
-        float tail = 0.0f;
-        for (; g < groups; g++) tail += fmaf(f16_to_f32(scale[g]), 8.0f, f16_to_f32(minimum[g])) * xs[m]->sums[g];
-        dots[m * TILE_W] = sum_lanes(_mm256_add_ps(acc0[m], acc1[m])) + (sum_lanes(share) + tail);
+    }
+    for (; g < groups; g++) {
+        uint16_t column[8];
+        for (int l = 0; l < 8; l++) column[l] = rows[l][g];
+        out[g] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)column));
     }
 }
 
-static void rows_avx2(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
+static inline __m256i broadcast4(const int8_t *codes) {
+    int32_t four;
+    memcpy(&four, codes, 4);
+    return _mm256_set1_epi32(four);
+}
+
+/* acc + the 8 rows' exact integer sums of block b with x, centred and scaled (the AVX-512 tile's steps). */
+static inline __m256 q4_scaled_block(const __m256i sum, const __m256 scale, int64_t b, const prepared *x, const __m256 acc) {
+    const __m256 both = _mm256_mul_ps(scale, _mm256_set1_ps(x->block_scale_b[b]));
+    const __m256i centred = _mm256_sub_epi32(sum, _mm256_set1_epi32(x->centre_b[b]));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), both, acc);
+}
+
+/* One block of 64 weights (32 bytes) of the tile's 8 rows, transposed and split into codes[e] (low nibbles,
+ * dword e) and codes[8 + e] (high nibbles), against nx activation rows: each lane's integer sum is the
+ * block's whole dot product for its row, exact (vpmaddubsw's pair sums, at most 2 * 15 * 127, are added in
+ * int16 eight at a time, below 32767, then widened; with AVX-VNNI vpdpbusd adds the same numbers), then
+ * centred and scaled into the row's fp32 sum as the AVX-512 tile does it, so the two builds agree bit for bit. */
+static inline __attribute__((always_inline)) void q4_block_rows_avx2(const __m256i *codes, const __m256 scale, int64_t b,
+                                                                     const prepared *const *xs, const int nx, float *acc) {
+    __m256i sum[TILE_X];
+#ifdef Q3N_AVX_VNNI
+    for (int m = 0; m < nx; m++) sum[m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; e++)
+        for (int m = 0; m < nx; m++) {
+            sum[m] = _mm256_dpbusd_avx_epi32(sum[m], codes[e], broadcast4(xs[m]->even_b + 32 * b + 4 * e));
+            sum[m] = _mm256_dpbusd_avx_epi32(sum[m], codes[8 + e], broadcast4(xs[m]->odd_b + 32 * b + 4 * e));
+        }
+#else
+    __m256i pairs[2][TILE_X]; /* dwords 0-3, 4-7: each lane's pair sums, at most 8 * 2 * 15 * 127 in int16 */
+    for (int m = 0; m < nx; m++) pairs[0][m] = pairs[1][m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; e++)
+        for (int m = 0; m < nx; m++) {
+            const __m256i low = _mm256_maddubs_epi16(codes[e], broadcast4(xs[m]->even_b + 32 * b + 4 * e));
+            const __m256i high = _mm256_maddubs_epi16(codes[8 + e], broadcast4(xs[m]->odd_b + 32 * b + 4 * e));
+            pairs[e / 4][m] = _mm256_add_epi16(pairs[e / 4][m], _mm256_add_epi16(low, high));
+        }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int m = 0; m < nx; m++) sum[m] = _mm256_add_epi32(_mm256_madd_epi16(pairs[0][m], ones), _mm256_madd_epi16(pairs[1][m], ones));
+#endif
+    for (int m = 0; m < nx; m++) _mm256_storeu_ps(acc + TILE_W * m, q4_scaled_block(sum[m], scale, b, xs[m], _mm256_loadu_ps(acc + TILE_W * m)));
+}
+
+/* Lane k of the result = the sum of the 8 lanes of p[k]. */
+static inline __m256i sum_each8(const __m256i p[8]) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    /* a holds, in 128-bit lane h, the sums of elements 4h .. 4h + 3 of p[0..3]; b those of p[4..7] */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* Few activation rows: the tile's 8 rows read one after another, as they lie in memory (read side by side
+ * they streamed from RAM at half the speed here, software prefetch or not), each block's integer sum formed
+ * along its row: sums[(m * 8 + l) * stride + b] for row l, block b, activation row m. The same exact
+ * integers as the transposed blocks give, so the steps after them, and the bits, are the same. */
+static inline __attribute__((always_inline)) void q4_row_sums(const uint8_t *const rows[8], int64_t blocks,
+                                                              const prepared *const *xs, const int nx, int32_t *sums, int64_t stride) {
+    const __m256i nibble = _mm256_set1_epi8(0xF);
+#ifndef Q3N_AVX_VNNI
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    for (int l = 0; l < 8; l++)
+        for (int64_t b0 = 0; b0 < blocks; b0 += 8) {
+            __m256i p[LANES_FEW][8];
+            for (int k = 0; k < 8; k++) {
+                const int64_t b = b0 + k;
+                if (b >= blocks) {
+                    for (int m = 0; m < nx; m++) p[m][k] = _mm256_setzero_si256();
+                    continue;
+                }
+                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(rows[l] + 32 * b));
+                const __m256i low = _mm256_and_si256(bytes, nibble), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+                for (int m = 0; m < nx; m++) {
+                    const __m256i even = _mm256_loadu_si256((const __m256i *)(xs[m]->even_b + 32 * b));
+                    const __m256i odd = _mm256_loadu_si256((const __m256i *)(xs[m]->odd_b + 32 * b));
+#ifdef Q3N_AVX_VNNI
+                    p[m][k] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), low, even), high, odd);
+#else
+                    p[m][k] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(low, even), _mm256_maddubs_epi16(high, odd)), ones);
+#endif
+                }
+            }
+            for (int m = 0; m < nx; m++) _mm256_storeu_si256((__m256i *)(sums + (m * 8 + l) * stride + b0), sum_each8(p[m]));
+        }
+}
+
+/* 4 bits: 8 rows in the 8 lanes (the AVX-512 tile's layout at half width, any group of a multiple of 64).
+ * Each block of the 8 rows is transposed once for all nx activation rows, so a row of activations costs its
+ * dot products and one scaling per block for 8 weight rows, not per weight row as a row at a time did
+ * (many rows through a matrix 1.3-1.5x faster: docs/kernels.md); up to LANES_FEW rows take q4_row_sums instead, for the
+ * same bits. The codes are centred on 8: the rounding of the activation codes then meets weights of mean
+ * near zero rather than codes of mean 7.5, which cuts its error about threefold (measured: 1.0% to 0.4% of
+ * the largest output on a 64-wide lm_head); the share of the centre and minimums, sum_g (minimum[g] +
+ * 8 scale[g]) * sum(x over g), exact in fp32, comes last. Rows past nw repeat row r0 (their lanes are dropped). */
+static void q4_lanes8(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
+    const int64_t groups = w->cols / w->group, per_group = w->group / XBLOCK, half = w->cols / 2, blocks = w->cols / XBLOCK;
+    const uint8_t *rows[8];
+    const uint16_t *scale_rows[8], *minimum_rows[8];
+    for (int l = 0; l < 8; l++) {
+        const int64_t r = r0 + (l < nw ? l : 0);
+        rows[l] = w->codes + r * half, scale_rows[l] = (const uint16_t *)w->scale + r * groups;
+        minimum_rows[l] = w->minimum + r * groups;
+    }
+    __m256 scale[groups], minimum[groups];
+    q4_columns8(scale_rows, groups, scale);
+    q4_columns8(minimum_rows, groups, minimum);
+    for (int64_t g = 0; g < groups; g++) minimum[g] = _mm256_fmadd_ps(scale[g], _mm256_set1_ps(8.0f), minimum[g]); /* the centre's share */
+    for (int64_t m = 0; m < nx; m++) _mm256_storeu_ps(dots + TILE_W * m, _mm256_setzero_ps());
+    if (nx <= LANES_FEW) {
+        const int64_t stride = (blocks + 7) / 8 * 8;
+        int32_t sums[LANES_FEW * 8 * stride];
+        switch (nx) { /* the row count as a constant, as Q3N_TILE_ROWS does */
+        case 1: q4_row_sums(rows, blocks, xs, 1, sums, stride); break;
+        case 2: q4_row_sums(rows, blocks, xs, 2, sums, stride); break;
+        case 3: q4_row_sums(rows, blocks, xs, 3, sums, stride); break;
+        default: q4_row_sums(rows, blocks, xs, 4, sums, stride); break;
+        }
+        for (int64_t m = 0; m < nx; m++) {
+            __m256 total = _mm256_setzero_ps();
+            int64_t g = 0, group_end = per_group;
+            for (int64_t b0 = 0; b0 < blocks; b0 += 8) {
+                __m256i by_row[8], by_block[8];
+                for (int l = 0; l < 8; l++) by_row[l] = _mm256_loadu_si256((const __m256i *)(sums + (m * 8 + l) * stride + b0));
+                transpose8(by_row, by_block);
+                for (int64_t b = b0; b < b0 + 8 && b < blocks; b++) {
+                    if (b == group_end) g++, group_end += per_group;
+                    total = q4_scaled_block(by_block[b - b0], scale[g], b, xs[m], total);
+                }
+            }
+            _mm256_storeu_ps(dots + TILE_W * m, total);
+        }
+    } else {
+        const __m256i nibble = _mm256_set1_epi8(0xF);
+        int64_t g = 0, group_end = per_group;
+        for (int64_t b = 0; b < blocks; b++) {
+            if (b == group_end) g++, group_end += per_group;
+            __m256i v[8], t[8], codes[16];
+            for (int l = 0; l < 8; l++) {
+                if (!(b & 1)) prefetch_ahead(rows[l], half, 8, 32 * b + 2 * 64 * PREFETCH);
+                v[l] = _mm256_loadu_si256((const __m256i *)(rows[l] + 32 * b));
+            }
+            transpose8(v, t);
+            for (int e = 0; e < 8; e++)
+                codes[e] = _mm256_and_si256(t[e], nibble), codes[8 + e] = _mm256_and_si256(_mm256_srli_epi16(t[e], 4), nibble);
+#define Q3N_Q4_CALL(rows_x) q4_block_rows_avx2(codes, scale[g], b, xs + m0, rows_x, dots + TILE_W * m0)
+            Q3N_TILE_ROWS(Q3N_Q4_CALL)
+#undef Q3N_Q4_CALL
+        }
+    }
+    for (int64_t m = 0; m < nx; m++) {
+        __m256 total = _mm256_loadu_ps(dots + TILE_W * m);
+        for (int64_t k = 0; k < groups; k++) total = _mm256_fmadd_ps(minimum[k], _mm256_set1_ps(xs[m]->sums[k]), total);
+        _mm256_storeu_ps(dots + TILE_W * m, total);
+    }
+}
+
+/* TILE_W rows as two tiles of 8 lanes. */
+static void q4_tile_avx2(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
+    for (int h = 0; 8 * h < nw; h++) q4_lanes8(w, r0 + 8 * h, nw - 8 * h < 8 ? nw - 8 * h : 8, xs, nx, dots + 8 * h);
+}
+
+static void q8_rows_avx2(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
     for (int i = 0; i < nw; i++) {
 #define Q3N_Q8_ROW(rows_x) q8_row_avx2(w, r0 + i, xs + m0, rows_x, dots + m0 * TILE_W + i)
-#define Q3N_Q4_ROW(rows_x) q4_row_avx2(w, r0 + i, xs + m0, rows_x, dots + m0 * TILE_W + i)
-        if (w->bits == 8) Q3N_TILE_ROWS(Q3N_Q8_ROW)
-        else Q3N_TILE_ROWS(Q3N_Q4_ROW)
+        Q3N_TILE_ROWS(Q3N_Q8_ROW)
 #undef Q3N_Q8_ROW
-#undef Q3N_Q4_ROW
     }
 }
 #undef Q3N_ALTERNATE_BLOCKS
 #undef Q3N_DPWSSD
-#undef Q3N_Q4_DOTS
 #endif
 
 /* dots[m * TILE_W + i] = row r0 + i (i < nw <= TILE_W) of w times activation row xs[m] (m < nx). */
@@ -520,7 +666,8 @@ static void tile_dots(const matrix *w, int64_t r0, int nw, const prepared *const
     if (w->bits == 8 && q8_integer(w)) return q8_tile(w, r0, nw, xs, nx, dots);
     if (w->bits == 4 && q4_integer(w)) return q4_tile(w, r0, nw, xs, nx, dots);
 #elif defined(Q3N_AVX2_DOTS)
-    if (w->bits == 8 ? q8_integer(w) : q4_integer(w)) return rows_avx2(w, r0, nw, xs, nx, dots);
+    if (w->bits == 8 && q8_integer(w)) return q8_rows_avx2(w, r0, nw, xs, nx, dots);
+    if (w->bits == 4 && q4_integer(w)) return q4_tile_avx2(w, r0, nw, xs, nx, dots);
 #endif
     for (int64_t m = 0; m < nx; m++)
         for (int i = 0; i < nw; i++)

@@ -558,6 +558,7 @@ static inline __attribute__((always_inline)) void q4_row_sums(const uint8_t *con
                     for (int m = 0; m < nx; m++) p[m][k] = _mm256_setzero_si256();
                     continue;
                 }
+                if (!(b & 1)) _mm_prefetch((const char *)(rows[l] + 32 * b + 64 * PREFETCH), _MM_HINT_T0); /* as q8_row_avx2 */
                 const __m256i bytes = _mm256_loadu_si256((const __m256i *)(rows[l] + 32 * b));
                 const __m256i low = _mm256_and_si256(bytes, nibble), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
                 for (int m = 0; m < nx; m++) {
@@ -592,10 +593,16 @@ static void q4_lanes8(const matrix *w, int64_t r0, int nw, const prepared *const
         minimum_rows[l] = w->minimum + r * groups;
     }
     __m256 scale[groups], minimum[groups];
+    for (int l = 0; l < 8; l++) /* the next tile's scales and minimums, which would otherwise start it cold */
+        for (int64_t at = 0; at < 2 * groups; at += 64) {
+            prefetch_ahead((const uint8_t *)scale_rows[l], 2 * groups, 8, 2 * groups + at);
+            prefetch_ahead((const uint8_t *)minimum_rows[l], 2 * groups, 8, 2 * groups + at);
+        }
     q4_columns8(scale_rows, groups, scale);
     q4_columns8(minimum_rows, groups, minimum);
     for (int64_t g = 0; g < groups; g++) minimum[g] = _mm256_fmadd_ps(scale[g], _mm256_set1_ps(8.0f), minimum[g]); /* the centre's share */
-    for (int64_t m = 0; m < nx; m++) _mm256_storeu_ps(dots + TILE_W * m, _mm256_setzero_ps());
+    float odd[nx * TILE_W]; /* the odd blocks' sums (dots takes the even ones): two chains of multiply-adds, not one */
+    for (int64_t m = 0; m < nx; m++) _mm256_storeu_ps(dots + TILE_W * m, _mm256_setzero_ps()), _mm256_storeu_ps(odd + TILE_W * m, _mm256_setzero_ps());
     if (nx <= LANES_FEW) {
         const int64_t stride = (blocks + 7) / 8 * 8;
         int32_t sums[LANES_FEW * 8 * stride];
@@ -606,7 +613,7 @@ static void q4_lanes8(const matrix *w, int64_t r0, int nw, const prepared *const
         default: q4_row_sums(rows, blocks, xs, 4, sums, stride); break;
         }
         for (int64_t m = 0; m < nx; m++) {
-            __m256 total = _mm256_setzero_ps();
+            __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
             int64_t g = 0, group_end = per_group;
             for (int64_t b0 = 0; b0 < blocks; b0 += 8) {
                 __m256i by_row[8], by_block[8];
@@ -614,10 +621,10 @@ static void q4_lanes8(const matrix *w, int64_t r0, int nw, const prepared *const
                 transpose8(by_row, by_block);
                 for (int64_t b = b0; b < b0 + 8 && b < blocks; b++) {
                     if (b == group_end) g++, group_end += per_group;
-                    total = q4_scaled_block(by_block[b - b0], scale[g], b, xs[m], total);
+                    total[b & 1] = q4_scaled_block(by_block[b - b0], scale[g], b, xs[m], total[b & 1]);
                 }
             }
-            _mm256_storeu_ps(dots + TILE_W * m, total);
+            _mm256_storeu_ps(dots + TILE_W * m, total[0]), _mm256_storeu_ps(odd + TILE_W * m, total[1]);
         }
     } else {
         const __m256i nibble = _mm256_set1_epi8(0xF);
@@ -632,15 +639,17 @@ static void q4_lanes8(const matrix *w, int64_t r0, int nw, const prepared *const
             transpose8(v, t);
             for (int e = 0; e < 8; e++)
                 codes[e] = _mm256_and_si256(t[e], nibble), codes[8 + e] = _mm256_and_si256(_mm256_srli_epi16(t[e], 4), nibble);
-#define Q3N_Q4_CALL(rows_x) q4_block_rows_avx2(codes, scale[g], b, xs + m0, rows_x, dots + TILE_W * m0)
+#define Q3N_Q4_CALL(rows_x) q4_block_rows_avx2(codes, scale[g], b, xs + m0, rows_x, (b & 1 ? odd : dots) + TILE_W * m0)
             Q3N_TILE_ROWS(Q3N_Q4_CALL)
 #undef Q3N_Q4_CALL
         }
     }
     for (int64_t m = 0; m < nx; m++) {
-        __m256 total = _mm256_loadu_ps(dots + TILE_W * m);
-        for (int64_t k = 0; k < groups; k++) total = _mm256_fmadd_ps(minimum[k], _mm256_set1_ps(xs[m]->sums[k]), total);
-        _mm256_storeu_ps(dots + TILE_W * m, total);
+        __m256 share[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t k = 0; k < groups; k++) share[k & 3] = _mm256_fmadd_ps(minimum[k], _mm256_set1_ps(xs[m]->sums[k]), share[k & 3]);
+        const __m256 blocks_sum = _mm256_add_ps(_mm256_loadu_ps(dots + TILE_W * m), _mm256_loadu_ps(odd + TILE_W * m));
+        _mm256_storeu_ps(dots + TILE_W * m, _mm256_add_ps(blocks_sum, _mm256_add_ps(_mm256_add_ps(share[0], share[1]),
+                                                                                   _mm256_add_ps(share[2], share[3]))));
     }
 }
 

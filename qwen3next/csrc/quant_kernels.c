@@ -492,7 +492,7 @@ static inline __m256i broadcast4(const int8_t *codes) {
     return _mm256_set1_epi32(four);
 }
 
-/* acc + the 8 rows' exact integer sums of block b with x, centred and scaled (the AVX-512 tile's steps). */
+/* acc + the 8 rows' exact integer sums of block b with x, centred and scaled, as the AVX-512 tile does it. */
 static inline __m256 q4_scaled_block(const __m256i sum, const __m256 scale, int64_t b, const prepared *x, const __m256 acc) {
     const __m256 both = _mm256_mul_ps(scale, _mm256_set1_ps(x->block_scale_b[b]));
     const __m256i centred = _mm256_sub_epi32(sum, _mm256_set1_epi32(x->centre_b[b]));
@@ -503,7 +503,7 @@ static inline __m256 q4_scaled_block(const __m256i sum, const __m256 scale, int6
  * dword e) and codes[8 + e] (high nibbles), against nx activation rows: each lane's integer sum is the
  * block's whole dot product for its row, exact (vpmaddubsw's pair sums, at most 2 * 15 * 127, are added in
  * int16 eight at a time, below 32767, then widened; with AVX-VNNI vpdpbusd adds the same numbers), then
- * centred and scaled into the row's fp32 sum as the AVX-512 tile does it, so the two builds agree bit for bit. */
+ * centred and scaled into the row's fp32 sums (q4_scaled_block). */
 static inline __attribute__((always_inline)) void q4_block_rows_avx2(const __m256i *codes, const __m256 scale, int64_t b,
                                                                      const prepared *const *xs, const int nx, float *acc) {
     __m256i sum[TILE_X];

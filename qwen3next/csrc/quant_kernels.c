@@ -254,6 +254,22 @@ static inline float q4_row_dot(const matrix *w, int64_t r, const prepared *x) {
 static inline void prefetch_ahead(const uint8_t *row, int64_t length, int tile, int64_t at) {
     _mm_prefetch((const char *)(at < length ? row + at : row + tile * length + (at - length)), _MM_HINT_T0);
 }
+
+/* The `lanes` rows of a 4-bit tile from r0 (rows past nw repeat row r0) and their scales and minimums; the
+ * next tile's scales and minimums are prefetched, which would otherwise start it cold. */
+static inline void q4_tile_rows(const matrix *w, int64_t r0, int nw, int lanes, const uint8_t **rows,
+                                const uint16_t **scale_rows, const uint16_t **minimum_rows) {
+    const int64_t groups = w->cols / w->group, half = w->cols / 2;
+    for (int l = 0; l < lanes; l++) {
+        const int64_t r = r0 + (l < nw ? l : 0);
+        rows[l] = w->codes + r * half, scale_rows[l] = (const uint16_t *)w->scale + r * groups;
+        minimum_rows[l] = w->minimum + r * groups;
+        for (int64_t at = 0; at < 2 * groups; at += 64) {
+            prefetch_ahead((const uint8_t *)scale_rows[l], 2 * groups, lanes, 2 * groups + at);
+            prefetch_ahead((const uint8_t *)minimum_rows[l], 2 * groups, lanes, 2 * groups + at);
+        }
+    }
+}
 #endif
 
 #ifdef Q3N_VNNI
@@ -365,17 +381,8 @@ static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *
     const int64_t groups = w->cols / XBLOCK, half = w->cols / 2;
     const uint8_t *rows[16];
     const uint16_t *scale_rows[16], *minimum_rows[16];
-    for (int l = 0; l < 16; l++) {
-        const int64_t r = r0 + (l < nw ? l : 0);
-        rows[l] = w->codes + r * half, scale_rows[l] = (const uint16_t *)w->scale + r * groups;
-        minimum_rows[l] = w->minimum + r * groups;
-    }
+    q4_tile_rows(w, r0, nw, 16, rows, scale_rows, minimum_rows);
     __m512 scale[groups], minimum[groups];
-    for (int l = 0; l < 16; l++)
-        for (int64_t at = 0; at < 2 * groups; at += 64) {
-            prefetch_ahead((const uint8_t *)scale_rows[l], 2 * groups, 16, 2 * groups + at);
-            prefetch_ahead((const uint8_t *)minimum_rows[l], 2 * groups, 16, 2 * groups + at);
-        }
     q4_columns(scale_rows, groups, scale);
     q4_columns(minimum_rows, groups, minimum);
     for (int64_t g = 0; g < groups; g++) minimum[g] = _mm512_fmadd_ps(scale[g], _mm512_set1_ps(8.0f), minimum[g]); /* the centre's share */
@@ -587,17 +594,8 @@ static void q4_lanes8(const matrix *w, int64_t r0, int nw, const prepared *const
     const int64_t groups = w->cols / w->group, per_group = w->group / XBLOCK, half = w->cols / 2, blocks = w->cols / XBLOCK;
     const uint8_t *rows[8];
     const uint16_t *scale_rows[8], *minimum_rows[8];
-    for (int l = 0; l < 8; l++) {
-        const int64_t r = r0 + (l < nw ? l : 0);
-        rows[l] = w->codes + r * half, scale_rows[l] = (const uint16_t *)w->scale + r * groups;
-        minimum_rows[l] = w->minimum + r * groups;
-    }
+    q4_tile_rows(w, r0, nw, 8, rows, scale_rows, minimum_rows);
     __m256 scale[groups], minimum[groups];
-    for (int l = 0; l < 8; l++) /* the next tile's scales and minimums, which would otherwise start it cold */
-        for (int64_t at = 0; at < 2 * groups; at += 64) {
-            prefetch_ahead((const uint8_t *)scale_rows[l], 2 * groups, 8, 2 * groups + at);
-            prefetch_ahead((const uint8_t *)minimum_rows[l], 2 * groups, 8, 2 * groups + at);
-        }
     q4_columns8(scale_rows, groups, scale);
     q4_columns8(minimum_rows, groups, minimum);
     for (int64_t g = 0; g < groups; g++) minimum[g] = _mm256_fmadd_ps(scale[g], _mm256_set1_ps(8.0f), minimum[g]); /* the centre's share */

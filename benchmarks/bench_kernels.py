@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py
     python benchmarks/bench_kernels.py --few-rows      # PYTHONPATH=OTHER_CHECKOUT for its kernels
     python benchmarks/bench_kernels.py --error         # the same; accuracy, not speed
+    python benchmarks/bench_kernels.py --experts       # only the bf16 routed experts of a prefill chunk
     python benchmarks/bench_kernels.py --prefill MODEL [--tokens 512] [--baseline CHECKOUT] [--rounds 3]
 
 Without --prefill: matrix-vector products over weights that do not fit in cache (each call reads a
@@ -172,6 +173,34 @@ def rows_table() -> None:
             print(f"{label:<28}{ours * 1e3:>12.2f}{theirs * 1e3:>18.2f}{rows * w.numel() / ours / 1e9:>15.1f}")
 
 
+def experts_table() -> None:
+    """One layer's routed bf16 experts on a prefill chunk's rows (each expert on the rows that chose it): torch's
+    grouped bf16 matmul (moe.StackedExperts, the path CPUs with a fast bf16 GEMM keep) against the experts kernel
+    (offload/bf16_experts.bf16_rows_kernel's call), best of 3 alternated; multiply-adds per second."""
+    from qwen3next.moe import StackedExperts
+    from qwen3next.offload.store import _address_table
+
+    print(f"\n{'bf16 experts (E x rows each)':<40}{'grouped (ms)':>13}{'kernel (ms)':>13}{'grouped GMAC/s':>16}"
+          f"{'kernel GMAC/s':>15}")
+    for experts, hidden, inter, rows, top_k in [(64, 512, 256, 32, 8), (64, 2048, 512, 10, 10)]:
+        gate_up = (torch.randn(experts, 2 * inter, hidden) * hidden**-0.5).bfloat16()
+        down = (torch.randn(experts, hidden, inter) * inter**-0.5).bfloat16()
+        stacked = StackedExperts(gate_up, down).requires_grad_(False)
+        table, layout = _address_table(stacked), cpu_kernels.bf16_layout(inter, hidden)
+        tokens = experts * rows // top_k  # every expert chosen by `rows` tokens, each token by top_k experts
+        ids = (torch.arange(tokens * top_k) % experts).view(tokens, top_k)
+        weights = torch.full((tokens, top_k), 1.0 / top_k)
+        x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+        ours = theirs = float("inf")
+        for _ in range(3):
+            theirs = min(theirs, seconds_per_call(lambda: stacked(x, ids, weights), 1))
+            ours = min(ours, seconds_per_call(lambda: cpu_kernels.experts_quant(x, table, layout, ids, weights), 1))
+        macs = tokens * top_k * 3 * hidden * inter
+        label = f"{experts} x {rows}, hidden {hidden}, width {inter}"
+        print(f"{label:<40}{theirs * 1e3:>13.1f}{ours * 1e3:>13.1f}"
+              f"{macs / theirs / 1e9:>16.1f}{macs / ours / 1e9:>15.1f}")
+
+
 def few_rows_table() -> None:
     """A few rows through the demo model's bf16 matrices, in cache (a speculative verify pass's shape): each
     row's chain of multiply-adds, not memory, sets the pace there. Best of 3."""
@@ -281,6 +310,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--few-rows", action="store_true", help="only the few-rows bf16 table (runs in seconds)")
     parser.add_argument("--error", action="store_true", help="only the 4-bit kernels' error table (seconds)")
+    parser.add_argument("--experts", action="store_true", help="only the bf16 routed-experts table (seconds)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -294,11 +324,14 @@ def main() -> None:
     with torch.inference_mode():
         if args.error:
             return error_table()
+        if args.experts:
+            return experts_table()
         few_rows_table()
         if args.few_rows:
             return
         gemv_table()
         rows_table()
+        experts_table()
         moe_block_table()
         deltanet_table()
 

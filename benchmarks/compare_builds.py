@@ -31,19 +31,36 @@ libraries taking turns every block of calls; "same bits" says whether the two gi
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from bench_kernels import import_tree
+
 ROOT = Path(__file__).resolve().parents[1]
+IMPORT_ROOT = Path(tempfile.mkdtemp(prefix="q3n-trees-"))  # tree_env's import folders (symlinks), for this run
+atexit.register(shutil.rmtree, IMPORT_ROOT, True)
+
+
+def tree_env(tree: Path, cflags: str | None) -> dict:
+    """The environment under which `import qwen3next` loads `tree`'s code, subpackages included (the editable
+    install maps qwen3next.offload, .quant and .cli to this checkout's folders whatever PYTHONPATH says)."""
+    folder = IMPORT_ROOT / str(abs(hash(tree)))
+    if not folder.exists():
+        import_tree(tree, folder)
+    env = dict(os.environ, PYTHONPATH=str(folder))
+    if cflags is not None:
+        env["QWEN3NEXT_KERNEL_CFLAGS"] = cflags
+    return env
 
 
 def measure(tree: Path, cflags: str | None, args) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    if cflags is not None:
-        env["QWEN3NEXT_KERNEL_CFLAGS"] = cflags
+    env = tree_env(tree, cflags)
     done = subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_engine.py"), "--impl", "qwen3next",
                            "--model", args.model, f"--prompt-tokens={args.prompt_tokens}",
                            f"--new-tokens={args.new_tokens}", f"--threads={args.threads}", "--repeats=2"],
@@ -55,9 +72,7 @@ def measure(tree: Path, cflags: str | None, args) -> dict:
 
 def library_of(tree: Path, cflags: str | None) -> Path:
     """The kernel library that `tree` builds (or has cached) for this machine."""
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    if cflags is not None:
-        env["QWEN3NEXT_KERNEL_CFLAGS"] = cflags
+    env = tree_env(tree, cflags)
     # prepare().path is the cached file; a fresh build's own name is a temporary folder, gone at exit
     done = subprocess.run([sys.executable, "-c", "from qwen3next import cpu_kernels; print(cpu_kernels.prepare(quiet=True).path)"],
                           env=env, cwd="/", capture_output=True, text=True)

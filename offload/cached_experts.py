@@ -40,8 +40,9 @@ class ExpertCompute(Protocol):
         ...
 
     def rows_kernel(self, layer: int) -> RowsKernel | None:
-        """(x [N, hidden], table, ids [N, k] int64, weights [N, k] fp32) -> [N, hidden] on the CPU for any N, each
-        row the token kernel's bits, with every expert in the table; or None (many rows run per expert)."""
+        """(x [N, hidden], table, ids [N, k] int64, weights [N, k] fp32) -> [N, hidden] on the CPU for any N, with
+        every expert in the table, each of up to MAX_ROWS rows with the token kernel's bits and more rows with
+        run_expert's then combine's; or None (many rows run per expert)."""
         ...
 
     def run_expert(self, layer: int, expert: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +68,15 @@ def weighted_sum(pairs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
     """ExpertCompute.combine as moe.StackedExperts sums: one index_add_ in the same (expert, token) order."""
     weighted = pairs[order] * weights.flatten()[order, None]
     return torch.zeros_like(x).index_add_(0, order // weights.shape[-1], weighted.to(x.dtype))
+
+
+def combine_pairs(pairs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ExpertCompute.combine for pairs from either path of a compute piece: the experts kernel's fp32 sums are
+    added as its one-call form adds them (cpu_kernels.experts_combine, the router's order), anything else as
+    StackedExperts adds its results (weighted_sum)."""
+    if pairs.dtype != torch.float32 or x.dtype != torch.bfloat16:
+        return weighted_sum(pairs, order, weights, x)
+    return cpu_kernels.experts_combine(pairs, weights.float())
 
 
 class CachedExperts:

@@ -18,7 +18,7 @@ from qwen3next.quant.layout import ExpertLayout, ProjectionLayout, array_specs
 from qwen3next.quant.modules import quantized_matmul
 from qwen3next.weights import SAFETENSORS_DTYPES
 
-from .cached_experts import weighted_sum
+from .cached_experts import combine_pairs
 
 
 class QuantizedCompute:
@@ -46,9 +46,7 @@ class QuantizedCompute:
 
     def combine(self, pairs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
                 x: torch.Tensor) -> torch.Tensor:
-        if pairs.dtype != torch.float32 or x.dtype != torch.bfloat16:  # run_expert's dequantizing path
-            return weighted_sum(pairs, order, weights, x)
-        return cpu_kernels.experts_combine(pairs, weights.float())
+        return combine_pairs(pairs, order, weights, x)
 
     def fused_table(self, layer: int) -> bool:
         return False  # the bf16 fused MoE kernel reads bf16 matrices; blob_layout serves the quantized one
@@ -77,6 +75,6 @@ def kernel_layout(layout: ExpertLayout) -> cpu_kernels.ExpertLayout | None:
 
     def projection(q: ProjectionLayout) -> cpu_kernels.Projection:
         minimum = q.offsets[2] if q.bits == 4 else 0
-        return cpu_kernels.Projection(q.bits, q.rows, q.cols, q.group, q.offsets[0], q.offsets[1], minimum)
+        return cpu_kernels.Projection(q.bits, q.rows, q.cols, q.group, q.offsets[0], q.offsets[1], minimum, 0)
 
-    return cpu_kernels.ExpertLayout(*(projection(p[name]) for name in PROJECTIONS))
+    return cpu_kernels.ExpertLayout(*(projection(p[name]) for name in PROJECTIONS), 1)  # one blob per expert

@@ -17,18 +17,24 @@ from qwen3next import cpu_kernels
 from qwen3next.checkpoint_names import PROJECTIONS, expert_tensor_name
 from qwen3next.moe import StackedExperts
 
+from .bf16_experts import bf16_rows_kernel
+
 
 class ResidentExpertStore:
     """All routed experts held in memory on one device, stacked per layer (moe.StackedExperts).
 
-    Decode-sized bf16 batches on the CPU run each token's experts in one kernel call
-    (cpu_kernels.swiglu_experts_bf16) through a per-layer table of weight addresses; larger
-    batches run as grouped matmuls.
+    bf16 batches on the CPU run through a per-layer table of weight addresses: decode-sized ones each
+    token's experts in one kernel call (cpu_kernels.swiglu_experts_bf16), larger ones, where torch's
+    bf16 GEMM is slow, the experts kernel (bf16_experts.bf16_rows_kernel, the same calls as a cache of
+    bf16 experts makes); other batches run as grouped matmuls.
     """
 
     def __init__(self, layers: dict[int, StackedExperts]):
         self.layers = layers
         self._address_tables = {layer: _address_table(experts) for layer, experts in layers.items()}
+        self._rows_kernels = {layer: None if self._address_tables[layer] is None else
+                              bf16_rows_kernel(experts.intermediate_size, experts.gate_up.shape[-1])
+                              for layer, experts in layers.items()}
 
     @classmethod
     def from_tensors(
@@ -59,11 +65,14 @@ class ResidentExpertStore:
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         experts, table = self.layers[layer], self._address_tables[layer]
-        if table is not None and cpu_kernels.usable(x) and x.shape[0] <= cpu_kernels.MAX_ROWS:
+        if table is not None and cpu_kernels.usable(x):
             ids, weights = ids.to(torch.int64).contiguous(), weights.float().contiguous()  # the C side reads raw memory
-            rows = [cpu_kernels.swiglu_experts_bf16(x[n], table, ids[n], weights[n], experts.intermediate_size)
-                    for n in range(x.shape[0])]
-            return torch.stack(rows)
+            if self._rows_kernels[layer] is not None:
+                return self._rows_kernels[layer](x, table, ids, weights)
+            if x.shape[0] <= cpu_kernels.MAX_ROWS:
+                return torch.stack([cpu_kernels.swiglu_experts_bf16(x[n], table, ids[n], weights[n],
+                                                                    experts.intermediate_size)
+                                    for n in range(x.shape[0])])
         return experts(x, ids, weights)
 
     def address_table(self, layer: int) -> torch.Tensor | None:

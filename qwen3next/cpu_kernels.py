@@ -412,39 +412,50 @@ def moe_experts(x: torch.Tensor, weights: "MoeWeights | MoeQuant", ids: torch.Te
 
 
 class Projection(ctypes.Structure):
-    """csrc's q3n_projection: one projection's format and its arrays' byte offsets inside an expert blob."""
+    """csrc's q3n_projection: one projection's format and its arrays' byte offsets from the address in column
+    `piece` of its expert's row of the address table."""
 
-    _fields_ = [(name, ctypes.c_int64) for name in ("bits", "rows", "cols", "group", "codes", "scale", "minimum")]
+    _fields_ = [(name, ctypes.c_int64)
+                for name in ("bits", "rows", "cols", "group", "codes", "scale", "minimum", "piece")]
 
 
 class ExpertLayout(ctypes.Structure):
-    """csrc's q3n_expert_layout: where gate, up and down live in every expert blob of a layer."""
+    """csrc's q3n_expert_layout: where gate, up and down live for every expert of a layer, from a table of `pieces`
+    addresses per expert (quantized blobs: one; bf16 experts: three)."""
 
-    _fields_ = [("gate", Projection), ("up", Projection), ("down", Projection)]
+    _fields_ = [("gate", Projection), ("up", Projection), ("down", Projection), ("pieces", ctypes.c_int64)]
 
 
-def experts_quant(x: torch.Tensor, blobs: torch.Tensor, layout: ExpertLayout, ids: torch.Tensor,
+def bf16_layout(inter: int, hidden: int) -> ExpertLayout:
+    """The layout of bf16 experts addressed by the [experts, 3] table of gate, up and down matrices (the fused MoE
+    kernel's table), so that experts_quant and experts_pairs run them."""
+    gate, up = (Projection(16, inter, hidden, 0, 0, 0, 0, piece) for piece in (0, 1))
+    return ExpertLayout(gate, up, Projection(16, hidden, inter, 0, 0, 0, 0, 2), 3)
+
+
+def experts_quant(x: torch.Tensor, table: torch.Tensor, layout: ExpertLayout, ids: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor:
-    """Rows x [N, hidden] (bf16; or one token [hidden]) through quantized experts ids [N, k] (int64), summed with
-    weights [N, k] (fp32) in the router's order: experts_pairs then experts_combine, in one call.
+    """Rows x [N, hidden] (bf16; or one token [hidden]) through experts ids [N, k] (int64), summed with weights
+    [N, k] (fp32) in the router's order: experts_pairs then experts_combine, in one call.
 
-    `blobs` [experts] int64 holds each expert blob's address (quant/layout.py); the caller keeps them alive.
+    `table` [experts, layout.pieces] int64 holds each expert's addresses: a quantized blob's (quant/layout.py), or
+    a bf16 expert's three matrices (bf16_layout); the caller keeps them alive.
     """
     x = x.contiguous()
     out = torch.empty_like(x)
     rows = x.numel() // layout.gate.cols
-    _lib.q3n_experts_quant(blobs.data_ptr(), ctypes.byref(layout), ids.data_ptr(), weights.data_ptr(), rows,
+    _lib.q3n_experts_quant(table.data_ptr(), ctypes.byref(layout), ids.data_ptr(), weights.data_ptr(), rows,
                            ids.numel() // rows, x.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def experts_pairs(x: torch.Tensor, blobs: torch.Tensor, layout: ExpertLayout, ids: torch.Tensor,
+def experts_pairs(x: torch.Tensor, table: torch.Tensor, layout: ExpertLayout, ids: torch.Tensor,
                   tokens: torch.Tensor) -> torch.Tensor:
-    """[P, hidden] fp32: row tokens[p] of x [N, hidden] (bf16) through the expert blob at blobs[ids[p]], unweighted
-    (ids and tokens [P] int64); each expert runs once on all its rows."""
+    """[P, hidden] fp32: row tokens[p] of x [N, hidden] (bf16) through expert ids[p] of `table` (as experts_quant
+    takes it), unweighted (ids and tokens [P] int64); each expert runs once on all its rows."""
     x = x.contiguous()
     out = torch.empty(ids.numel(), layout.gate.cols)
-    _lib.q3n_experts_pairs(blobs.data_ptr(), ctypes.byref(layout), ids.data_ptr(), tokens.data_ptr(), ids.numel(),
+    _lib.q3n_experts_pairs(table.data_ptr(), ctypes.byref(layout), ids.data_ptr(), tokens.data_ptr(), ids.numel(),
                            x.data_ptr(), x.numel() // layout.gate.cols, out.data_ptr(), torch.get_num_threads())
     return out
 

@@ -307,3 +307,35 @@ def test_quantized_experts_rows_do_not_depend_on_the_chunk(bits):
                                     for e, w in zip(ids[t].tolist(), weights[t].tolist())) for t in range(tokens)])
     assert torch.equal(chunk, alone) and torch.equal(chunk, combined)
     assert_bf16_close(chunk, expected, slack=8 if bits == 8 else 16)
+
+
+@pytest.mark.parametrize("hidden, inter", [(256, 80), (204, 52)])  # 204, 52: columns past the 8-wide vector loop
+def test_bf16_experts_rows_do_not_depend_on_the_chunk(hidden, inter):
+    """bf16 experts through the experts kernel (prefill where torch's bf16 GEMM is slow): a token alone, inside a
+    chunk, and expert by expert then combined (an expert cache) give the same bits, within bf16 roundings of fp32."""
+    from qwen3next.moe import StackedExperts
+    from qwen3next.offload.store import _address_table
+
+    experts, top_k, tokens = 12, 3, 41
+    gate_up, down = bf16(experts, 2 * inter, hidden, seed=3, scale=0.2), bf16(experts, hidden, inter, seed=4, scale=0.2)
+    table, layout = _address_table(StackedExperts(gate_up, down)), cpu_kernels.bf16_layout(inter, hidden)
+    x = bf16(tokens, hidden, seed=6)
+    ids = torch.stack([torch.randperm(experts, generator=torch.Generator().manual_seed(t))[:top_k]
+                       for t in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=torch.Generator().manual_seed(7)), -1)
+    with torch.inference_mode():
+        chunk = cpu_kernels.experts_quant(x, table, layout, ids, weights)
+        alone = torch.stack([cpu_kernels.experts_quant(x[t], table, layout, ids[t], weights[t]) for t in range(tokens)])
+        pairs = torch.empty(tokens * top_k, hidden)
+        flat = ids.flatten()
+        for e in range(experts):
+            chosen = (flat == e).nonzero().flatten()
+            rows = torch.arange(len(chosen))
+            pairs[chosen] = cpu_kernels.experts_pairs(x[chosen // top_k], table[e : e + 1], layout,
+                                                      torch.zeros_like(rows), rows)
+        combined = cpu_kernels.experts_combine(pairs, weights)
+        gate, up = (torch.einsum("th,tkih->tki", x.float(), part[ids].float()) for part in gate_up.split(inter, 1))
+        acts = (F.silu(gate) * up).bfloat16().float()  # the activations are bf16, as a bf16 matmul leaves them
+        expected = torch.einsum("tki,tkhi,tk->th", acts, down[ids].float(), weights)
+    assert torch.equal(chunk, alone) and torch.equal(chunk, combined)
+    assert_bf16_close(chunk, expected, slack=8)

@@ -121,17 +121,22 @@ def stored_bf16(tmp_path_factory):
                        max_shard_bytes=2_000_000)
 
 
-@pytest.mark.parametrize("stored, dtype, policy, slots", [("bf16", "bfloat16", "lru", 4), ("bf16", "bfloat16", "stats", 24),
-                                                         ("fp32", "float32", "lfu", 4), ("fp32", "bfloat16", "lru", 6)])
+# slow_bf16_gemm: many bf16 rows take the experts kernel (CPUs without AVX-512) or torch's GEMM; fp32 takes neither
+@pytest.mark.parametrize("stored, dtype, policy, slots, slow_bf16_gemm", [
+    ("bf16", "bfloat16", "lru", 4, False), ("bf16", "bfloat16", "lru", 4, True),
+    ("bf16", "bfloat16", "stats", 24, False), ("bf16", "bfloat16", "stats", 24, True),
+    ("fp32", "float32", "lfu", 4, False), ("fp32", "bfloat16", "lru", 6, False), ("fp32", "bfloat16", "lru", 6, True)])
 def test_an_unquantized_folder_runs_under_a_budget_with_identical_output(models, stored_bf16, monkeypatch, stored,
-                                                                         dtype, policy, slots):
-    """Experts read as three matrices into slots; decode, prefill chunks and logits match the stacked experts."""
+                                                                         dtype, policy, slots, slow_bf16_gemm):
+    """Experts read as three matrices into slots; decode, prefill chunks and logits match the stacked experts,
+    whether many bf16 rows take torch's GEMM or (CPUs where it is slow) the experts kernel."""
     import torch
 
     import qwen3next
-    from qwen3next import cpu_kernels
+    from qwen3next import cpu_kernels, layers
     from qwen3next.offload.store import ResidentExpertStore
 
+    monkeypatch.setattr(layers, "SLOW_CPU_BF16_GEMM", slow_bf16_gemm)
     folder = stored_bf16 if stored == "bf16" else models("small")
     resident = qwen3next.load(folder, dtype=dtype, cpu_mem="1G", router_stats=False)
     assert resident.plan.fully_resident and isinstance(resident.expert_store, ResidentExpertStore)

@@ -110,14 +110,18 @@ static inline float f16_to_f32(uint16_t h) {
 }
 #endif
 
-/* Where one projection lives inside a routed expert's blob (quant/layout.py), and its format. */
+/* Where one projection of a routed expert lives, and its format: its arrays' byte offsets from the address in
+ * column `piece` of the expert's row of the layer's address table (quantized blobs, quant/layout.py: one column,
+ * the blob; bf16 experts: three, the gate, up and down matrices, each at offset 0). */
 typedef struct {
-    int64_t bits, rows, cols, group; /* group: input weights per scale (4 bits) */
-    int64_t codes, scale, minimum;   /* byte offsets in the blob (minimum: 4 bits only) */
+    int64_t bits, rows, cols, group; /* bits 16: bf16, 8 or 4: quantized; group: input weights per scale (4 bits) */
+    int64_t codes, scale, minimum;   /* byte offsets (scale: quantized only; minimum: 4 bits only) */
+    int64_t piece;
 } q3n_projection;
 
 typedef struct {
     q3n_projection gate, up, down;
+    int64_t pieces; /* columns of the address table */
 } q3n_expert_layout;
 
 /* One weight matrix [rows, cols] in whichever format the checkpoint stores it. */
@@ -144,7 +148,7 @@ void q3n_moe_block_bf16(const uint16_t *x, uint16_t *out, const q3n_moe_weights 
                         int64_t *ids, float *weights, float *logits, int threads);
 void q3n_route_top_k(const float *logits, int64_t experts, int64_t top_k, int norm_topk, int64_t *ids,
                      float *weights);
-void q3n_experts_quant(const int64_t *blobs, const q3n_expert_layout *layout, const int64_t *ids,
+void q3n_experts_quant(const int64_t *table, const q3n_expert_layout *layout, const int64_t *ids,
                        const float *weights, int64_t n, int64_t k, const uint16_t *x, uint16_t *out, int threads);
 void q3n_linear_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t rows_x, int64_t out, int64_t in,
                      int f32_out, int threads);

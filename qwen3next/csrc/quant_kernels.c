@@ -13,7 +13,8 @@
  * broadcast activation bytes), 8-bit tiles 4 x 4 row pairs. CPUs with AVX2 but no AVX-512 take the same
  * codes (Q3N_AVX2_DOTS) with vpmaddwd / vpmaddubsw, or AVX-VNNI's vpdpwssd / vpdpbusd on 256 bits where the
  * CPU has them (Q3N_AVX_VNNI): 4-bit tiles of 8 rows in the lanes, 8-bit weights one row at a time; others
- * plain fp32 loops, one row pair at a time.
+ * plain fp32 loops, one row pair at a time. The routed-experts call (q3n_experts_pairs) also takes bf16
+ * experts (bf16_tile), for prefill on CPUs whose bf16 GEMM is slow.
  *
  * Every (weight row, activation row) pair has its own accumulator and the same sequence of
  * operations whatever the tile it falls in and however many rows share the call, so a row's
@@ -97,8 +98,8 @@ static void prepare_bf16(prepared *p, const uint16_t *x, int64_t n, int64_t grou
 
 static void release(prepared *p) { free(p->f); }
 
-/* A quantized matrix [rows, cols]: int8 codes with one fp32 scale per row, or 4-bit codes two per byte
- * (even index in the low nibble) with an fp16 scale and minimum per group of `group` weights per row. */
+/* A matrix [rows, cols]: int8 codes with one fp32 scale per row, 4-bit codes two per byte (even index in the
+ * low nibble) with an fp16 scale and minimum per group of `group` weights per row, or (bits 16) bf16 weights. */
 typedef struct {
     int64_t bits, rows, cols, group;
     const uint8_t *codes;
@@ -138,6 +139,7 @@ static inline int q4_int16_rows(const matrix *w) {
 
 /* The forms of an activation row that w's dots read (tile_dots and q4_row_dot branch on the same tests). */
 static int forms_of(const matrix *w) {
+    if (w->bits == 16) return X_FP32;
     if (w->bits == 8) return q8_integer(w) ? X_INT16 : X_FP32;
     return q4_integer(w) ? X_INT8 : q4_int16_rows(w) ? X_SPLIT_INT16 : X_SPLIT;
 }
@@ -667,8 +669,82 @@ static void q8_rows_avx2(const matrix *w, int64_t r0, int nw, const prepared *co
 #undef Q3N_DPWSSD
 #endif
 
+/* ---- bf16 weights: a prefill chunk's routed experts on CPUs whose bf16 GEMM is slow (no AVX-512) ---- */
+
+#define BF16_COLUMNS 256 /* columns a bf16 tile's pass takes: its 16 weight rows (8 KB), 4 activation rows (4 KB) in L1 */
+
+#ifdef Q3N_AVX2_LOOPS
+static inline __m256 widen8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* acc[j * TILE_X + m] += columns [k0, k1) (multiples of 8) of weight row j (j < nj, rows `cols` apart from w) times
+ * x[m] (m < nx): one accumulator per pair, lane l taking the columns 8c + l in ascending order. */
+static inline __attribute__((always_inline)) void bf16_pass(const uint16_t *w, int64_t cols, const int nj, const float *const *x,
+                                                            const int nx, int64_t k0, int64_t k1, __m256 *acc) {
+    __m256 a[2][TILE_X];
+    for (int j = 0; j < nj; j++)
+        for (int m = 0; m < nx; m++) a[j][m] = acc[j * TILE_X + m];
+    for (int64_t k = k0; k < k1; k += 8) {
+        __m256 wv[2];
+        for (int j = 0; j < nj; j++) wv[j] = widen8_bf16(w + j * cols + k);
+        for (int m = 0; m < nx; m++) {
+            const __m256 xv = _mm256_loadu_ps(x[m] + k);
+            for (int j = 0; j < nj; j++) a[j][m] = _mm256_fmadd_ps(wv[j], xv, a[j][m]);
+        }
+    }
+    for (int j = 0; j < nj; j++)
+        for (int m = 0; m < nx; m++) acc[j * TILE_X + m] = a[j][m];
+}
+#endif
+
+/* bf16 rows: each (weight row, activation row) pair sums in fp32, the same way wherever it falls in a tile (a row's
+ * bits do not depend on the rows beside it). On AVX2 two weight rows meet four activation rows in registers, widened
+ * from bf16 as they are loaded, BF16_COLUMNS columns a pass: 2.9-3.2x torch's grouped bf16 matmul (no AVX-512) on
+ * a prefill's routed experts (docs/kernels.md). */
+static void bf16_tile(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
+    const int64_t cols = w->cols;
+    const uint16_t *rows = (const uint16_t *)w->codes + r0 * cols;
+#ifdef Q3N_AVX2_LOOPS
+    const int64_t whole = cols / 8 * 8;
+    for (int64_t m0 = 0; m0 < nx; m0 += TILE_X) {
+        const int mx = nx - m0 < TILE_X ? (int)(nx - m0) : TILE_X;
+        const float *x[TILE_X];
+        __m256 acc[TILE_W * TILE_X];
+        for (int m = 0; m < mx; m++) x[m] = xs[m0 + m]->f;
+        for (int i = 0; i < TILE_W * TILE_X; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t k0 = 0; k0 < whole; k0 += BF16_COLUMNS) {
+            const int64_t k1 = k0 + BF16_COLUMNS < whole ? k0 + BF16_COLUMNS : whole;
+            for (int i = 0; i < nw; i += 2) {
+#define Q3N_BF16_PASS(nj, rows_x) bf16_pass(rows + i * cols, cols, nj, x, rows_x, k0, k1, acc + i * TILE_X)
+#define Q3N_BF16_PASSES(nj)                      \
+    switch (mx) {                                \
+    case 1: Q3N_BF16_PASS(nj, 1); break;         \
+    case 2: Q3N_BF16_PASS(nj, 2); break;         \
+    case 3: Q3N_BF16_PASS(nj, 3); break;         \
+    default: Q3N_BF16_PASS(nj, 4); break;        \
+    }
+                if (nw - i >= 2) Q3N_BF16_PASSES(2) else Q3N_BF16_PASSES(1)
+#undef Q3N_BF16_PASSES
+#undef Q3N_BF16_PASS
+            }
+        }
+        for (int i = 0; i < nw; i++)
+            for (int m = 0; m < mx; m++) {
+                float sum = sum_lanes(acc[i * TILE_X + m]);
+                for (int64_t k = whole; k < cols; k++) sum += bf16_to_f32(rows[i * cols + k]) * x[m][k];
+                dots[(m0 + m) * TILE_W + i] = sum;
+            }
+    }
+#else
+    for (int64_t m = 0; m < nx; m++)
+        for (int i = 0; i < nw; i++) dots[m * TILE_W + i] = dot_bf16_f32(rows + i * cols, xs[m]->f, cols);
+#endif
+}
+
 /* dots[m * TILE_W + i] = row r0 + i (i < nw <= TILE_W) of w times activation row xs[m] (m < nx). */
 static void tile_dots(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
+    if (w->bits == 16) return bf16_tile(w, r0, nw, xs, nx, dots);
 #ifdef Q3N_VNNI
     if (w->bits == 8 && q8_integer(w)) return q8_tile(w, r0, nw, xs, nx, dots);
     if (w->bits == 4 && q4_integer(w)) return q4_tile(w, r0, nw, xs, nx, dots);
@@ -797,9 +873,11 @@ static int projection_forms(const q3n_projection *p) {
     return forms_of(&w);
 }
 
-static matrix projection_in(const uint8_t *blob, const q3n_projection *p) {
-    const matrix w = {p->bits, p->rows, p->cols, p->group, blob + p->codes, blob + p->scale,
-                      p->bits == 4 ? (const uint16_t *)(blob + p->minimum) : NULL};
+/* Projection p of the expert whose row of the address table is `addresses`. */
+static matrix projection_in(const int64_t *addresses, const q3n_projection *p) {
+    const uint8_t *base = (const uint8_t *)(intptr_t)addresses[p->piece];
+    const matrix w = {p->bits, p->rows, p->cols, p->group, base + p->codes, p->bits == 16 ? NULL : base + p->scale,
+                      p->bits == 4 ? (const uint16_t *)(base + p->minimum) : NULL};
     return w;
 }
 
@@ -854,10 +932,11 @@ static void share_of_items(const by_expert *g, int64_t tiles, int64_t *first, in
 }
 
 /* pair_out [pairs, hidden] (fp32) = down(silu(gate x) * up x) for each pair p: token row tokens[p] of
- * x [rows_x, hidden] through the expert whose blob starts at blobs[ids[p]]. Each expert runs once on all
+ * x [rows_x, hidden] through expert ids[p], whose projections the layout finds from row ids[p] of the
+ * address table [experts, layout->pieces] (quantized blobs or bf16 matrices). Each expert runs once on all
  * its pairs; its activations are rounded to bf16 as the reference's bf16 matmuls round them. gate and up
  * must share a 4-bit group size when both are 4-bit (the caller checks). */
-void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, const int64_t *ids,
+void q3n_experts_pairs(const int64_t *table, const q3n_expert_layout *layout, const int64_t *ids,
                        const int64_t *tokens, int64_t pairs, const uint16_t *x, int64_t rows_x, float *pair_out,
                        int threads) {
     const int64_t hidden = layout->gate.cols, inter = layout->gate.rows;
@@ -883,8 +962,8 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
         share_of_items(&g, up_tiles, &first, &last);
         for (int64_t item = first; item < last; item++) {
             const int64_t s = item / up_tiles, t = item % up_tiles, start = g.starts[s], nx = g.starts[s + 1] - start;
-            const uint8_t *blob = (const uint8_t *)(intptr_t)blobs[g.experts[s]];
-            const matrix gate = projection_in(blob, &layout->gate), up = projection_in(blob, &layout->up);
+            const int64_t *addresses = table + g.experts[s] * layout->pieces;
+            const matrix gate = projection_in(addresses, &layout->gate), up = projection_in(addresses, &layout->up);
             const int nw = tile_width(&gate, t);
             tile_dots(&gate, t * TILE_W, nw, px + start, nx, gates);
             tile_dots(&up, t * TILE_W, nw, px + start, nx, ups);
@@ -900,7 +979,7 @@ void q3n_experts_pairs(const int64_t *blobs, const q3n_expert_layout *layout, co
         share_of_items(&g, down_tiles, &first, &last);
         for (int64_t item = first; item < last; item++) {
             const int64_t s = item / down_tiles, t = item % down_tiles, start = g.starts[s], nx = g.starts[s + 1] - start;
-            const matrix down = projection_in((const uint8_t *)(intptr_t)blobs[g.experts[s]], &layout->down);
+            const matrix down = projection_in(table + g.experts[s] * layout->pieces, &layout->down);
             const int nw = tile_width(&down, t);
             tile_dots(&down, t * TILE_W, nw, pa + start, nx, gates);
             for (int64_t m = 0; m < nx; m++)
@@ -929,13 +1008,13 @@ void q3n_experts_combine(const float *pair_out, const float *weights, int64_t n,
 
 /* out [n, hidden] = sum_i weights[t, i] * expert_{ids[t, i]}(x[t]): q3n_experts_pairs, then
  * q3n_experts_combine (the two halves a caller that acquires experts a few at a time runs itself). */
-void q3n_experts_quant(const int64_t *blobs, const q3n_expert_layout *layout, const int64_t *ids,
+void q3n_experts_quant(const int64_t *table, const q3n_expert_layout *layout, const int64_t *ids,
                        const float *weights, int64_t n, int64_t k, const uint16_t *x, uint16_t *out, int threads) {
     const int64_t hidden = layout->gate.cols;
     int64_t *tokens = malloc(sizeof(int64_t) * (size_t)(n * k));
     float *pair_out = malloc(sizeof(float) * (size_t)(n * k * hidden));
     for (int64_t p = 0; p < n * k; p++) tokens[p] = p / k;
-    q3n_experts_pairs(blobs, layout, ids, tokens, n * k, x, n, pair_out, threads);
+    q3n_experts_pairs(table, layout, ids, tokens, n * k, x, n, pair_out, threads);
     q3n_experts_combine(pair_out, weights, n, k, hidden, out, threads);
     free(pair_out);
     free(tokens);

@@ -278,6 +278,29 @@ def expert_blobs(bits: int, experts: int, hidden: int, inter: int):
     return blobs, torch.tensor([b.data_ptr() for b in blobs], dtype=torch.int64), layout
 
 
+def routing(tokens: int, experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random distinct experts per token (ids [tokens, top_k] int64) and their weights (fp32, summing to 1)."""
+    ids = torch.stack([torch.randperm(experts, generator=torch.Generator().manual_seed(t))[:top_k]
+                       for t in range(tokens)])
+    return ids, torch.softmax(torch.randn(tokens, top_k, generator=torch.Generator().manual_seed(7)), -1)
+
+
+def experts_three_ways(x, table, layout, ids, weights):
+    """The experts kernel on a whole chunk, on each token alone (decode steps), and on each expert's own rows
+    with its one row of the table, then combined (an expert cache handing out experts one at a time)."""
+    top_k, hidden = ids.shape[1], x.shape[1]
+    chunk = cpu_kernels.experts_quant(x, table, layout, ids, weights)
+    alone = torch.stack([cpu_kernels.experts_quant(x[t], table, layout, ids[t], weights[t]) for t in range(len(x))])
+    pairs = torch.empty(ids.numel(), hidden)
+    flat = ids.flatten()
+    for e in flat.unique().tolist():
+        chosen = (flat == e).nonzero().flatten()
+        rows = torch.arange(len(chosen))
+        pairs[chosen] = cpu_kernels.experts_pairs(x[chosen // top_k], table[e : e + 1], layout, torch.zeros_like(rows),
+                                                  rows)
+    return chunk, alone, cpu_kernels.experts_combine(pairs, weights)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_experts_rows_do_not_depend_on_the_chunk(bits):
     """Tokens through quantized experts: a token alone (a decode step), inside a prefill chunk, and expert by
@@ -286,23 +309,9 @@ def test_quantized_experts_rows_do_not_depend_on_the_chunk(bits):
 
     experts, hidden, inter, top_k, tokens = 12, 256, 80, 3, 40  # inter 80: down's rows take the row loops
     blobs, table, layout = expert_blobs(bits, experts, hidden, inter)
-    c_layout = kernel_layout(layout)
-    x = bf16(tokens, hidden, seed=6)
-    ids = torch.stack([torch.randperm(experts, generator=torch.Generator().manual_seed(t))[:top_k]
-                       for t in range(tokens)])
-    weights = torch.softmax(torch.randn(tokens, top_k, generator=torch.Generator().manual_seed(7)), -1)
+    x, (ids, weights) = bf16(tokens, hidden, seed=6), routing(tokens, experts, top_k)
     with torch.inference_mode():
-        chunk = cpu_kernels.experts_quant(x, table, c_layout, ids, weights)
-        alone = torch.stack([cpu_kernels.experts_quant(x[t], table, c_layout, ids[t], weights[t])
-                             for t in range(tokens)])
-        pairs = torch.empty(tokens * top_k, hidden)
-        flat = ids.flatten()
-        for e in range(experts):  # each expert on its own rows only, as offload/cached_experts runs them
-            chosen = (flat == e).nonzero().flatten()
-            rows = torch.arange(len(chosen))
-            pairs[chosen] = cpu_kernels.experts_pairs(x[chosen // top_k], table, c_layout, torch.full_like(rows, e),
-                                                      rows)
-        combined = cpu_kernels.experts_combine(pairs, weights)
+        chunk, alone, combined = experts_three_ways(x, table, kernel_layout(layout), ids, weights)
         expected = torch.stack([sum(w * run_expert(blobs[e], layout, x[t : t + 1].float())[0]  # dequantized, fp32
                                     for e, w in zip(ids[t].tolist(), weights[t].tolist())) for t in range(tokens)])
     assert torch.equal(chunk, alone) and torch.equal(chunk, combined)
@@ -318,22 +327,10 @@ def test_bf16_experts_rows_do_not_depend_on_the_chunk(hidden, inter):
 
     experts, top_k, tokens = 12, 3, 41
     gate_up, down = bf16(experts, 2 * inter, hidden, seed=3, scale=0.2), bf16(experts, hidden, inter, seed=4, scale=0.2)
-    table, layout = _address_table(StackedExperts(gate_up, down)), cpu_kernels.bf16_layout(inter, hidden)
-    x = bf16(tokens, hidden, seed=6)
-    ids = torch.stack([torch.randperm(experts, generator=torch.Generator().manual_seed(t))[:top_k]
-                       for t in range(tokens)])
-    weights = torch.softmax(torch.randn(tokens, top_k, generator=torch.Generator().manual_seed(7)), -1)
+    table = _address_table(StackedExperts(gate_up, down))
+    x, (ids, weights) = bf16(tokens, hidden, seed=6), routing(tokens, experts, top_k)
     with torch.inference_mode():
-        chunk = cpu_kernels.experts_quant(x, table, layout, ids, weights)
-        alone = torch.stack([cpu_kernels.experts_quant(x[t], table, layout, ids[t], weights[t]) for t in range(tokens)])
-        pairs = torch.empty(tokens * top_k, hidden)
-        flat = ids.flatten()
-        for e in range(experts):
-            chosen = (flat == e).nonzero().flatten()
-            rows = torch.arange(len(chosen))
-            pairs[chosen] = cpu_kernels.experts_pairs(x[chosen // top_k], table[e : e + 1], layout,
-                                                      torch.zeros_like(rows), rows)
-        combined = cpu_kernels.experts_combine(pairs, weights)
+        chunk, alone, combined = experts_three_ways(x, table, cpu_kernels.bf16_layout(inter, hidden), ids, weights)
         gate, up = (torch.einsum("th,tkih->tki", x.float(), part[ids].float()) for part in gate_up.split(inter, 1))
         acts = (F.silu(gate) * up).bfloat16().float()  # the activations are bf16, as a bf16 matmul leaves them
         expected = torch.einsum("tki,tkhi,tk->th", acts, down[ids].float(), weights)

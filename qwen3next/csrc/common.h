@@ -40,6 +40,12 @@ static inline int omp_get_num_threads(void) { return 1; }
 #if defined(Q3N_AVX512) || defined(Q3N_AVX2) || defined(Q3N_AVX2_LOOPS) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+#if defined(Q3N_AVX2) || defined(Q3N_AVX2_LOOPS)
+/* 8 bf16 values at p as fp32 lanes (a bf16 is the top half of its fp32). */
+static inline __m256 widen8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
 
 /* The threads of a parallel region over `units` units of work: no more than there are units (an idle
  * thread only waits at the region's barrier). */

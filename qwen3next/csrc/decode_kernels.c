@@ -44,7 +44,7 @@ static inline float dot_row_bf16(const uint16_t *w, const float *x, int64_t n) {
 #undef Q3N_WIDEN
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 #elif defined(Q3N_AVX2)
-#define Q3N_WIDEN(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define Q3N_WIDEN(p) widen8_bf16(p)
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
@@ -101,7 +101,7 @@ static inline __attribute__((always_inline)) void dot_rows_upto4(const uint16_t 
     for (int m = 0; m < count; m++)
         out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[m], a1[m]), _mm512_add_ps(a2[m], a3[m])));
 #elif defined(Q3N_AVX2)
-#define Q3N_WIDEN(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define Q3N_WIDEN(p) widen8_bf16(p)
     __m256 a0[4], a1[4], a2[4], a3[4];
     for (int m = 0; m < count; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps();
     int64_t i = 0;

@@ -674,10 +674,6 @@ static void q8_rows_avx2(const matrix *w, int64_t r0, int nw, const prepared *co
 #define BF16_COLUMNS 256 /* columns a bf16 tile's pass takes: its 16 weight rows (8 KB), 4 activation rows (4 KB) in L1 */
 
 #ifdef Q3N_AVX2_LOOPS
-static inline __m256 widen8_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 /* acc[j * TILE_X + m] += columns [k0, k1) (multiples of 8) of weight row j (j < nj, rows `cols` apart from w) times
  * x[m] (m < nx): one accumulator per pair, lane l taking the columns 8c + l in ascending order. */
 static inline __attribute__((always_inline)) void bf16_pass(const uint16_t *w, int64_t cols, const int nj, const float *const *x,
@@ -700,8 +696,8 @@ static inline __attribute__((always_inline)) void bf16_pass(const uint16_t *w, i
 
 /* bf16 rows: each (weight row, activation row) pair sums in fp32, the same way wherever it falls in a tile (a row's
  * bits do not depend on the rows beside it). On AVX2 two weight rows meet four activation rows in registers, widened
- * from bf16 as they are loaded, BF16_COLUMNS columns a pass: 2.9-3.2x torch's grouped bf16 matmul (no AVX-512) on
- * a prefill's routed experts (docs/kernels.md). */
+ * from bf16 as they are loaded, BF16_COLUMNS columns a pass: 3.0-3.6x torch's grouped bf16 matmul (no AVX-512) on
+ * a prefill's routed experts (bench_kernels.py --experts, docs/kernels.md). */
 static void bf16_tile(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
     const int64_t cols = w->cols;
     const uint16_t *rows = (const uint16_t *)w->codes + r0 * cols;

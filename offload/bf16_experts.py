@@ -18,6 +18,13 @@ from qwen3next import cpu_kernels, layers
 from .cached_experts import RowsKernel, combine_pairs
 
 
+def token_by_token(x: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                   inter: int) -> torch.Tensor:
+    """Rows x [N, hidden] each through the fused one-token expert kernel: a decode step's bits, row by row."""
+    return torch.stack([cpu_kernels.swiglu_experts_bf16(x[n], table, ids[n], weights[n], inter)
+                        for n in range(x.shape[0])])
+
+
 def bf16_rows_kernel(inter: int, hidden: int) -> RowsKernel | None:
     """Many bf16 rows through the experts of an [experts, 3] table in one call, on CPUs whose bf16 GEMM is slow
     (layers.SLOW_CPU_BF16_GEMM: there torch's grouped bf16 matmul ran a prefill chunk's experts at a third of the
@@ -29,8 +36,7 @@ def bf16_rows_kernel(inter: int, hidden: int) -> RowsKernel | None:
 
     def run(x: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= cpu_kernels.MAX_ROWS:
-            return torch.stack([cpu_kernels.swiglu_experts_bf16(x[n], table, ids[n], weights[n], inter)
-                                for n in range(x.shape[0])])
+            return token_by_token(x, table, ids, weights, inter)
         return cpu_kernels.experts_quant(x, table, layout, ids, weights)
 
     return run

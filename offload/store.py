@@ -17,7 +17,7 @@ from qwen3next import cpu_kernels
 from qwen3next.checkpoint_names import PROJECTIONS, expert_tensor_name
 from qwen3next.moe import StackedExperts
 
-from .bf16_experts import bf16_rows_kernel
+from .bf16_experts import bf16_rows_kernel, token_by_token
 
 
 class ResidentExpertStore:
@@ -70,9 +70,7 @@ class ResidentExpertStore:
             if self._rows_kernels[layer] is not None:
                 return self._rows_kernels[layer](x, table, ids, weights)
             if x.shape[0] <= cpu_kernels.MAX_ROWS:
-                return torch.stack([cpu_kernels.swiglu_experts_bf16(x[n], table, ids[n], weights[n],
-                                                                    experts.intermediate_size)
-                                    for n in range(x.shape[0])])
+                return token_by_token(x, table, ids, weights, experts.intermediate_size)
         return experts(x, ids, weights)
 
     def address_table(self, layer: int) -> torch.Tensor | None:

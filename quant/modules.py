@@ -82,6 +82,9 @@ class QuantizedEmbedding(QuantizedLinear):
         self.dtype = dtype  # what a lookup returns: the model's activation dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.bfloat16 and self.codes.device.type == "cpu" and ids.device.type == "cpu" \
+                and cpu_kernels.library() is not None:
+            return cpu_kernels.embed_quant(self.bits, self.arrays, ids)  # the same bits, one call
         flat = ids.reshape(-1)
         rows = dequantize(self.bits, [array[flat] for array in self.arrays], self.dtype)
         return rows.view(*ids.shape, self.in_features)

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from . import cpu_kernels
 from .cache import ModelCache
 from .model import Qwen3NextForCausalLM
 from .request import PREFILL_CHUNK, Timings
@@ -76,9 +77,11 @@ def generate_ids(
             logits = model(torch.tensor([history[-1:]], device=device), cache)[0, -1]
         return [sampler(logits, torch.tensor(history) if use_history else None)]
 
+    fixed = cpu_kernels.WeightsFixed()  # entered around each step below, never across a yield
     started = time.perf_counter()
-    logits = prefill(model, torch.tensor([history[cached:]], device=device), cache, prefill_chunk,
-                     None if speculation is None else speculation.see_prompt)
+    with fixed:
+        logits = prefill(model, torch.tensor([history[cached:]], device=device), cache, prefill_chunk,
+                         None if speculation is None else speculation.see_prompt)
     run = [sampler(logits, torch.tensor(history) if use_history else None)]  # the first token, from prefill
     timings.prefill_seconds = time.perf_counter() - started
     step = plain_step if speculation is None else speculation.step
@@ -95,7 +98,8 @@ def generate_ids(
             if finish:
                 return
         started = time.perf_counter()
-        run, decoded = step(limit - (len(history) - len(prompt_ids))), True
+        with fixed:
+            run, decoded = step(limit - (len(history) - len(prompt_ids))), True
         timings.decode_seconds += time.perf_counter() - started
 
 

@@ -60,6 +60,8 @@ def run_layers(model, x: torch.Tensor, cos_sin, cache: ModelCache, keep: bool) -
     ids = torch.empty(len(entries), T, top_k, dtype=torch.int64)
     weights, logits = torch.empty(len(entries), T, top_k), torch.empty(len(entries), T, experts)
     kept = []
+    ids_at, weights_at, logits_at = ids.data_ptr(), weights.data_ptr(), logits.data_ptr()
+    ids_bytes, weights_bytes, logits_bytes = T * top_k * 8, T * top_k * 4, T * experts * 4  # a layer's rows
     for i, ((layer, mixer, moe), state) in enumerate(zip(plan.layers, cache.layers)):
         entry = entries[i]
         entry.mixer = ctypes.addressof(mixer_kernels[i].struct)
@@ -77,15 +79,17 @@ def run_layers(model, x: torch.Tensor, cos_sin, cache: ModelCache, keep: bool) -
             entry.kept_state, entry.kept_conv = (None, None) if buffers is None else (buffers[0].data_ptr(),
                                                                                       buffers[1].data_ptr())
             kept.append(buffers)
-        entry.ids, entry.weights, entry.logits = ids[i].data_ptr(), weights[i].data_ptr(), logits[i].data_ptr()
+        entry.ids, entry.weights = ids_at + i * ids_bytes, weights_at + i * weights_bytes
+        entry.logits = logits_at + i * logits_bytes
     cos, sin = (table.contiguous() for table in cos_sin)
     cpu_kernels.decode_layers(entries, x, cos, sin)
-    for i, ((layer, mixer, moe), state) in enumerate(zip(plan.layers, cache.layers)):
+    for (layer, mixer, moe), state, buffers, layer_ids, layer_weights, layer_logits in zip(
+            plan.layers, cache.layers, kept, ids.unbind(0), weights.unbind(0), logits.unbind(0)):
         if layer.layer_type == FULL_ATTENTION:
             state.length += T
         else:
-            mixer._keep(state, kept[i], keep)
-        moe.last_routing = Routing(ids[i], weights[i], logits[i])
+            mixer._keep(state, buffers, keep)
+        moe.last_routing = Routing(layer_ids, layer_weights, layer_logits)
         if moe.observer is not None:
-            moe.observer.routed(moe.layer, ids[i])
+            moe.observer.routed(moe.layer, layer_ids)
     return True

@@ -141,6 +141,29 @@ def test_the_kernels_follow_weights_that_move(models):
     assert all(layer._layer_kernel for layer in model.model.layers)
 
 
+def test_a_generation_checks_the_weights_once_and_the_next_one_sees_them_move(models):
+    """generate trusts a layer kernel's first address check for the rest of its steps (cpu_kernels.WeightsFixed);
+    a `.data` swap between two generations is seen by the second, which then matches the module path."""
+    engine = qwen3next.load(models("tiny"), dtype="bfloat16", router_stats=False, quiet=True)
+    model, prompt = engine.model, [5, 9, 13, 2, 40]
+    request = qwen3next.Request(prompt=prompt, max_new_tokens=6, temperature=0)
+    before = engine.complete(request).tokens
+    norm = model.model.layers[0].input_layernorm.weight
+    kernel = model.model.layers[0]._layer_kernel[1]
+    with cpu_kernels.WeightsFixed():
+        assert kernel.valid()
+        moved = norm.data.clone() * -6.0
+        norm.data = moved
+        assert kernel.valid()  # the promise: within one block the first check stands
+    assert not kernel.valid()  # outside, the move is seen at once
+    after = engine.complete(request).tokens
+    with pytest.MonkeyPatch.context() as patch:
+        without_layer_kernels(patch)
+        patch.setattr(type(model.model.layers[0].mlp), "_fused_weights", lambda self, x: None)
+        expected = engine.complete(request).tokens
+    assert after == expected and after != before
+
+
 @pytest.mark.parametrize("variant", ["q8", "q4"])
 def test_quantized_moe_blocks_take_the_fused_kernel_with_the_module_paths_results(folders, variant):
     """Routed experts as quantized blobs: a decode-sized MoE block runs as one call (router, experts in the

@@ -116,3 +116,21 @@ def test_fake_quantization_moves_logits_a_little(models):
         return ((engine.logits(ids) - exact).abs().mean() / exact.abs().mean()).item()
 
     assert 0 < error(8) < error(4) < 0.5
+
+
+@pytest.mark.parametrize("bits, group", [(8, 0), (4, 64), (4, 8)])
+def test_a_quantized_embedding_lookup_has_the_dequantized_tables_bits(bits, group):
+    """The C lookup (one call a decode step) returns the rows of the dequantized table exactly, and names an
+    id outside the table rather than reading past it."""
+    from qwen3next.quant.modules import QuantizedEmbedding, dequantize
+
+    status = kernels.prepare()
+    if status.isa is None:
+        pytest.skip(f"kernels not loaded: {status.describe()}")
+    w = weights(300, 128, seed=5) * torch.linspace(0.1, 30, 128)  # magnitudes where bf16 rounding matters
+    arrays = list(int8.quantize(w)) if bits == 8 else list(int4.quantize(w, group))
+    table = QuantizedEmbedding(bits, arrays, torch.bfloat16)
+    ids = torch.tensor([[0, 299, 17], [17, 5, 123]])
+    assert torch.equal(table(ids), dequantize(bits, arrays, torch.bfloat16)[ids])
+    with pytest.raises(IndexError, match="token id 300"):
+        table(torch.tensor([[3, 300]]))

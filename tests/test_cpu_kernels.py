@@ -234,6 +234,20 @@ def test_quantized_rows_do_not_depend_on_the_rows_beside_them(bits, out_features
             assert torch.equal(blocks, alone), rows
 
 
+def test_a_4_bit_weight_row_has_the_same_bits_in_a_full_tile_and_in_a_partial_one():
+    """Full 16-row tiles and the partial one at a matrix's end gather their scales differently; a row's result
+    must not depend on which it falls in. 512 columns: 8 groups, where full tiles take their own way."""
+    from qwen3next.quant.modules import quantized_matmul
+
+    packed, scale, minimum = quantized(4, 37, 512, seed=7)
+    x = bf16(3, 512, seed=8)
+    moved = [torch.cat([a[32:], a[:27]]) for a in (packed, scale, minimum)]  # rows 32-36 first: a full tile
+    with torch.inference_mode():
+        partial = quantized_matmul(x, 4, [packed, scale, minimum], fp32_out=True)[:, 32:]
+        full = quantized_matmul(x, 4, moved, fp32_out=True)[:, :5]
+    assert torch.equal(partial, full)
+
+
 @pytest.mark.parametrize("rows", [1, 64])
 def test_4_bit_kernels_stay_near_the_dequantized_weights(rows):
     """The integer paths centre the 4-bit codes on 8 before they meet the int8 activation codes: 0.56-0.66% of

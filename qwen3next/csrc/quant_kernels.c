@@ -349,6 +349,35 @@ static void q4_columns(const uint16_t *const rows[16], int64_t groups, __m512 *o
     }
 }
 
+/* q4_columns for 8 groups (rows of 512 weights) when the tile's 16 rows lie one after another ([16][8] fp16, 256
+ * bytes in four vectors): two rounds of two-source word permutes, 8 instead of the 16 x 16 dword transpose, three
+ * quarters of whose lanes would be empty. The same values in the same lanes. */
+static void q4_columns_of_8(const uint16_t *block, __m512 *out) {
+    static const uint16_t by_column[2][32] = { /* from 8 rows (two vectors): word 8c + r = row r's group c (c < 4) */
+        {0, 8, 16, 24, 32, 40, 48, 56, 1, 9, 17, 25, 33, 41, 49, 57, 2, 10, 18, 26, 34, 42, 50, 58, 3, 11, 19, 27, 35, 43, 51, 59},
+        {4, 12, 20, 28, 36, 44, 52, 60, 5, 13, 21, 29, 37, 45, 53, 61, 6, 14, 22, 30, 38, 46, 54, 62, 7, 15, 23, 31, 39, 47, 55, 63}};
+    static const uint16_t two_columns[2][32] = { /* from rows 0-7 and 8-15 of columns 0-3: columns 0, 1 or 2, 3 */
+        {0, 1, 2, 3, 4, 5, 6, 7, 32, 33, 34, 35, 36, 37, 38, 39, 8, 9, 10, 11, 12, 13, 14, 15, 40, 41, 42, 43, 44, 45, 46, 47},
+        {16, 17, 18, 19, 20, 21, 22, 23, 48, 49, 50, 51, 52, 53, 54, 55, 24, 25, 26, 27, 28, 29, 30, 31, 56, 57, 58, 59, 60, 61, 62, 63}};
+    __m512i v[4];
+    for (int q = 0; q < 4; q++) v[q] = _mm512_loadu_si512(block + 32 * q); /* rows 4q .. 4q + 3 */
+    for (int h = 0; h < 2; h++) { /* groups 4h .. 4h + 3 */
+        const __m512i index = _mm512_loadu_si512(by_column[h]);
+        const __m512i top = _mm512_permutex2var_epi16(v[0], index, v[1]), bottom = _mm512_permutex2var_epi16(v[2], index, v[3]);
+        for (int k = 0; k < 2; k++) {
+            const __m512i pair = _mm512_permutex2var_epi16(top, _mm512_loadu_si512(two_columns[k]), bottom);
+            out[4 * h + 2 * k] = _mm512_cvtph_ps(_mm512_castsi512_si256(pair));
+            out[4 * h + 2 * k + 1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(pair, 1));
+        }
+    }
+}
+
+/* A tile's scales or minimums, by the cheaper way where it applies. */
+static inline void q4_tile_columns(const uint16_t *const rows[16], int64_t groups, __m512 *out) {
+    if (groups == 8 && rows[15] == rows[0] + 15 * 8) q4_columns_of_8(rows[0], out);
+    else q4_columns(rows, groups, out);
+}
+
 /* 4 bits: TILE_W rows in the 16 lanes. Each 64-byte chunk (two groups) of the 16 rows is transposed once, so
  * that a vector holds 4 code bytes of every row and vpdpbusd against 4 broadcast activation bytes adds 64
  * products into 16 per-row sums; a group's int32 sums, centred on code 8 as q4_row_avx2's are, are then
@@ -385,8 +414,8 @@ static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *
     const uint16_t *scale_rows[16], *minimum_rows[16];
     q4_tile_rows(w, r0, nw, 16, rows, scale_rows, minimum_rows);
     __m512 scale[groups], minimum[groups];
-    q4_columns(scale_rows, groups, scale);
-    q4_columns(minimum_rows, groups, minimum);
+    q4_tile_columns(scale_rows, groups, scale);
+    q4_tile_columns(minimum_rows, groups, minimum);
     for (int64_t g = 0; g < groups; g++) minimum[g] = _mm512_fmadd_ps(scale[g], _mm512_set1_ps(8.0f), minimum[g]); /* the centre's share */
     const __m512i nibble = _mm512_set1_epi8(0xF);
     float *acc = dots; /* per-row sums, 16 lanes per activation row: dots is [nx][TILE_W] */

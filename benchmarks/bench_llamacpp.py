@@ -14,7 +14,8 @@ the converter's hash table does not know: it is named explicitly) to BF16, Q8_0 
 quantizes it with ours to 8 bits and to 4 bits twice: the default policy (attention, DeltaNet and
 shared experts at 8 bits) and every matrix at 4 bits (Q4_0's bytes per token). Then for --rounds
 rounds it runs `llama-bench -p P -n N` and ours (benchmarks/bench_engine.py's measurement, in its own
-process) one after the other, and prints each pair's best figures and ratios. Not part of CI.
+process) one after the other, and prints each side's best figures and their ratios, and the median of the
+ratios within each round (the steadier figure when the machine's load moves between rounds). Not part of CI.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -150,15 +152,22 @@ def main() -> None:
         for label in labels:
             kind = FORMATS[label][1]
             best = {"ours": {}, "theirs": {}}
+            ratios: dict[str, list[float]] = {"prefill_tok_s": [], "decode_tok_s": []}  # each round's own pair
             for _ in range(args.rounds):
+                round_figures = {}
                 for side, figures in (("theirs", lambda: theirs(tools, gguf[kind], args)),
                                       ("ours", lambda: ours(folders[label], args))):
-                    for key, value in figures().items():
+                    round_figures[side] = figures()
+                    for key, value in round_figures[side].items():
                         best[side][key] = max(value, best[side].get(key, 0.0))
+                for key in ratios:
+                    ratios[key].append(round_figures["ours"][key] / round_figures["theirs"][key])
             o, t = best["ours"], best["theirs"]
             print(f"{size + ' ' + label + ' / ' + kind:<30} {o['prefill_tok_s']:>12.1f} {t['prefill_tok_s']:>8.1f} "
                   f"{o['prefill_tok_s'] / t['prefill_tok_s']:>5.2f}x | {o['decode_tok_s']:>11.1f} "
-                  f"{t['decode_tok_s']:>8.1f} {o['decode_tok_s'] / t['decode_tok_s']:>5.2f}x", flush=True)
+                  f"{t['decode_tok_s']:>8.1f} {o['decode_tok_s'] / t['decode_tok_s']:>5.2f}x | median of the rounds' "
+                  f"ratios: prefill {statistics.median(ratios['prefill_tok_s']):.2f}x, decode "
+                  f"{statistics.median(ratios['decode_tok_s']):.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import atexit
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,6 @@ def alternating(blocks: int, run) -> list[list[float]]:
 def in_process(sides: list, args, models: list[str] | None = None) -> None:
     """Decode steps with each side's kernel library (and, given `models`, each side's model) in turn, 25
     steps at a time."""
-    import statistics
     import time
 
     import torch
@@ -201,16 +201,22 @@ def main() -> None:
         return in_process(sides, args)
     print(f"{'round':<6} {'build':<40} {'prefill tok/s':>14} {'decode tok/s':>13}")
     best: dict[str, list[float]] = {}
+    ratios: list[tuple[float, float]] = []  # (prefill, decode) of each round's second side over its first
     for round_ in range(1, args.rounds + 1):
+        this_round = []
         for name, tree, cflags in sides:
             figures = measure(tree, cflags, args)
             prefill, decode = figures["prefill_tok_s"], figures["decode_tok_s"]
             print(f"{round_:<6} {name:<40} {prefill:14.0f} {decode:13.1f}", flush=True)
             previous = best.get(name, [0.0, 0.0])
             best[name] = [max(previous[0], prefill), max(previous[1], decode)]
+            this_round.append((prefill, decode))
+        ratios.append((this_round[1][0] / this_round[0][0], this_round[1][1] / this_round[0][1]))
     (first, _, _), (second, _, _) = sides
     print(f"best of {args.rounds}: prefill {best[second][0] / best[first][0]:.2f}x, "
-          f"decode {best[second][1] / best[first][1]:.2f}x ({second} over {first})")
+          f"decode {best[second][1] / best[first][1]:.2f}x ({second} over {first}); median of the rounds' "
+          f"ratios: prefill {statistics.median(r[0] for r in ratios):.2f}x, "
+          f"decode {statistics.median(r[1] for r in ratios):.2f}x")
 
 
 if __name__ == "__main__":

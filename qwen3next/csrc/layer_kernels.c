@@ -50,18 +50,23 @@ static void project(const q3n_matrix *m, const uint16_t *x, uint16_t *y, int64_t
 }
 
 /* ys[i] = x @ W_i.T for matrices on one input (a layer's q, k and v; its two DeltaNet input projections; the
- * router and the shared expert's gate): one parallel region for all when every one is quantized with one
- * 4-bit group (q3n_linear_quant_many), else a call each. The bits are the same either way. */
+ * router, the shared expert's gate and its gate and up projections): the quantized ones in one parallel region
+ * (q3n_linear_quant_many; the 4-bit ones of the first one's group), each other one in a call of its own. The
+ * bits are the same either way. */
 static void project_many(const q3n_matrix *ms, int count, const uint16_t *x, uint16_t *const *ys, int64_t tokens,
                          int threads) {
-    int together = 1;
+    q3n_matrix together[count];
+    uint16_t *together_ys[count];
+    int n = 0;
     int64_t group = 0; /* the 4-bit matrices' group, from the first of them */
     for (int i = 0; i < count; i++) {
-        if (ms[i].bits == 16) together = 0;
-        else if (ms[i].bits == 4) together &= !group || ms[i].group == group, group = ms[i].group;
+        const int joins = ms[i].bits == 8 || (ms[i].bits == 4 && (!group || ms[i].group == group));
+        if (ms[i].bits == 4 && !group) group = ms[i].group;
+        if (joins) together[n] = ms[i], together_ys[n++] = ys[i];
+        else project(&ms[i], x, ys[i], tokens, threads);
     }
-    if (together) return q3n_linear_quant_many(ms, count, x, ys, tokens, threads);
-    for (int i = 0; i < count; i++) project(&ms[i], x, ys[i], tokens, threads);
+    if (n == 1) project(&together[0], x, together_ys[0], tokens, threads);
+    else if (n > 1) q3n_linear_quant_many(together, n, x, together_ys, tokens, threads);
 }
 
 /* out = x + mixed (bf16, rounded as torch's bf16 add), then normed = post_norm(out). */
@@ -166,12 +171,16 @@ typedef struct {
 Q3N_EXPORT_SIZEOF(q3n_moe_quant)
 
 /* The block's first half for `tokens` tokens: the router's choice per token (ids, weights [tokens, top_k],
- * logits [tokens, experts], as decode_kernels.c's fused block rounds them) and the shared expert's gate logit. */
+ * logits [tokens, experts], as decode_kernels.c's fused block rounds them) and the shared expert's gate logit.
+ * Given shared_gate_up (two [tokens, inter] buffers), the shared expert's gate and up projections of x too, in
+ * the same parallel region (the resident block, which needs no pause between the halves to fetch experts). */
 static void moe_quant_route(const q3n_moe_quant *m, const uint16_t *x, int64_t tokens, int64_t *ids, float *weights,
-                            float *logits, float *gate_logits, int threads) {
+                            float *logits, float *gate_logits, uint16_t *const *shared_gate_up, int threads) {
     uint16_t *scores = malloc(sizeof(uint16_t) * (size_t)(tokens * (m->experts + 1)));
-    const q3n_matrix both[2] = {m->router, m->shared_expert_gate};
-    project_many(both, 2, x, (uint16_t *const[]){scores, scores + tokens * m->experts}, tokens, threads);
+    const q3n_matrix on_x[4] = {m->router, m->shared_expert_gate, m->shared_gate, m->shared_up};
+    uint16_t *const outputs[4] = {scores, scores + tokens * m->experts, shared_gate_up ? shared_gate_up[0] : NULL,
+                                  shared_gate_up ? shared_gate_up[1] : NULL};
+    project_many(on_x, shared_gate_up ? 4 : 2, x, outputs, tokens, threads);
     for (int64_t t = 0; t < tokens; t++) {
         for (int64_t e = 0; e < m->experts; e++) logits[t * m->experts + e] = bf16_to_f32(scores[t * m->experts + e]);
         gate_logits[t] = bf16_to_f32(scores[tokens * m->experts + t]);
@@ -183,15 +192,21 @@ static void moe_quant_route(const q3n_moe_quant *m, const uint16_t *x, int64_t t
 
 /* The second half, once the chosen experts' blob addresses are valid: the routed sum (q3n_experts_quant, in the
  * router's order) plus the shared expert scaled by sigmoid(gate logit), with the module path's bf16 roundings:
- * silu(gate x), its product with up x, down, the sigmoid, the scaled shared output, the final sum. */
+ * silu(gate x), its product with up x, down, the sigmoid, the scaled shared output, the final sum. The shared
+ * gate and up projections are given (shared_gate_up, from moe_quant_route) or computed here (NULL). */
 static void moe_quant_experts(const q3n_moe_quant *m, const uint16_t *x, uint16_t *out, int64_t tokens,
-                              const int64_t *ids, const float *weights, const float *gate_logits, int threads) {
+                              const int64_t *ids, const float *weights, const float *gate_logits,
+                              uint16_t *const *shared_gate_up, int threads) {
     const int64_t hidden = m->shared_down.rows, inter = m->shared_gate.rows;
     uint16_t *routed = malloc(sizeof(uint16_t) * (size_t)(tokens * (2 * hidden + 2 * inter)));
     uint16_t *shared = routed + tokens * hidden, *gate = shared + tokens * hidden, *up = gate + tokens * inter;
     q3n_experts_quant(m->blobs, m->layout, ids, weights, tokens, m->top_k, x, routed, threads);
-    const q3n_matrix gate_up[2] = {m->shared_gate, m->shared_up};
-    project_many(gate_up, 2, x, (uint16_t *const[]){gate, up}, tokens, threads);
+    if (shared_gate_up) {
+        gate = shared_gate_up[0], up = shared_gate_up[1];
+    } else {
+        const q3n_matrix gate_up[2] = {m->shared_gate, m->shared_up};
+        project_many(gate_up, 2, x, (uint16_t *const[]){gate, up}, tokens, threads);
+    }
     for (int64_t i = 0; i < tokens * inter; i++)
         gate[i] = f32_to_bf16(round_bf16(silu(bf16_to_f32(gate[i]))) * bf16_to_f32(up[i]));
     project(&m->shared_down, gate, shared, tokens, threads);
@@ -211,20 +226,24 @@ void q3n_moe_block_quant(const uint16_t *x, uint16_t *out, const q3n_moe_quant *
                          int64_t *ids, float *weights, float *logits, int threads) {
     (void)hidden;
     float gate_logits[Q3N_MAX_ROWS];
-    moe_quant_route(m, x, tokens, ids, weights, logits, gate_logits, threads);
-    moe_quant_experts(m, x, out, tokens, ids, weights, gate_logits, threads);
+    const int64_t inter = m->shared_gate.rows;
+    uint16_t *gate_up = malloc(sizeof(uint16_t) * (size_t)(2 * tokens * inter));
+    uint16_t *const shared_gate_up[2] = {gate_up, gate_up + tokens * inter};
+    moe_quant_route(m, x, tokens, ids, weights, logits, gate_logits, shared_gate_up, threads);
+    moe_quant_experts(m, x, out, tokens, ids, weights, gate_logits, shared_gate_up, threads);
+    free(gate_up);
 }
 
 void q3n_moe_route_quant(const uint16_t *x, const q3n_moe_quant *m, int64_t hidden, int64_t *ids, float *weights,
                          float *logits, float *gate_logit, int threads) {
     (void)hidden;
-    moe_quant_route(m, x, 1, ids, weights, logits, gate_logit, threads);
+    moe_quant_route(m, x, 1, ids, weights, logits, gate_logit, NULL, threads);
 }
 
 void q3n_moe_experts_quant(const uint16_t *x, uint16_t *out, const q3n_moe_quant *m, int64_t hidden,
                            const int64_t *ids, const float *weights, float gate_logit, int threads) {
     (void)hidden;
-    moe_quant_experts(m, x, out, 1, ids, weights, &gate_logit, threads);
+    moe_quant_experts(m, x, out, 1, ids, weights, &gate_logit, NULL, threads);
 }
 
 /* ---- a whole decode step: every decoder layer in one call ---- */

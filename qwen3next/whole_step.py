@@ -24,12 +24,13 @@ from .moe import Routing
 
 
 class StepPlan:
-    """The per-model part of a whole step: each layer with its mixer and MoE modules, and the ctypes array a
-    step fills in; built again when any module was given a new submodule or tensor (cpu_kernels.rebind_count)."""
+    """The per-model part of a whole step: each layer with its mixer and MoE modules and whether it is an attention
+    layer, and the ctypes array a step fills in; built again when any module was given a new submodule or tensor
+    (cpu_kernels.rebind_count)."""
 
     def __init__(self, layers):
         self.layers = [(layer, layer.self_attn if layer.layer_type == FULL_ATTENTION else layer.linear_attn,
-                        layer.mlp) for layer in layers]
+                        layer.mlp, layer.layer_type == FULL_ATTENTION) for layer in layers]
         self.entries = (cpu_kernels.StepLayer * len(self.layers))()
         self.rebinds = cpu_kernels.rebind_count()
 
@@ -43,9 +44,15 @@ def run_layers(model, x: torch.Tensor, cos_sin, cache: ModelCache, keep: bool) -
     plan = model._step_plan
     if plan is None or plan.rebinds != cpu_kernels.rebind_count():
         plan = model._step_plan = StepPlan(model.model.layers)
-    entries, mixer_kernels, moe_kernels = plan.entries, [], []
-    for (layer, mixer, moe), state in zip(plan.layers, cache.layers):
-        built = layer._layer_kernel
+    entries, count = plan.entries, len(plan.layers)
+    experts, top_k = model.config.num_experts, model.config.num_experts_per_tok
+    ids = torch.empty(count, T, top_k, dtype=torch.int64)
+    weights, logits = torch.empty(count, T, top_k), torch.empty(count, T, experts)
+    ids_at, weights_at, logits_at = ids.data_ptr(), weights.data_ptr(), logits.data_ptr()
+    ids_bytes, weights_bytes, logits_bytes = T * top_k * 8, T * top_k * 4, T * experts * 4  # a layer's rows
+    kept = []  # per layer: the buffers a verify pass's DeltaNet states go to (None: attention, or no verify pass)
+    for i, ((layer, mixer, moe, attention), state) in enumerate(zip(plan.layers, cache.layers)):
+        built = layer._layer_kernel  # each layer's kernels as its module path would build them, or give up
         if not built or not built[1].valid():
             if layer._mixer_step(x, state, True) is None:
                 return False
@@ -54,21 +61,11 @@ def run_layers(model, x: torch.Tensor, cos_sin, cache: ModelCache, keep: bool) -
         observer = moe_kernel and moe.observer
         if moe_kernel is None or not moe.store.all_resident or (observer and getattr(observer, "needs_hidden", True)):
             return False
-        mixer_kernels.append(built[1])
-        moe_kernels.append(moe_kernel)
-    experts, top_k = model.config.num_experts, model.config.num_experts_per_tok
-    ids = torch.empty(len(entries), T, top_k, dtype=torch.int64)
-    weights, logits = torch.empty(len(entries), T, top_k), torch.empty(len(entries), T, experts)
-    kept = []
-    ids_at, weights_at, logits_at = ids.data_ptr(), weights.data_ptr(), logits.data_ptr()
-    ids_bytes, weights_bytes, logits_bytes = T * top_k * 8, T * top_k * 4, T * experts * 4  # a layer's rows
-    for i, ((layer, mixer, moe), state) in enumerate(zip(plan.layers, cache.layers)):
         entry = entries[i]
-        entry.mixer = ctypes.addressof(mixer_kernels[i].struct)
-        entry.moe = ctypes.addressof(moe_kernels[i].struct)
-        entry.quantized_moe = isinstance(moe_kernels[i].struct, cpu_kernels.MoeQuant)
-        entry.attention = layer.layer_type == FULL_ATTENTION
-        if entry.attention:
+        entry.mixer, entry.moe = ctypes.addressof(built[1].struct), ctypes.addressof(moe_kernel.struct)
+        entry.quantized_moe = isinstance(moe_kernel.struct, cpu_kernels.MoeQuant)
+        entry.attention = attention
+        if attention:
             state.reserve(mixer.key_shape, T)
             entry.keys, entry.values = state.keys.data_ptr(), state.values.data_ptr()
             entry.past, entry.capacity = state.length, state.keys.shape[2]
@@ -83,9 +80,9 @@ def run_layers(model, x: torch.Tensor, cos_sin, cache: ModelCache, keep: bool) -
         entry.logits = logits_at + i * logits_bytes
     cos, sin = (table.contiguous() for table in cos_sin)
     cpu_kernels.decode_layers(entries, x, cos, sin)
-    for (layer, mixer, moe), state, buffers, layer_ids, layer_weights, layer_logits in zip(
+    for (layer, mixer, moe, attention), state, buffers, layer_ids, layer_weights, layer_logits in zip(
             plan.layers, cache.layers, kept, ids.unbind(0), weights.unbind(0), logits.unbind(0)):
-        if layer.layer_type == FULL_ATTENTION:
+        if attention:
             state.length += T
         else:
             mixer._keep(state, buffers, keep)

@@ -2,12 +2,18 @@
 
     python benchmarks/decode_breakdown.py MODEL [--steps 32]
     python benchmarks/decode_breakdown.py qwen3next/demo_model --kernels --steps 300 --rounds 3
+    python benchmarks/decode_breakdown.py MODEL --generate 300 --rounds 3
 
 Default: wraps the forward of each MoE block, shared expert, attention and DeltaNet layer, the expert
 store's run and the lm_head projection with timers, prefills 64 tokens, then times --steps single-token
 steps (bf16, CPU). Nested modules are counted in their parents too (the MoE block includes its experts).
 With the one-call layer kernels (csrc/layer_kernels.c) a layer's mixer no longer runs its module's
 forward, so this view shows the MoE blocks and lm_head only.
+
+--generate N: the user's path instead, `Engine.complete` of N greedy tokens after a 16-token prompt, best of
+--rounds: ms per decode step, and how much of it was inside the C library's calls (the rest: Python, torch ops,
+dispatch). With PYTHONPATH on another checkout's import folder (bench_kernels.py's `import_tree`) it measures
+that tree's engine, for before-and-after figures.
 
 --kernels: the step with the one-call kernels against the paths they replace, alternating for
 --rounds rounds: the whole step in one call (whole_step.py); the same kernels called layer by layer;
@@ -108,14 +114,43 @@ def compare_paths(engine, steps: int, rounds: int) -> None:
     DecoderLayer._mixer_step, SparseMoE._fused_weights, whole_step.run_layers = switches
 
 
+def generate_split(engine, new_tokens: int, rounds: int) -> None:
+    """Decode steps through Engine.complete: the fastest round's ms per step, and the least time outside C."""
+    library = cpu_kernels.library()
+    if library is None:
+        raise SystemExit("--generate: the C kernels are not loaded here")
+    engine.eos_ids = []  # the full count every round
+    request = qwen3next.Request(prompt=list(range(100, 116)), max_new_tokens=new_tokens, temperature=0)
+    engine.complete(request)  # warm-up: the kernels' structs are built here
+    in_c = [0.0]
+    cpu_kernels._lib = TimedLibrary(library, in_c)
+    step, outside = float("inf"), float("inf")
+    try:
+        for _ in range(rounds):
+            items = engine.stream(request)
+            next(items)  # the first token comes from the prefill: count the C time of the decode steps only
+            in_c[0] = 0.0
+            result = [item for item in items if isinstance(item, qwen3next.Result)][0]
+            timings = result.timings
+            step = min(step, timings.decode_seconds / timings.decode_steps)
+            outside = min(outside, (timings.decode_seconds - in_c[0]) / timings.decode_steps)
+    finally:
+        cpu_kernels._lib = library
+    print(f"decode step {step * 1e3:.3f} ms ({1 / step:.0f} tok/s), outside C {outside * 1e3:.3f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--kernels", action="store_true", help="layer kernels against the module path")
-    parser.add_argument("--rounds", type=int, default=3, help="with --kernels: alternating rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="with --kernels: alternating rounds; --generate: rounds")
+    parser.add_argument("--generate", type=int, metavar="N", help="time N decode steps through Engine.complete")
     args = parser.parse_args()
     engine = qwen3next.load(args.model)
+    if args.generate:
+        generate_split(engine, args.generate, args.rounds)
+        return
     if args.kernels:
         compare_paths(engine, args.steps, args.rounds)
         return

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -588,28 +589,26 @@ def rebind_count() -> int:
     return _rebinds
 
 
-_fixed_epoch: int | None = None  # set inside a WeightsFixed block: the weights promise not to move
+_fixed = threading.local()  # .epoch: set inside a WeightsFixed block on this thread
 _epochs = itertools.count(1)
 
 
 class WeightsFixed:
     """A generation's promise that no weight moves between its steps, so that each layer's kernel checks its
     tensors' addresses once per generation rather than on every step (~20 tensors a layer: 40-50 µs of a
-    hidden-512 model's 2 ms step). Enter it around each step, never across a yield: outside a block every
-    check runs as before. A rebind (rebind_count) is still seen at once; only `.data` swaps and in-place
+    hidden-512 model's 2 ms step). Enter it around each step, never across a yield: outside a block (and on
+    other threads) every check runs as before. A rebind (rebind_count) is still seen at once; only `.data` swaps and in-place
     reallocations made while a generation is under way go unseen until its next one."""
 
     def __init__(self):
         self.epoch = next(_epochs)
 
     def __enter__(self) -> "WeightsFixed":
-        global _fixed_epoch
-        self.outer, _fixed_epoch = _fixed_epoch, self.epoch
+        self.outer, _fixed.epoch = getattr(_fixed, "epoch", None), self.epoch
         return self
 
     def __exit__(self, *_) -> None:
-        global _fixed_epoch
-        _fixed_epoch = self.outer
+        _fixed.epoch = self.outer
 
 
 class LayerKernel:
@@ -628,11 +627,12 @@ class LayerKernel:
     def valid(self) -> bool:
         if self.rebinds != _rebinds:
             return False
-        if _fixed_epoch is not None and self.checked_in == _fixed_epoch:
+        epoch = getattr(_fixed, "epoch", None)
+        if epoch is not None and self.checked_in == epoch:
             return True
         if not all(t.data_ptr() == a for t, a in zip(self.tensors, self.addresses)):
             return False
-        self.checked_in = _fixed_epoch
+        self.checked_in = epoch
         return True
 
 

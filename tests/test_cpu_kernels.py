@@ -212,9 +212,10 @@ def quantized(bits: int, out_features: int, in_features: int, group: int = 64, s
     return int8.quantize(w) if bits == 8 else int4.quantize(w, group)
 
 
-# (out, in, group): the integer tiles' own shapes, rows past a tile's 16 lanes, fewer rows than a tile, and the
-# shapes the tiles leave to the row loops (in not a multiple of 128, groups other than 64)
-SHAPES = [(48, 256, 64), (37, 512, 64), (5, 128, 64), (21, 192, 64), (19, 256, 32), (9, 256, 128)]
+# (out, in, group): the integer tiles' own shapes, rows past a tile's 16 lanes, fewer rows than a tile, rows
+# long enough for AVX-512's in-order read of a few rows (1024), and the shapes the tiles leave to the row loops
+# (in not a multiple of 128, groups other than 64)
+SHAPES = [(48, 256, 64), (37, 512, 64), (37, 1024, 64), (5, 128, 64), (21, 192, 64), (19, 256, 32), (9, 256, 128)]
 
 
 @pytest.mark.parametrize("bits", [8, 4])

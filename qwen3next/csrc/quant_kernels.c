@@ -27,6 +27,7 @@
 #define Q8_TILE_W 4 /* weight rows per 8-bit tile (with at least TILE_X activation rows) */
 #define TILE_X 4    /* activation rows per tile (their accumulators stay in registers) */
 #define LANES_FEW 4 /* activation rows up to which the AVX2 4-bit tile reads its rows one after another */
+#define FEW_ROWS_COLUMNS 1024 /* row length from which the AVX-512 4-bit tile reads a few rows' weights in order */
 #define PREFETCH 8   /* chunks of 64 bytes a tile prefetches ahead in each of its rows */
 #define X_ROWS 64   /* activation rows per pass over a dense matrix: their codes stay in the core's cache */
 
@@ -257,6 +258,14 @@ static inline void prefetch_ahead(const uint8_t *row, int64_t length, int tile, 
     _mm_prefetch((const char *)(at < length ? row + at : row + tile * length + (at - length)), _MM_HINT_T0);
 }
 
+/* Lane k of the result = the sum of the 8 lanes of p[k]. */
+static inline __m256i sum_each8(const __m256i p[8]) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    /* a holds, in 128-bit lane h, the sums of elements 4h .. 4h + 3 of p[0..3]; b those of p[4..7] */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
 /* The `lanes` rows of a 4-bit tile from r0 (rows past nw repeat row r0) and their scales and minimums; the
  * next tile's scales and minimums are prefetched, which would otherwise start it cold. */
 static inline void q4_tile_rows(const matrix *w, int64_t r0, int nw, int lanes, const uint8_t **rows,
@@ -408,7 +417,85 @@ static inline __attribute__((always_inline)) void q4_chunk_rows(const __m512i *c
     for (int m = 0; m < nx; m++) _mm512_storeu_ps(acc + 16 * m, total[m]);
 }
 
+/* Few activation rows: each of the tile's 16 rows read front to back, as it lies in memory, and each block's
+ * integer sum with each activation row formed along the row (a 64-byte load is two blocks: dwords 0-7 and
+ * 8-15 of the dot products): sums[(m * 16 + l) * stride + b] for row l, block b, activation row m. */
+static inline __attribute__((always_inline)) void q4_row_sums16(const uint8_t *const rows[16], int64_t blocks,
+                                                                const prepared *const *xs, const int nx, int32_t *sums,
+                                                                int64_t stride) {
+    const __m512i nibble = _mm512_set1_epi8(0xF);
+    for (int l = 0; l < 16; l++)
+        for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+            __m256i p[LANES_FEW][16]; /* per block: its 8 partial sums */
+            for (int k = 0; k < 8; k++) {
+                const int64_t c = b0 / 2 + k; /* the chunk of blocks 2c and 2c + 1 */
+                if (2 * c >= blocks) {
+                    for (int m = 0; m < nx; m++) p[m][2 * k] = p[m][2 * k + 1] = _mm256_setzero_si256();
+                    continue;
+                }
+                _mm_prefetch((const char *)(rows[l] + 64 * (c + PREFETCH)), _MM_HINT_T0);
+                const __m512i bytes = _mm512_loadu_si512(rows[l] + 64 * c);
+                const __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+                for (int m = 0; m < nx; m++) {
+                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), low,
+                                                                                _mm512_loadu_si512(xs[m]->even_b + 64 * c)),
+                                                            high, _mm512_loadu_si512(xs[m]->odd_b + 64 * c));
+                    p[m][2 * k] = _mm512_castsi512_si256(dot), p[m][2 * k + 1] = _mm512_extracti64x4_epi64(dot, 1);
+                }
+            }
+            for (int m = 0; m < nx; m++) {
+                int32_t *out = sums + (m * 16 + l) * stride + b0;
+                _mm256_storeu_si256((__m256i *)out, sum_each8(p[m]));
+                _mm256_storeu_si256((__m256i *)(out + 8), sum_each8(p[m] + 8));
+            }
+        }
+}
+
+/* q4_tile for up to LANES_FEW activation rows (decode, a short verify pass): the rows' block sums from
+ * q4_row_sums16, transposed into the lanes, then scaled and summed in q4_tile's order, so the bits are q4_tile's.
+ * q4_tile reads its 16 rows side by side, which streamed one activation row through [4096-16384, 2048] matrices
+ * from RAM at 12-15 GB/s here, against 24-28 GB/s read in order (docs/kernels.md). Rows of fewer than
+ * FEW_ROWS_COLUMNS weights keep the side-by-side tile: ahead on the hidden-512 model's short rows, most of
+ * which stay in cache. */
+static void q4_tile_few(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
+    const int64_t blocks = w->cols / XBLOCK, stride = (blocks + 15) / 16 * 16;
+    const uint8_t *rows[16];
+    const uint16_t *scale_rows[16], *minimum_rows[16];
+    q4_tile_rows(w, r0, nw, 16, rows, scale_rows, minimum_rows);
+    __m512 scale[blocks], minimum[blocks];
+    q4_tile_columns(scale_rows, blocks, scale);
+    q4_tile_columns(minimum_rows, blocks, minimum);
+    for (int64_t g = 0; g < blocks; g++) minimum[g] = _mm512_fmadd_ps(scale[g], _mm512_set1_ps(8.0f), minimum[g]);
+    int32_t sums[LANES_FEW * 16 * stride];
+    switch (nx) { /* the row count as a constant, as Q3N_TILE_ROWS does */
+    case 1: q4_row_sums16(rows, blocks, xs, 1, sums, stride); break;
+    case 2: q4_row_sums16(rows, blocks, xs, 2, sums, stride); break;
+    case 3: q4_row_sums16(rows, blocks, xs, 3, sums, stride); break;
+    default: q4_row_sums16(rows, blocks, xs, 4, sums, stride); break;
+    }
+    for (int64_t m = 0; m < nx; m++) {
+        const prepared *x = xs[m];
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+            __m512i by_row[16], by_block[16];
+            for (int l = 0; l < 16; l++) by_row[l] = _mm512_loadu_si512(sums + (m * 16 + l) * stride + b0);
+            transpose16(by_row, by_block);
+            for (int64_t b = b0; b < b0 + 16 && b < blocks; b++) {
+                const __m512 both = _mm512_mul_ps(scale[b], _mm512_set1_ps(x->block_scale_b[b]));
+                const __m512i centred = _mm512_sub_epi32(by_block[b - b0], _mm512_set1_epi32(x->centre_b[b]));
+                total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), both, total);
+            }
+        }
+        for (int64_t g = 0; g < blocks; g++) total = _mm512_fmadd_ps(minimum[g], _mm512_set1_ps(x->sums[g]), total);
+        _mm512_storeu_ps(dots + 16 * m, total);
+    }
+}
+
 static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
+    if (nx <= LANES_FEW && w->cols >= FEW_ROWS_COLUMNS) {
+        q4_tile_few(w, r0, nw, xs, nx, dots);
+        return;
+    }
     const int64_t groups = w->cols / XBLOCK, half = w->cols / 2;
     const uint8_t *rows[16];
     const uint16_t *scale_rows[16], *minimum_rows[16];
@@ -567,14 +654,6 @@ static inline __attribute__((always_inline)) void q4_block_rows_avx2(const __m25
     for (int m = 0; m < nx; m++) sum[m] = _mm256_add_epi32(_mm256_madd_epi16(pairs[0][m], ones), _mm256_madd_epi16(pairs[1][m], ones));
 #endif
     for (int m = 0; m < nx; m++) _mm256_storeu_ps(acc + TILE_W * m, q4_scaled_block(sum[m], scale, b, xs[m], _mm256_loadu_ps(acc + TILE_W * m)));
-}
-
-/* Lane k of the result = the sum of the 8 lanes of p[k]. */
-static inline __m256i sum_each8(const __m256i p[8]) {
-    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-    /* a holds, in 128-bit lane h, the sums of elements 4h .. 4h + 3 of p[0..3]; b those of p[4..7] */
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
 /* Few activation rows: the tile's 8 rows read one after another, as they lie in memory (read side by side

@@ -4,6 +4,7 @@
     python benchmarks/bench_kernels.py --few-rows      # PYTHONPATH=OTHER_CHECKOUT for its kernels
     python benchmarks/bench_kernels.py --error         # the same; accuracy, not speed
     python benchmarks/bench_kernels.py --experts       # only the bf16 routed experts of a prefill chunk
+    python benchmarks/bench_kernels.py --gemv          # only the one-row products (QWEN3NEXT_KERNEL_CFLAGS for other paths)
     python benchmarks/bench_kernels.py --prefill MODEL [--tokens 512] [--baseline CHECKOUT] [--rounds 3]
 
 Without --prefill: matrix-vector products over weights that do not fit in cache (each call reads a
@@ -311,6 +312,7 @@ def main() -> None:
     parser.add_argument("--few-rows", action="store_true", help="only the few-rows bf16 table (runs in seconds)")
     parser.add_argument("--error", action="store_true", help="only the 4-bit kernels' error table (seconds)")
     parser.add_argument("--experts", action="store_true", help="only the bf16 routed-experts table (seconds)")
+    parser.add_argument("--gemv", action="store_true", help="only the one-row table, weights from RAM (a minute)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -326,6 +328,8 @@ def main() -> None:
             return error_table()
         if args.experts:
             return experts_table()
+        if args.gemv:
+            return gemv_table()
         few_rows_table()
         if args.few_rows:
             return

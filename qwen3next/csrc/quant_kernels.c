@@ -26,7 +26,7 @@
 #define TILE_W 16  /* weight rows per unit of work (the 4-bit tile: one per vector lane) */
 #define Q8_TILE_W 4 /* weight rows per 8-bit tile (with at least TILE_X activation rows) */
 #define TILE_X 4    /* activation rows per tile (their accumulators stay in registers) */
-#define LANES_FEW 4 /* activation rows up to which the AVX2 4-bit tile reads its rows one after another */
+#define LANES_FEW 4 /* activation rows up to which the 4-bit tiles read their weight rows one after another */
 #define FEW_ROWS_COLUMNS 1024      /* row length, and matrix size, from which the AVX-512 4-bit tile reads */
 #define FEW_ROWS_WEIGHTS (1 << 20) /* the weight rows of a few activation rows in order (q4_tile_few) */
 #define PREFETCH 8   /* chunks of 64 bytes a tile prefetches ahead in each of its rows */
@@ -237,16 +237,20 @@ static inline float q4_row_dot(const matrix *w, int64_t r, const prepared *x) {
 #endif
 }
 
-/* One tile call per TILE_X activation rows, with the row count as a constant so that loops unroll and
+/* call(count) for a count of 1 to 4 rows, the count a constant in each call so that loops unroll and
  * accumulators live in registers. */
-#define Q3N_TILE_ROWS(call)                                    \
-    for (int64_t m0 = 0; m0 < nx; m0 += TILE_X) {              \
-        switch (nx - m0 >= TILE_X ? TILE_X : (int)(nx - m0)) { \
-        case 1: call(1); break;                                \
-        case 2: call(2); break;                                \
-        case 3: call(3); break;                                \
-        default: call(4); break;                               \
-        }                                                      \
+#define Q3N_CONSTANT_ROWS(count, call) \
+    switch (count) {                   \
+    case 1: call(1); break;            \
+    case 2: call(2); break;            \
+    case 3: call(3); break;            \
+    default: call(4); break;           \
+    }
+
+/* One tile call per TILE_X activation rows. */
+#define Q3N_TILE_ROWS(call)                                                       \
+    for (int64_t m0 = 0; m0 < nx; m0 += TILE_X) {                                 \
+        Q3N_CONSTANT_ROWS(nx - m0 >= TILE_X ? TILE_X : (int)(nx - m0), call)      \
     }
 
 /* ---- tiles: dots[m * TILE_W + i] = row r0 + i of w times xs[m], for i < nw <= TILE_W, m < nx ---- */
@@ -468,12 +472,9 @@ static void q4_tile_few(const matrix *w, int64_t r0, int nw, const prepared *con
     q4_tile_columns(minimum_rows, blocks, minimum);
     for (int64_t g = 0; g < blocks; g++) minimum[g] = _mm512_fmadd_ps(scale[g], _mm512_set1_ps(8.0f), minimum[g]);
     int32_t sums[LANES_FEW * 16 * stride];
-    switch (nx) { /* the row count as a constant, as Q3N_TILE_ROWS does */
-    case 1: q4_row_sums16(rows, blocks, xs, 1, sums, stride); break;
-    case 2: q4_row_sums16(rows, blocks, xs, 2, sums, stride); break;
-    case 3: q4_row_sums16(rows, blocks, xs, 3, sums, stride); break;
-    default: q4_row_sums16(rows, blocks, xs, 4, sums, stride); break;
-    }
+#define Q3N_ROW_SUMS(rows_x) q4_row_sums16(rows, blocks, xs, rows_x, sums, stride)
+    Q3N_CONSTANT_ROWS(nx, Q3N_ROW_SUMS)
+#undef Q3N_ROW_SUMS
     for (int64_t m = 0; m < nx; m++) {
         const prepared *x = xs[m];
         __m512 total = _mm512_setzero_ps();
@@ -715,12 +716,9 @@ static void q4_lanes8(const matrix *w, int64_t r0, int nw, const prepared *const
     if (nx <= LANES_FEW) {
         const int64_t stride = (blocks + 7) / 8 * 8;
         int32_t sums[LANES_FEW * 8 * stride];
-        switch (nx) { /* the row count as a constant, as Q3N_TILE_ROWS does */
-        case 1: q4_row_sums(rows, blocks, xs, 1, sums, stride); break;
-        case 2: q4_row_sums(rows, blocks, xs, 2, sums, stride); break;
-        case 3: q4_row_sums(rows, blocks, xs, 3, sums, stride); break;
-        default: q4_row_sums(rows, blocks, xs, 4, sums, stride); break;
-        }
+#define Q3N_ROW_SUMS(rows_x) q4_row_sums(rows, blocks, xs, rows_x, sums, stride)
+        Q3N_CONSTANT_ROWS(nx, Q3N_ROW_SUMS)
+#undef Q3N_ROW_SUMS
         for (int64_t m = 0; m < nx; m++) {
             __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
             int64_t g = 0, group_end = per_group;

@@ -422,6 +422,18 @@ static inline __attribute__((always_inline)) void q4_chunk_rows(const __m512i *c
     for (int m = 0; m < nx; m++) _mm512_storeu_ps(acc + 16 * m, total[m]);
 }
 
+/* A 16-row tile's rows, and its scales and minimums in the lanes, group by group (groups of 64); the minimums
+ * with the centre's share, minimum + 8 scale, added in (the codes are centred on 8). */
+static inline void q4_tile_start(const matrix *w, int64_t r0, int nw, const uint8_t *rows[16], __m512 *scale,
+                                 __m512 *minimum) {
+    const int64_t groups = w->cols / XBLOCK;
+    const uint16_t *scale_rows[16], *minimum_rows[16];
+    q4_tile_rows(w, r0, nw, 16, rows, scale_rows, minimum_rows);
+    q4_tile_columns(scale_rows, groups, scale);
+    q4_tile_columns(minimum_rows, groups, minimum);
+    for (int64_t g = 0; g < groups; g++) minimum[g] = _mm512_fmadd_ps(scale[g], _mm512_set1_ps(8.0f), minimum[g]);
+}
+
 /* Few activation rows: each of the tile's 16 rows read front to back, as it lies in memory, and each block's
  * integer sum with each activation row formed along the row (a 64-byte load is two blocks: dwords 0-7 and
  * 8-15 of the dot products): sums[(m * 16 + l) * stride + b] for row l, block b, activation row m. */
@@ -465,12 +477,8 @@ static inline __attribute__((always_inline)) void q4_row_sums16(const uint8_t *c
 static void q4_tile_few(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
     const int64_t blocks = w->cols / XBLOCK, stride = (blocks + 15) / 16 * 16;
     const uint8_t *rows[16];
-    const uint16_t *scale_rows[16], *minimum_rows[16];
-    q4_tile_rows(w, r0, nw, 16, rows, scale_rows, minimum_rows);
     __m512 scale[blocks], minimum[blocks];
-    q4_tile_columns(scale_rows, blocks, scale);
-    q4_tile_columns(minimum_rows, blocks, minimum);
-    for (int64_t g = 0; g < blocks; g++) minimum[g] = _mm512_fmadd_ps(scale[g], _mm512_set1_ps(8.0f), minimum[g]);
+    q4_tile_start(w, r0, nw, rows, scale, minimum);
     int32_t sums[LANES_FEW * 16 * stride];
 #define Q3N_ROW_SUMS(rows_x) q4_row_sums16(rows, blocks, xs, rows_x, sums, stride)
     Q3N_CONSTANT_ROWS(nx, Q3N_ROW_SUMS)
@@ -500,12 +508,8 @@ static void q4_tile(const matrix *w, int64_t r0, int nw, const prepared *const *
     }
     const int64_t groups = w->cols / XBLOCK, half = w->cols / 2;
     const uint8_t *rows[16];
-    const uint16_t *scale_rows[16], *minimum_rows[16];
-    q4_tile_rows(w, r0, nw, 16, rows, scale_rows, minimum_rows);
     __m512 scale[groups], minimum[groups];
-    q4_tile_columns(scale_rows, groups, scale);
-    q4_tile_columns(minimum_rows, groups, minimum);
-    for (int64_t g = 0; g < groups; g++) minimum[g] = _mm512_fmadd_ps(scale[g], _mm512_set1_ps(8.0f), minimum[g]); /* the centre's share */
+    q4_tile_start(w, r0, nw, rows, scale, minimum);
     const __m512i nibble = _mm512_set1_epi8(0xF);
     float *acc = dots; /* per-row sums, 16 lanes per activation row: dots is [nx][TILE_W] */
     memset(acc, 0, sizeof(float) * (size_t)(nx * TILE_W));

@@ -60,8 +60,11 @@ def hub_process(hub: FakeHub, home: Path, *args: str, **popen) -> subprocess.Pop
     """`qwen3next ARGS` in a fresh process configured the way a user would: environment variables only."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_TOKEN=TOKEN, NO_PROXY="127.0.0.1,localhost")
+    # Ctrl-C as a terminal delivers it: a test run started in the background (`cmd &` in a script) ignores
+    # SIGINT, the child would inherit that, and Python installs no KeyboardInterrupt handler then
     return subprocess.Popen([sys.executable, "-m", "qwen3next", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def _first_range(shard: Path) -> str:

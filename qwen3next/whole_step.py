@@ -49,7 +49,7 @@ def run_layers(model, x: torch.Tensor, cos_sin, cache: ModelCache, keep: bool) -
     ids = torch.empty(count, T, top_k, dtype=torch.int64)
     weights, logits = torch.empty(count, T, top_k), torch.empty(count, T, experts)
     ids_at, weights_at, logits_at = ids.data_ptr(), weights.data_ptr(), logits.data_ptr()
-    ids_bytes, weights_bytes, logits_bytes = T * top_k * 8, T * top_k * 4, T * experts * 4  # a layer's rows
+    ids_bytes, weights_bytes, logits_bytes = (t.stride(0) * t.element_size() for t in (ids, weights, logits))
     kept = []  # per layer: the buffers a verify pass's DeltaNet states go to (None: attention, or no verify pass)
     for i, ((layer, mixer, moe, attention), state) in enumerate(zip(plan.layers, cache.layers)):
         built = layer._layer_kernel  # each layer's kernels as its module path would build them, or give up

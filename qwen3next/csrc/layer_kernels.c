@@ -198,7 +198,7 @@ static void moe_quant_experts(const q3n_moe_quant *m, const uint16_t *x, uint16_
                               const int64_t *ids, const float *weights, const float *gate_logits,
                               uint16_t *const *shared_gate_up, int threads) {
     const int64_t hidden = m->shared_down.rows, inter = m->shared_gate.rows;
-    uint16_t *routed = malloc(sizeof(uint16_t) * (size_t)(tokens * (2 * hidden + 2 * inter)));
+    uint16_t *routed = malloc(sizeof(uint16_t) * (size_t)(tokens * (2 * hidden + (shared_gate_up ? 0 : 2 * inter))));
     uint16_t *shared = routed + tokens * hidden, *gate = shared + tokens * hidden, *up = gate + tokens * inter;
     q3n_experts_quant(m->blobs, m->layout, ids, weights, tokens, m->top_k, x, routed, threads);
     if (shared_gate_up) {

@@ -27,8 +27,10 @@
 #define Q8_TILE_W 4 /* weight rows per 8-bit tile (with at least TILE_X activation rows) */
 #define TILE_X 4    /* activation rows per tile (their accumulators stay in registers) */
 #define LANES_FEW 4 /* activation rows up to which the 4-bit tiles read their weight rows one after another */
-#define FEW_ROWS_COLUMNS 1024      /* row length, and matrix size, from which the AVX-512 4-bit tile reads */
-#define FEW_ROWS_WEIGHTS (1 << 20) /* the weight rows of a few activation rows in order (q4_tile_few) */
+/* Where the AVX-512 4-bit tile reads its weight rows in order for a few activation rows (q4_tile_few):
+ * rows of at least FEW_ROWS_COLUMNS weights, or matrices of at least FEW_ROWS_WEIGHTS. */
+#define FEW_ROWS_COLUMNS 1024
+#define FEW_ROWS_WEIGHTS (1 << 20)
 #define PREFETCH 8   /* chunks of 64 bytes a tile prefetches ahead in each of its rows */
 #define X_ROWS 64   /* activation rows per pass over a dense matrix: their codes stay in the core's cache */
 
@@ -472,8 +474,8 @@ static inline __attribute__((always_inline)) void q4_row_sums16(const uint8_t *c
  * q4_row_sums16, transposed into the lanes, then scaled and summed in q4_tile's order, so the bits are q4_tile's.
  * q4_tile reads its 16 rows side by side, which streamed one activation row through [4096-16384, 2048] matrices
  * from RAM at 12-15 GB/s here, against 24-28 GB/s read in order (docs/kernels.md). Short rows of a small matrix
- * (fewer than FEW_ROWS_COLUMNS and FEW_ROWS_WEIGHTS: the hidden-512 model's experts, which stay in cache more)
- * keep the side-by-side tile, which is ahead there. */
+ * (below FEW_ROWS_COLUMNS and FEW_ROWS_WEIGHTS: the hidden-512 model's experts) keep the side-by-side tile,
+ * which measured ahead on them. */
 static void q4_tile_few(const matrix *w, int64_t r0, int nw, const prepared *const *xs, int64_t nx, float *dots) {
     const int64_t blocks = w->cols / XBLOCK, stride = (blocks + 15) / 16 * 16;
     const uint8_t *rows[16];

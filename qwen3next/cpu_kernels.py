@@ -595,10 +595,11 @@ _epochs = itertools.count(1)
 
 class WeightsFixed:
     """A generation's promise that no weight moves between its steps, so that each layer's kernel checks its
-    tensors' addresses once per generation rather than on every step (~20 tensors a layer: 40-50 µs of a
-    hidden-512 model's 2 ms step). Enter it around each step, never across a yield: outside a block (and on
-    other threads) every check runs as before. A rebind (rebind_count) is still seen at once; only `.data`
-    swaps and in-place reallocations made while a generation is under way go unseen until its next one."""
+    tensors' addresses once per generation rather than on every step (~15 tensors a kernel, two kernels a
+    layer: ~50 µs of a hidden-512 model's 2 ms step, docs/kernels.md). Enter it around each step, never across
+    a yield: outside a block (and on other threads) every check runs as before. A rebind (rebind_count) is
+    still seen at once; only `.data` swaps and in-place reallocations made while a generation is under way go
+    unseen until its next one."""
 
     def __init__(self):
         self.epoch = next(_epochs)

@@ -962,8 +962,8 @@ void q3n_linear_q4(const uint8_t *packed, const uint16_t *scale, const uint16_t 
 /* Rows ids [n] of a quantized table [rows, cols] (an embedding) into out [n, cols] bf16, as quant/int8.py's and
  * int4.py's dequantize compute them: the code times its scale in fp32 (exact for 4-bit codes and fp16 scales, so
  * adding the minimum rounds once whether or not the compiler fuses the two), rounded to bf16. A decode step looks
- * up one row; through torch that was a dozen small ops, ~45 us of a hidden-512 model's 2 ms step. Returns the
- * first out-of-range id's position, or -1. */
+ * up one row; through torch that was a dozen small ops, ~45 us of a hidden-512 model's 2 ms step
+ * (docs/kernels.md). Returns the first out-of-range id's position, or -1. */
 int64_t q3n_embed_quant(int64_t bits, const uint8_t *codes, const void *scale, const uint16_t *minimum, int64_t group,
                         int64_t rows, int64_t cols, const int64_t *ids, int64_t n, uint16_t *out) {
     for (int64_t i = 0; i < n; i++)

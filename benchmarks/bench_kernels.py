@@ -1,7 +1,7 @@
 """CPU kernels vs torch on this CPU: the numbers behind csrc/decode_kernels.c and quant_kernels.c (docs/kernels.md).
 
     python benchmarks/bench_kernels.py
-    python benchmarks/bench_kernels.py --few-rows      # PYTHONPATH=OTHER_CHECKOUT for its kernels
+    python benchmarks/bench_kernels.py --few-rows      # PYTHONPATH=OTHER_CHECKOUT for its kernels (bf16, 4-bit)
     python benchmarks/bench_kernels.py --error         # the same; accuracy, not speed
     python benchmarks/bench_kernels.py --experts       # only the bf16 routed experts of a prefill chunk
     python benchmarks/bench_kernels.py --gemv          # only the one-row products (QWEN3NEXT_KERNEL_CFLAGS for other paths)
@@ -213,6 +213,35 @@ def few_rows_table() -> None:
             x = torch.randn(rows, in_features, dtype=torch.bfloat16)
             times.append(min(seconds_per_call(lambda: cpu_kernels.linear_bf16(x, w), 2000) for _ in range(3)))
         print(f"{str([out_features, in_features]):<16}" + "".join(f"{t * 1e6:>16.1f}" for t in times))
+    few_rows_q4_table()
+
+
+FEW_ROWS_RAM_BYTES = 3 * 2**29  # 1.5 GiB of 4-bit weights: more than any L3 so far (480 MiB on one host here)
+
+
+def few_rows_q4_table() -> None:
+    """1-8 rows through 4-bit matrices (a verify pass at real width): GB/s of weights, once in cache and once
+    from RAM (a different matrix each call, FEW_ROWS_RAM_BYTES in all). Up to 4 rows the kernel reads rows in
+    order (q4_tile_few); there the work per activation row, not the read, sets the pace. Best of 2."""
+    rows_list = (1, 2, 3, 4, 5, 8)
+    header = "".join(f"{f'{rows} row(s)':>10}" for rows in rows_list)
+    print(f"\n{'4-bit matrix':<24}{header}   (GB/s of 4.5-bit weights)")
+    for (out_features, in_features), from_ram in [((1024, 2048), False), ((12288, 2048), True), ((151936, 2048), True)]:
+        count = max(2, FEW_ROWS_RAM_BYTES * 2 // (out_features * in_features)) if from_ram else 1
+        stored = [int4.quantize((torch.randn(out_features, in_features) * 0.05).bfloat16(), 64) for _ in range(count)]
+        figures = []
+        for rows in rows_list:
+            x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+            state = {"i": 0}
+
+            def step():
+                state["i"] = (state["i"] + 1) % count
+                cpu_kernels.linear_q4(x, *stored[state["i"]])
+
+            seconds = min(seconds_per_call(step, max(3 * count, 200 if from_ram else 2000)) for _ in range(2))
+            figures.append(out_features * in_features * 4.5 / 8 / seconds / 1e9)
+        label = f"{[out_features, in_features]} {'RAM' if from_ram else 'cache'}"
+        print(f"{label:<24}" + "".join(f"{f:>10.1f}" for f in figures))
 
 
 DECODE_STEPS = 32
@@ -309,7 +338,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="chunks per subprocess")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--few-rows", action="store_true", help="only the few-rows bf16 table (runs in seconds)")
+    parser.add_argument("--few-rows", action="store_true", help="only the few-rows bf16 and 4-bit tables (seconds)")
     parser.add_argument("--error", action="store_true", help="only the 4-bit kernels' error table (seconds)")
     parser.add_argument("--experts", action="store_true", help="only the bf16 routed-experts table (seconds)")
     parser.add_argument("--gemv", action="store_true", help="only the one-row table, weights from RAM (a minute)")

@@ -436,36 +436,51 @@ static inline void q4_tile_start(const matrix *w, int64_t r0, int nw, const uint
     for (int64_t g = 0; g < groups; g++) minimum[g] = _mm512_fmadd_ps(scale[g], _mm512_set1_ps(8.0f), minimum[g]);
 }
 
+/* Pairs of lanes of a and b added: lanes 0-7 of the result are a's lanes 2j + 2j+1, lanes 8-15 b's. Applied
+ * three times to 8 vectors of two blocks' 8 partial sums each, it leaves the 16 blocks' sums in order. */
+static inline __m512i add_lane_pairs(__m512i a, __m512i b) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return _mm512_add_epi32(_mm512_permutex2var_epi32(a, even, b), _mm512_permutex2var_epi32(a, odd, b));
+}
+
 /* Few activation rows: each of the tile's 16 rows read front to back, as it lies in memory, and each block's
  * integer sum with each activation row formed along the row (a 64-byte load is two blocks: dwords 0-7 and
- * 8-15 of the dot products): sums[(m * 16 + l) * stride + b] for row l, block b, activation row m. */
+ * 8-15 of the dot products, reduced pairwise by add_lane_pairs as soon as two loads are done, which keeps the
+ * shuffles per block down): sums[(m * 16 + l) * stride + b] for row l, block b, activation row m. */
 static inline __attribute__((always_inline)) void q4_row_sums16(const uint8_t *const rows[16], int64_t blocks,
                                                                 const prepared *const *xs, const int nx, int32_t *sums,
                                                                 int64_t stride) {
     const __m512i nibble = _mm512_set1_epi8(0xF);
+    const int8_t *even[LANES_FEW], *odd[LANES_FEW]; /* held here: the stores below may alias xs as far as the compiler knows */
+    for (int m = 0; m < nx; m++) even[m] = xs[m]->even_b, odd[m] = xs[m]->odd_b;
     for (int l = 0; l < 16; l++)
         for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-            __m256i p[LANES_FEW][16]; /* per block: its 8 partial sums */
-            for (int k = 0; k < 8; k++) {
-                const int64_t c = b0 / 2 + k; /* the chunk of blocks 2c and 2c + 1 */
-                if (2 * c >= blocks) {
-                    for (int m = 0; m < nx; m++) p[m][2 * k] = p[m][2 * k + 1] = _mm256_setzero_si256();
-                    continue;
+            __m512i pairs[LANES_FEW][4]; /* per two loads: 4 blocks' sums of 4 partials each */
+#pragma GCC unroll 4
+            for (int k = 0; k < 8; k += 2) {
+                __m512i dot[LANES_FEW][2];
+#pragma GCC unroll 2
+                for (int j = 0; j < 2; j++) {
+                    const int64_t c = b0 / 2 + k + j; /* the chunk of blocks 2c and 2c + 1 */
+                    if (2 * c >= blocks) {
+                        for (int m = 0; m < nx; m++) dot[m][j] = _mm512_setzero_si512();
+                        continue;
+                    }
+                    _mm_prefetch((const char *)(rows[l] + 64 * (c + PREFETCH)), _MM_HINT_T0);
+                    const __m512i bytes = _mm512_loadu_si512(rows[l] + 64 * c);
+                    const __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+                    for (int m = 0; m < nx; m++)
+                        dot[m][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), low,
+                                                                            _mm512_loadu_si512(even[m] + 64 * c)),
+                                                        high, _mm512_loadu_si512(odd[m] + 64 * c));
                 }
-                _mm_prefetch((const char *)(rows[l] + 64 * (c + PREFETCH)), _MM_HINT_T0);
-                const __m512i bytes = _mm512_loadu_si512(rows[l] + 64 * c);
-                const __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
-                for (int m = 0; m < nx; m++) {
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), low,
-                                                                                _mm512_loadu_si512(xs[m]->even_b + 64 * c)),
-                                                            high, _mm512_loadu_si512(xs[m]->odd_b + 64 * c));
-                    p[m][2 * k] = _mm512_castsi512_si256(dot), p[m][2 * k + 1] = _mm512_extracti64x4_epi64(dot, 1);
-                }
+                for (int m = 0; m < nx; m++) pairs[m][k / 2] = add_lane_pairs(dot[m][0], dot[m][1]);
             }
             for (int m = 0; m < nx; m++) {
-                int32_t *out = sums + (m * 16 + l) * stride + b0;
-                _mm256_storeu_si256((__m256i *)out, sum_each8(p[m]));
-                _mm256_storeu_si256((__m256i *)(out + 8), sum_each8(p[m] + 8));
+                const __m512i all = add_lane_pairs(add_lane_pairs(pairs[m][0], pairs[m][1]),
+                                                   add_lane_pairs(pairs[m][2], pairs[m][3]));
+                _mm512_storeu_si512(sums + (m * 16 + l) * stride + b0, all);
             }
         }
 }
@@ -485,21 +500,25 @@ static void q4_tile_few(const matrix *w, int64_t r0, int nw, const prepared *con
 #define Q3N_ROW_SUMS(rows_x) q4_row_sums16(rows, blocks, xs, rows_x, sums, stride)
     Q3N_CONSTANT_ROWS(nx, Q3N_ROW_SUMS)
 #undef Q3N_ROW_SUMS
-    for (int64_t m = 0; m < nx; m++) {
-        const prepared *x = xs[m];
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+    /* Each activation row's sum is one chain of multiply-adds in block order; the rows' chains take turns,
+     * 16 blocks at a time, so that one waits on its adds while another is transposed. */
+    __m512 total[LANES_FEW];
+    for (int64_t m = 0; m < nx; m++) total[m] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16)
+        for (int64_t m = 0; m < nx; m++) {
+            const prepared *x = xs[m];
             __m512i by_row[16], by_block[16];
             for (int l = 0; l < 16; l++) by_row[l] = _mm512_loadu_si512(sums + (m * 16 + l) * stride + b0);
             transpose16(by_row, by_block);
             for (int64_t b = b0; b < b0 + 16 && b < blocks; b++) {
                 const __m512 both = _mm512_mul_ps(scale[b], _mm512_set1_ps(x->block_scale_b[b]));
                 const __m512i centred = _mm512_sub_epi32(by_block[b - b0], _mm512_set1_epi32(x->centre_b[b]));
-                total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), both, total);
+                total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), both, total[m]);
             }
         }
-        for (int64_t g = 0; g < blocks; g++) total = _mm512_fmadd_ps(minimum[g], _mm512_set1_ps(x->sums[g]), total);
-        _mm512_storeu_ps(dots + 16 * m, total);
+    for (int64_t m = 0; m < nx; m++) {
+        for (int64_t g = 0; g < blocks; g++) total[m] = _mm512_fmadd_ps(minimum[g], _mm512_set1_ps(xs[m]->sums[g]), total[m]);
+        _mm512_storeu_ps(dots + 16 * m, total[m]);
     }
 }
 

@@ -32,6 +32,12 @@
 #define FEW_ROWS_COLUMNS 1024
 #define FEW_ROWS_WEIGHTS (1 << 20)
 #define PREFETCH 8   /* chunks of 64 bytes a tile prefetches ahead in each of its rows */
+/* Chunks of 64 bytes q4_row_sums16 prefetches ahead in the row it reads: 2 KiB, so that the read is in flight
+ * for a DRAM latency (8, the side-by-side tile's distance, read 1-4 rows from RAM 11-17% slower: docs/kernels.md).
+ * QWEN3NEXT_KERNEL_CFLAGS=-DPREFETCH_IN_ORDER=N measures another distance. */
+#ifndef PREFETCH_IN_ORDER
+#define PREFETCH_IN_ORDER 32
+#endif
 #define X_ROWS 64   /* activation rows per pass over a dense matrix: their codes stay in the core's cache */
 
 /* An activation vector x [n] in the forms the dots of a call's matrices read (forms_of). */
@@ -467,7 +473,7 @@ static inline __attribute__((always_inline)) void q4_row_sums16(const uint8_t *c
                         for (int m = 0; m < nx; m++) dot[m][j] = _mm512_setzero_si512();
                         continue;
                     }
-                    _mm_prefetch((const char *)(rows[l] + 64 * (c + PREFETCH)), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(rows[l] + 64 * (c + PREFETCH_IN_ORDER)), _MM_HINT_T0);
                     const __m512i bytes = _mm512_loadu_si512(rows[l] + 64 * c);
                     const __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
                     for (int m = 0; m < nx; m++)
